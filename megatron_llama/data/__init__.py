@@ -1,0 +1,1 @@
+"""Data: indexed token files, tokenizers, GPT and blended datasets."""

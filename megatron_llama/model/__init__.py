@@ -1,0 +1,1 @@
+"""The Llama network and its attention backends."""

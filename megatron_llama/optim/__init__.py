@@ -1,0 +1,1 @@
+"""Optimizer construction, mixed precision, learning-rate schedule, gradient clipping."""

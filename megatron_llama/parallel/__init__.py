@@ -1,0 +1,1 @@
+"""Parallel building blocks: process groups, mappings, parallel layers, schedules. All communication lives here."""
