@@ -1,0 +1,338 @@
+"""Checkpoints: save, load and exact resume for the trainer; model-only read/write for the converters.
+
+On-disk layout (one folder per saved iteration, one shard file per rank):
+
+    {save}/iter_{iteration:07d}/
+        args.json                                  the run's arguments, "model": ModelConfig.to_dict(),
+                                                   tensor/pipeline/data-parallel sizes
+        meta.json                                  iteration, consumed_train_samples, scheduler and
+                                                   loss-scaler state, "model_only"
+        mp_rank_{tp:02d}_{pp:03d}/model.pt               model state-dict shard (plain tensors)
+        mp_rank_{tp:02d}_{pp:03d}/optim_dp_{dp:03d}.pt   optimizer shard: fp32 master params + Adam states
+        mp_rank_{tp:02d}_{pp:03d}/rng_dp_{dp:03d}.pt     every RNG state of that rank
+    {save}/latest_checkpointed_iteration.txt       the newest complete iteration, written last
+
+Crash safety: every file is written under a temporary name, flushed to disk and renamed; the tracker
+file is replaced only after every file of the iteration is complete, so a reader following the
+tracker never sees a half-written checkpoint. Loading uses torch.load(weights_only=True): a
+checkpoint holds tensors and plain Python values only and can never run code.
+
+Tensor-parallel shards of a parameter are slices along its `tensor_parallel_dim` (set by
+parallel/layers.py), learnt by building the model on the meta device. The embedding and output head
+carry vocabulary padding that depends on tp (ModelConfig.padded_vocab_size): read_model_checkpoint
+returns them with the tp=1 padding, write_model_checkpoint accepts any number of rows >= vocab_size.
+
+Converters use:
+    config, state_dict, args = read_model_checkpoint(load_dir, iteration=None)
+    write_model_checkpoint(save_dir, iteration, config, state_dict, args=None,
+                           tensor_parallel_size=1, pipeline_parallel_size=1)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from megatron_llama.config import ModelConfig
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+ARGS_FILENAME = "args.json"
+META_FILENAME = "meta.json"
+MODEL_FILENAME = "model.pt"
+VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the model; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+def iteration_dir(checkpoint_dir: str, iteration: int) -> str:
+    return os.path.join(checkpoint_dir, f"iter_{iteration:07d}")
+
+
+def shard_dir(iter_dir: str, tensor_parallel_rank: int, pipeline_parallel_rank: int) -> str:
+    return os.path.join(iter_dir, f"mp_rank_{tensor_parallel_rank:02d}_{pipeline_parallel_rank:03d}")
+
+
+def optimizer_filename(data_parallel_rank: int) -> str:
+    return f"optim_dp_{data_parallel_rank:03d}.pt"
+
+
+def rng_filename(data_parallel_rank: int) -> str:
+    return f"rng_dp_{data_parallel_rank:03d}.pt"
+
+
+def tracker_path(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, TRACKER_FILENAME)
+
+
+# ------------------------------------------------------------------------------------- atomic writing
+
+def _fsync_and_rename(temporary: str, final: str):
+    os.replace(temporary, final)
+    directory = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def atomic_torch_save(obj, path: str):
+    """torch.save to a temporary name, fsync, rename: the final name only ever holds a complete file."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_and_rename(temporary, path)
+
+
+def atomic_write_text(path: str, text: str):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_and_rename(temporary, path)
+
+
+def atomic_write_json(path: str, value: dict):
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def write_tracker(checkpoint_dir: str, iteration: int):
+    """Publish `iteration` as the newest complete checkpoint. Call only after every rank's files are written."""
+    atomic_write_text(tracker_path(checkpoint_dir), f"{iteration}\n")
+
+
+def load_tensor_file(path: str):
+    """torch.load restricted to tensors and plain Python values (weights_only=True)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete") from None
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unreadable file
+        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
+
+
+# -------------------------------------------------------------------------------- finding a checkpoint
+
+def read_tracker(checkpoint_dir: str) -> int:
+    """The iteration named by the tracker file, with an error saying what is wrong when there is none."""
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist; check --load")
+    path = tracker_path(checkpoint_dir)
+    if not os.path.isfile(path):
+        found = sorted(name for name in os.listdir(checkpoint_dir) if name.startswith("iter_"))
+        hint = (f"; it holds {', '.join(found)} but none was published (a save was interrupted before it "
+                f"finished); pass --load of a directory with a complete checkpoint") if found else \
+            "; it holds no checkpoint at all"
+        raise CheckpointError(f"no {TRACKER_FILENAME} in {checkpoint_dir}{hint}")
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path} should hold an iteration number but holds {text!r}") from None
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} is missing; the checkpoint is incomplete")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def parallel_sizes(args: dict) -> tuple[int, int, int]:
+    """(tensor, pipeline, data) parallel sizes recorded in a checkpoint's args.json."""
+    return (int(args.get("tensor_model_parallel_size", 1)), int(args.get("pipeline_model_parallel_size", 1)),
+            int(args.get("data_parallel_size", 1)))
+
+
+def checkpoint_files(iter_dir: str, args: dict, model_only: bool) -> list[str]:
+    """Every file a complete checkpoint of this layout holds."""
+    tp, pp, dp = parallel_sizes(args)
+    files = [os.path.join(iter_dir, ARGS_FILENAME), os.path.join(iter_dir, META_FILENAME)]
+    for pipeline_rank in range(pp):
+        for tensor_rank in range(tp):
+            shard = shard_dir(iter_dir, tensor_rank, pipeline_rank)
+            files.append(os.path.join(shard, MODEL_FILENAME))
+            if not model_only:
+                for data_rank in range(dp):
+                    files.append(os.path.join(shard, optimizer_filename(data_rank)))
+                    files.append(os.path.join(shard, rng_filename(data_rank)))
+    return files
+
+
+def open_checkpoint(checkpoint_dir: str, iteration: int | None = None) -> tuple[str, dict, dict]:
+    """Locate a complete checkpoint: returns (iteration folder, args, meta) or raises CheckpointError."""
+    if iteration is None:
+        iteration = read_tracker(checkpoint_dir)
+        source = f"{tracker_path(checkpoint_dir)} names iteration {iteration}, but"
+    else:
+        if not os.path.isdir(checkpoint_dir):
+            raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist; check --load")
+        source = f"iteration {iteration} was requested, but"
+    folder = iteration_dir(checkpoint_dir, iteration)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{source} {folder} does not exist; the checkpoint was deleted or moved")
+    args = _read_json(os.path.join(folder, ARGS_FILENAME), "arguments file")
+    meta = _read_json(os.path.join(folder, META_FILENAME), "metadata file")
+    missing = [path for path in checkpoint_files(folder, args, bool(meta.get("model_only")))
+               if not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(os.path.relpath(path, folder) for path in missing[:4])
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise CheckpointError(f"{source} {folder} is incomplete: missing {shown}{more}")
+    if "model" not in args:
+        raise CheckpointError(f"{os.path.join(folder, ARGS_FILENAME)} has no 'model' entry (the model configuration)")
+    return folder, args, meta
+
+
+def model_config_from_args(args: dict, where: str) -> ModelConfig:
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(args["model"]) - known)
+    if unknown:
+        raise CheckpointError(f"{where} describes the model with fields this version does not know: "
+                              f"{', '.join(unknown)}; it was written by a newer megatron_llama")
+    return ModelConfig(**args["model"])
+
+
+# --------------------------------------------------------------------- splitting and merging tp/pp shards
+
+def pipeline_layer_ranges(num_layers: int, pipeline_parallel_size: int) -> list[tuple[int, int]]:
+    """Contiguous [first, last) block ranges, one per pipeline stage, as equal as possible (earlier stages larger)."""
+    base, extra = divmod(num_layers, pipeline_parallel_size)
+    ranges, first = [], 0
+    for stage in range(pipeline_parallel_size):
+        last = first + base + (1 if stage < extra else 0)
+        ranges.append((first, last))
+        first = last
+    return ranges
+
+
+def _meta_model(config: ModelConfig, **stage):
+    from megatron_llama.model.llama import LlamaModel  # the model is only needed when shards are split/merged
+
+    with torch.device("meta"):
+        return LlamaModel(config, **stage)
+
+
+def tensor_parallel_dims(config: ModelConfig) -> dict[str, int | None]:
+    """Parameter name -> the dimension tensor parallelism splits (None: replicated)."""
+    model = _meta_model(config)
+    dims = {name: getattr(param, "tensor_parallel_dim", None) for name, param in model.named_parameters()}
+    for name, buffer in model.named_buffers():
+        dims.setdefault(name, None)
+    return dims
+
+
+def stage_parameter_names(config: ModelConfig, pipeline_parallel_size: int) -> list[set[str]]:
+    """For each pipeline stage, the state-dict names its model holds."""
+    ranges = pipeline_layer_ranges(config.num_layers, pipeline_parallel_size)
+    names = []
+    for stage, layer_range in enumerate(ranges):
+        model = _meta_model(config, pre_process=stage == 0, post_process=stage == pipeline_parallel_size - 1,
+                            layer_range=layer_range)
+        names.append(set(model.state_dict().keys()))
+    return names
+
+
+def resize_vocab_rows(tensor: torch.Tensor, rows: int, vocab_size: int, name: str) -> torch.Tensor:
+    """Drop or add vocabulary-padding rows (zeros) so the tensor has `rows` rows; real vocabulary rows are kept."""
+    if tensor.shape[0] < vocab_size:
+        raise CheckpointError(f"{name} has {tensor.shape[0]} rows but the vocabulary has {vocab_size} entries")
+    if tensor.shape[0] == rows:
+        return tensor
+    if tensor.shape[0] > rows:
+        return tensor[:rows].clone()
+    padding = tensor.new_zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]))
+    return torch.cat([tensor, padding], dim=0)
+
+
+def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size: int,
+                     pipeline_parallel_size: int) -> dict[tuple[int, int], dict]:
+    """A full state dict -> {(tp_rank, pp_rank): shard state dict}."""
+    padded = config.padded_vocab_size(tensor_parallel_size)
+    full = {name: (resize_vocab_rows(value, padded, config.vocab_size, name) if name in VOCAB_PARAMETERS else value)
+            for name, value in state_dict.items()}
+    if tensor_parallel_size == 1 and pipeline_parallel_size == 1:
+        return {(0, 0): full}
+    dims = tensor_parallel_dims(config) if tensor_parallel_size > 1 else {}
+    stages = (stage_parameter_names(config, pipeline_parallel_size) if pipeline_parallel_size > 1
+              else [set(full)])
+    shards = {}
+    for pipeline_rank, names in enumerate(stages):
+        absent = sorted(names - set(full))
+        if absent:
+            raise CheckpointError(f"the state dict lacks {', '.join(absent[:4])} needed by pipeline stage {pipeline_rank}")
+        for tensor_rank in range(tensor_parallel_size):
+            shard = {}
+            for name in sorted(names):
+                value = full[name]
+                dim = dims.get(name) if tensor_parallel_size > 1 else None
+                if dim is not None:
+                    if value.shape[dim] % tensor_parallel_size:
+                        raise CheckpointError(f"{name} has {value.shape[dim]} entries along dimension {dim}, "
+                                              f"not divisible by tensor-parallel size {tensor_parallel_size}")
+                    value = value.chunk(tensor_parallel_size, dim=dim)[tensor_rank]
+                shard[name] = value.contiguous().clone()  # a clone, so the file holds only the slice
+            shards[(tensor_rank, pipeline_rank)] = shard
+    return shards
+
+
+def merge_shards(config: ModelConfig, shards: dict[tuple[int, int], dict], tensor_parallel_size: int) -> dict:
+    """{(tp_rank, pp_rank): shard} -> the full state dict (tp slices concatenated, pp stages joined by key)."""
+    dims = tensor_parallel_dims(config) if tensor_parallel_size > 1 else {}
+    pipeline_ranks = sorted({pipeline_rank for _, pipeline_rank in shards})
+    full = {}
+    for pipeline_rank in pipeline_ranks:
+        for name in shards[(0, pipeline_rank)]:
+            if name in full:  # a parameter held by two stages (e.g. a tied embedding on the last stage)
+                continue
+            dim = dims.get(name) if tensor_parallel_size > 1 else None
+            pieces = [shards[(tensor_rank, pipeline_rank)][name] for tensor_rank in range(tensor_parallel_size)]
+            full[name] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+    padded = config.padded_vocab_size(1)
+    for name in VOCAB_PARAMETERS:
+        if name in full:
+            full[name] = resize_vocab_rows(full[name], padded, config.vocab_size, name)
+    return full
+
+
+# -------------------------------------------------------------------------- model-only API (converters)
+
+def write_model_checkpoint(save_dir: str, iteration: int, config: ModelConfig, state_dict: dict,
+                           args: dict | None = None, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1):
+    """Write a model-only checkpoint that the trainer can --load (it starts from iteration 0 with a fresh optimizer)."""
+    shards = split_state_dict(config, state_dict, tensor_parallel_size, pipeline_parallel_size)
+    folder = iteration_dir(save_dir, iteration)
+    for (tensor_rank, pipeline_rank), shard in shards.items():
+        directory = shard_dir(folder, tensor_rank, pipeline_rank)
+        os.makedirs(directory, exist_ok=True)
+        atomic_torch_save(shard, os.path.join(directory, MODEL_FILENAME))
+    recorded = dict(args or {})
+    recorded.update(model=config.to_dict(), tensor_model_parallel_size=tensor_parallel_size,
+                    pipeline_model_parallel_size=pipeline_parallel_size, data_parallel_size=1)
+    atomic_write_json(os.path.join(folder, ARGS_FILENAME), recorded)
+    atomic_write_json(os.path.join(folder, META_FILENAME),
+                      dict(iteration=iteration, consumed_train_samples=0, model_only=True))
+    write_tracker(save_dir, iteration)
+
+
+def read_model_shards(folder: str, args: dict) -> dict[tuple[int, int], dict]:
+    tp, pp, _ = parallel_sizes(args)
+    return {(tensor_rank, pipeline_rank):
+            load_tensor_file(os.path.join(shard_dir(folder, tensor_rank, pipeline_rank), MODEL_FILENAME))
+            for pipeline_rank in range(pp) for tensor_rank in range(tp)}
+
+
+def read_model_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[ModelConfig, dict, dict]:
+    """(ModelConfig, full state dict as a tp=1 model holds it, args dict) of a saved checkpoint."""
+    folder, args, _ = open_checkpoint(load_dir, iteration)
+    config = model_config_from_args(args, os.path.join(folder, ARGS_FILENAME))
+    tensor_parallel_size, _, _ = parallel_sizes(args)
+    return config, merge_shards(config, read_model_shards(folder, args), tensor_parallel_size), args
