@@ -1,15 +1,31 @@
 """Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
 
-The model is written only against these classes. At tensor-parallel size 1 each is a
-plain linear or embedding layer; the tensor-parallel work (Megatron-LM paper, section 3)
-changes these classes and never the model.
+The model is written only against these classes (Shoeybi et al. 2019, "Megatron-LM",
+section 3). Each reads the tensor-parallel size and rank and the sequence-parallel switch
+from `parallel.state` when it is built, so the model's constructor calls are the same at
+every layout; at tensor-parallel size 1 each is a plain linear or embedding layer.
 
-Layout-independent initialisation: a weight with `init_std` set is drawn whole, in its
-full (unpartitioned) shape, from a generator seeded by (seed, parameter name), and then
-the local slice is kept (`tensor_parallel_dim` says which dimension is split). So the
-initial model depends only on the seed and the parameter's place in the full model,
-never on tp, pp or dp. Parameters without `init_std` keep their constructor values
-(norm weights ones, biases zeros).
+    layer                   weight split         input                    output
+    ColumnParallelLinear    rows (out / tp)      copied (f), or all-      local columns [.., out / tp],
+                                                 gathered along s (SP)    or all-gathered (gather_output)
+    RowParallelLinear       columns (in / tp)    local [.., in / tp]      all-reduced (g), or
+                                                                          reduce-scattered along s (SP)
+    VocabParallelEmbedding  rows (vocab / tp)    token ids [b, s]         all-reduced, or reduce-
+                                                                          scattered along s (SP)
+
+With sequence parallelism (SP, Korthikanti et al. 2022) the activations between layers are
+sequence shards [b, s / tp, h]: norms and residual adds run on 1/tp of the tokens. A
+parameter that is not split across tensor ranks (norm weights, row-parallel biases) then
+sees only its rank's tokens, so its gradient is a partial sum:
+`allreduce_sequence_parallel_grads(model)` completes it after backward.
+
+Layout-independent initialisation (`initialize_parameters`): a weight with `init_std` is
+drawn in blocks of INIT_BLOCK_ROWS rows of its full (unpartitioned) shape, each block from
+a generator seeded by (seed, parameter name, block index); the rank keeps its slice along
+`tensor_parallel_dim`. So initial values depend only on the seed and the parameter's place
+in the full model, never on tp, pp or dp, and the rows below the real vocabulary are the
+same whatever the vocabulary padding (which grows with tp). Parameters without `init_std`
+keep their constructor values (norm weights ones, biases zeros).
 """
 from __future__ import annotations
 
@@ -19,6 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_llama.parallel import comm, state
+from megatron_llama.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
+                                              gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
+                                              reduce_scatter_to_sequence_parallel_region,
+                                              scatter_to_tensor_parallel_region)
+
+INIT_BLOCK_ROWS = 128
+
 
 def _mark(param: nn.Parameter, tensor_parallel_dim: int | None, full_shape: tuple[int, ...], init_std: float | None):
     param.tensor_parallel_dim = tensor_parallel_dim  # None: replicated on every tensor rank
@@ -27,60 +51,176 @@ def _mark(param: nn.Parameter, tensor_parallel_dim: int | None, full_shape: tupl
     return param
 
 
+def _local_size(full_size: int, what: str) -> int:
+    tp = state.get_tensor_model_parallel_world_size()
+    if full_size % tp:
+        raise ValueError(f"{what} {full_size} is not divisible by the tensor-parallel size {tp} "
+                         f"(--tensor-model-parallel-size); choose sizes that are multiples of {tp}")
+    return full_size // tp
+
+
+def _sequence_parallel(requested: bool | None) -> bool:
+    enabled = state.get_sequence_parallel() if requested is None else requested
+    return bool(enabled) and state.get_tensor_model_parallel_world_size() > 1
+
+
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                           sequence_parallel: bool | None = None, gather_output: bool = False) -> torch.Tensor:
+    """x A^T + b for a weight A whose rows are split across tensor ranks.
+
+    x: [b, s, in] (or the sequence shard [b, s / tp, in] with sequence parallelism) -> [b, s, out / tp]
+    ([b, s, out] with gather_output). A tied output head calls this with the embedding's weight.
+    """
+    if _sequence_parallel(sequence_parallel):
+        x = gather_from_sequence_parallel_region(x)  # [b, s / tp, in] -> [b, s, in]
+    else:
+        x = copy_to_tensor_parallel_region(x)
+    y = F.linear(x, weight, bias)  # [b, s, out / tp]
+    return gather_from_tensor_parallel_region(y) if gather_output else y
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A's output rows split across tensor ranks. [.., in] -> [.., out/tp]."""
 
-    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, init_std: float = 0.02):
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, init_std: float = 0.02,
+                 gather_output: bool = False, sequence_parallel: bool | None = None):
         super().__init__()
-        self.input_size, self.output_size = input_size, output_size
-        self.weight = _mark(nn.Parameter(torch.empty(output_size, input_size)), 0, (output_size, input_size), init_std)
-        self.bias = _mark(nn.Parameter(torch.zeros(output_size)), 0, (output_size,), None) if bias else None
+        self.input_size, self.output_size, self.gather_output = input_size, output_size, gather_output
+        self.sequence_parallel = _sequence_parallel(sequence_parallel)
+        local_out = _local_size(output_size, "ColumnParallelLinear output size")
+        self.weight = _mark(nn.Parameter(torch.empty(local_out, input_size)), 0, (output_size, input_size), init_std)
+        self.bias = _mark(nn.Parameter(torch.zeros(local_out)), 0, (output_size,), None) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return column_parallel_linear(x, self.weight, self.bias, sequence_parallel=self.sequence_parallel,
+                                      gather_output=self.gather_output)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x A^T + b with A's input columns split across tensor ranks. [.., in/tp] -> [.., out]."""
+    """y = x A^T + b with A's input columns split across tensor ranks. [.., in/tp] -> [.., out]
+    ([b, s / tp, out] with sequence parallelism)."""
 
-    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, init_std: float = 0.02):
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, init_std: float = 0.02,
+                 input_is_parallel: bool = True, sequence_parallel: bool | None = None):
         super().__init__()
-        self.input_size, self.output_size = input_size, output_size
-        self.weight = _mark(nn.Parameter(torch.empty(output_size, input_size)), 1, (output_size, input_size), init_std)
+        self.input_size, self.output_size, self.input_is_parallel = input_size, output_size, input_is_parallel
+        self.sequence_parallel = _sequence_parallel(sequence_parallel)
+        if self.sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear with sequence parallelism needs input_is_parallel=True "
+                             "(its input must already be split along the hidden dimension)")
+        local_in = _local_size(input_size, "RowParallelLinear input size")
+        self.weight = _mark(nn.Parameter(torch.empty(output_size, local_in)), 1, (output_size, input_size), init_std)
+        # The bias is added after the reduction, so it is replicated (a sequence-parallel partial-gradient parameter).
         self.bias = _mark(nn.Parameter(torch.zeros(output_size)), None, (output_size,), None) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_parallel_region(x)  # [.., in] -> [.., in / tp]
+        partial = F.linear(x, self.weight)  # [b, s, out], a partial sum over tensor ranks
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(partial)  # [b, s, out] -> [b, s / tp, out]
+        else:
+            y = reduce_from_tensor_parallel_region(partial)
+        return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embedding with the vocabulary rows split across tensor ranks. [b, s] -> [b, s, h]."""
+    """Token embedding with the vocabulary rows split across tensor ranks. [b, s] -> [b, s, h]
+    ([b, s / tp, h] with sequence parallelism).
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_std: float = 0.02):
+    Each rank looks up the ids inside its row range [vocab_start, vocab_end) and writes zeros for
+    the others; the sum over tensor ranks is then the full lookup.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_std: float = 0.02,
+                 sequence_parallel: bool | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = _mark(nn.Parameter(torch.empty(num_embeddings, embedding_dim)), 0,
+        self.sequence_parallel = _sequence_parallel(sequence_parallel)
+        local_rows = _local_size(num_embeddings, "VocabParallelEmbedding vocabulary (padded) size")
+        self.vocab_start = state.get_tensor_model_parallel_rank() * local_rows
+        self.vocab_end = self.vocab_start + local_rows
+        self.weight = _mark(nn.Parameter(torch.empty(local_rows, embedding_dim)), 0,
                             (num_embeddings, embedding_dim), init_std)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if state.get_tensor_model_parallel_world_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)  # [b, s]
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h]
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(partial)  # [b, s, h] -> [b, s / tp, h]
+        return reduce_from_tensor_parallel_region(partial)
 
 
-def parameter_seed(seed: int, name: str) -> int:
-    """A seed that depends only on the run's seed and the parameter's name in the full model."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+def is_tensor_parallel_replicated(param: nn.Parameter) -> bool:
+    """True for a parameter every tensor rank holds whole (norm weights, row-parallel biases)."""
+    return getattr(param, "tensor_parallel_dim", None) is None
+
+
+def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
+    """Sum over tensor ranks the gradients of replicated parameters (call after backward, before the
+    optimizer and before data-parallel reduction). Under sequence parallelism each such parameter saw
+    only this rank's sequence shard. Acts on `main_grad` where a parameter has one, else on `.grad`;
+    no-op without sequence parallelism."""
+    if not state.get_sequence_parallel():
+        return
+    grads_by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in model.parameters():
+        if not param.requires_grad or not is_tensor_parallel_replicated(param):
+            continue
+        grad = getattr(param, "main_grad", None)
+        grad = param.grad if grad is None else grad
+        if grad is not None:
+            grads_by_dtype.setdefault(grad.dtype, []).append(grad)
+    for grads in grads_by_dtype.values():  # one collective per dtype instead of one per parameter
+        flat = comm.all_reduce(torch.cat([grad.reshape(-1) for grad in grads]),
+                               state.get_tensor_model_parallel_group())
+        for grad, reduced in zip(grads, flat.split([grad.numel() for grad in grads])):
+            grad.copy_(reduced.view_as(grad))
+
+
+def parameter_seed(seed: int, name: str, block: int = 0) -> int:
+    """A seed that depends only on the run's seed, the parameter's name in the full model and the row block."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) + block * 7_919) % (2**63)
+
+
+def _draw_rows(name: str, seed: int, std: float, full_shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the full parameter, drawn block by block. -> [stop - start, *full_shape[1:]]."""
+    blocks = []
+    for block in range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)):
+        generator = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name, block))
+        blocks.append(torch.empty((INIT_BLOCK_ROWS,) + tuple(full_shape[1:])).normal_(0.0, std, generator=generator))
+    first = start // INIT_BLOCK_ROWS * INIT_BLOCK_ROWS
+    return torch.cat(blocks)[start - first:stop - first]
 
 
 @torch.no_grad()
-def initialize_parameters(module: nn.Module, seed: int, *, tensor_parallel_rank: int = 0, tensor_parallel_size: int = 1):
-    """Draw every parameter with `init_std` whole from its own generator, keep the local slice."""
+def initialize_parameters(module: nn.Module, seed: int, *, tensor_parallel_rank: int | None = None,
+                          tensor_parallel_size: int | None = None) -> None:
+    """Give every parameter with `init_std` its layout-independent values (module docstring); the tensor
+    rank and size default to this process's (parallel.state)."""
+    rank = state.get_tensor_model_parallel_rank() if tensor_parallel_rank is None else tensor_parallel_rank
+    size = state.get_tensor_model_parallel_world_size() if tensor_parallel_size is None else tensor_parallel_size
     for name, param in module.named_parameters():
         std = getattr(param, "init_std", None)
         if std is None:
             continue
-        generator = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name))
-        full = torch.empty(param.full_shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-        dim = param.tensor_parallel_dim
-        if dim is not None and tensor_parallel_size > 1:
-            full = full.chunk(tensor_parallel_size, dim=dim)[tensor_parallel_rank]
-        param.copy_(full)
+        full_shape, dim = tuple(param.full_shape), param.tensor_parallel_dim
+        split = dim is not None and size > 1
+        if split and full_shape[dim] % size:
+            raise ValueError(f"parameter {name} of shape {list(full_shape)} cannot be split {size} ways along "
+                             f"dimension {dim}; its size there must be a multiple of the tensor-parallel size")
+        if split and dim == 0:  # draw only this rank's rows
+            rows = full_shape[0] // size
+            values = _draw_rows(name, seed, std, full_shape, rank * rows, (rank + 1) * rows)
+        else:
+            values = _draw_rows(name, seed, std, full_shape, 0, full_shape[0])
+            if split:
+                values = values.chunk(size, dim=dim)[rank]
+        if values.shape != param.shape:
+            raise ValueError(f"parameter {name} has local shape {list(param.shape)} but its slice {rank} of {size} "
+                             f"of full shape {list(full_shape)} is {list(values.shape)}; build the model after "
+                             f"initialize_model_parallel, or pass the tensor-parallel rank and size it was built with")
+        param.copy_(values)
