@@ -1,0 +1,120 @@
+"""Core attention backends, chosen by name (`--attention-backend sdpa|xformers|eager`).
+
+Each backend computes causal softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017) on
+q [b, s, q_heads, d] and k, v [b, s, kv_heads, d] and returns [b, s, q_heads, d]. Grouped-query
+attention (Ainslie et al. 2023): query head j reads key/value head j // (q_heads / kv_heads), so
+the q heads of one group sit next to each other.
+
+- "sdpa": torch.nn.functional.scaled_dot_product_attention (FlashAttention-2, cuDNN or
+  memory-efficient kernels on GPU); the default, needs nothing beyond torch.
+- "xformers": xformers.ops.memory_efficient_attention, only when xformers imports and its
+  kernels run (it has no CPU kernels); otherwise selecting it raises AttentionBackendError.
+- "eager": plain matmul + causal mask + fp32 softmax; the reference the tests compare against.
+
+Usage: `core_attention = get_core_attention("sdpa"); out = core_attention(q, k, v)`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "eager")
+
+# torch >= 2.5 lets sdpa read grouped key/value heads directly; torch 2.4 needs them repeated.
+_SDPA_HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class AttentionBackendError(RuntimeError):
+    """The chosen attention backend cannot run in this environment."""
+
+
+def repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """[b, kv_heads, s, d] -> [b, kv_heads * repeats, s, d], each kv head repeated for its query group."""
+    if repeats == 1:
+        return x
+    b, kv_heads, s, d = x.shape
+    return x[:, :, None].expand(b, kv_heads, repeats, s, d).reshape(b, kv_heads * repeats, s, d)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # [b, s, heads, d] -> [b, heads, s, d] as strided views, no copies: the fused kernels read
+    # this layout directly (last dimension contiguous) and return [b, s, heads, d] memory.
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    repeats = q.shape[1] // k.shape[1]
+    if repeats == 1:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif _SDPA_HAS_ENABLE_GQA:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats), is_causal=True)
+    return out.transpose(1, 2)  # [b, heads, s, d] -> [b, s, heads, d]
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
+    repeats = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, repeats), repeat_kv(v, repeats)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [b, heads, s, s]
+    s = q.shape[2]
+    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    scores = scores.masked_fill(future, float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probabilities, v).transpose(1, 2)  # [b, heads, s, d] -> [b, s, heads, d]
+
+
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    import xformers.ops as xops
+
+    causal = xops.LowerTriangularMask()
+    b, s, kv_heads, d = k.shape
+    repeats = q.shape[2] // kv_heads
+    if repeats == 1:
+        return xops.memory_efficient_attention(q, k, v, attn_bias=causal)
+    # Grouped layout [b, s, groups, heads per group, d]; k/v expanded with stride 0 (no copy).
+    grouped_q = q.unflatten(2, (kv_heads, repeats))
+    k = k[:, :, :, None].expand(b, s, kv_heads, repeats, d)
+    v = v[:, :, :, None].expand(b, s, kv_heads, repeats, d)
+    out = xops.memory_efficient_attention(grouped_q, k, v, attn_bias=causal)
+    return out.flatten(2, 3)  # [b, s, groups, heads per group, d] -> [b, s, q_heads, d]
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_unavailable_reason() -> str | None:
+    """None when xformers imports and its causal kernel runs on this machine, else why not."""
+    try:
+        import xformers.ops as xops
+    except Exception as error:  # noqa: BLE001 - any import failure means "unavailable"
+        return f"xformers does not import ({type(error).__name__}: {error})"
+    if not torch.cuda.is_available():
+        return "xformers has no CPU kernels and no CUDA device is visible"
+    try:
+        probe = torch.zeros(1, 16, 2, 64, device="cuda", dtype=torch.float16)
+        xops.memory_efficient_attention(probe, probe, probe, attn_bias=xops.LowerTriangularMask())
+    except Exception as error:  # noqa: BLE001 - e.g. a wheel built for another torch/CUDA loads no kernels
+        return (f"xformers imports but its attention kernels do not run with torch {torch.__version__} "
+                f"({type(error).__name__}: {error})")
+    return None
+
+
+_BACKEND_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "sdpa": sdpa_attention,
+    "xformers": xformers_attention,
+    "eager": eager_attention,
+}
+
+
+def get_core_attention(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The backend function for `name`; raises AttentionBackendError when it cannot run here."""
+    if name not in _BACKEND_FUNCTIONS:
+        raise ValueError(f"unknown attention backend {name!r} (--attention-backend); "
+                         f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if name == "xformers":
+        reason = xformers_unavailable_reason()
+        if reason is not None:
+            raise AttentionBackendError(
+                f"--attention-backend xformers is unavailable: {reason}. Use --attention-backend sdpa "
+                "(the default: torch's scaled_dot_product_attention, which needs nothing beyond torch).")
+    return _BACKEND_FUNCTIONS[name]

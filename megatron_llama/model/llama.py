@@ -1,0 +1,179 @@
+"""The Llama network (Touvron et al. 2023): embedding -> blocks -> RMSNorm -> output head.
+
+Pre-norm blocks: h = h + Attention(RMSNorm(h)); h = h + SwiGLU(RMSNorm(h)), with rotary
+position embeddings and grouped-query attention. Options: output head tied to the input
+embedding (Open-Llama's shared input-output embedding) and Open-Llama's stable embedding
+(a LayerNorm right after the token embedding).
+
+It reads as a single-device model. Every linear and embedding layer is a class of
+parallel/layers.py, so tensor parallelism changes those classes, never this file; attention
+views use -1 for the head count, so the same code runs on the local heads of any tensor
+rank. A pipeline stage holds the blocks of its `layer_range` (keyed by GLOBAL index, so
+parameter names never depend on the layout); a stage without the embedding takes hidden
+states as input. Activations are [b, s, h] everywhere.
+
+Usage:
+    model = build_model(model_config_from_preset("tiny"), seed=1234)
+    logits = model(input_ids)              # [b, s] -> [b, s, padded_vocab]
+    loss = model(input_ids, labels)        # per-token loss [b, s], fp32
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_llama.config import ModelConfig
+from megatron_llama.model.attention import get_core_attention
+from megatron_llama.model.rotary import RotaryEmbedding, apply_rotary
+from megatron_llama.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_llama.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                            initialize_parameters)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), computed in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def output_projection_std(config: ModelConfig) -> float:
+    """std of the projections that write into the residual stream: std / sqrt(2 * layers)."""
+    return config.init_method_std / math.sqrt(2.0 * config.num_layers)
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv projection -> rotary -> causal core attention -> dense projection.
+
+    qkv rows in grouped layout: for each key/value group g, [q heads of g, k_g, v_g], each head
+    head_dim rows. A contiguous tensor-parallel slice of the rows therefore holds whole groups.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, heads, groups = config.head_dim, config.num_attention_heads, config.kv_heads
+        if heads % groups:
+            raise ValueError(f"--num-attention-heads {heads} must be a multiple of --num-query-groups {groups}")
+        self.head_dim = d
+        self.q_heads_per_group = heads // groups
+        self.qkv = ColumnParallelLinear(config.hidden_size, (heads + 2 * groups) * d, init_std=config.init_method_std)
+        self.dense = RowParallelLinear(heads * d, config.hidden_size, init_std=output_projection_std(config))
+        self.core_attention = get_core_attention(config.attention_backend)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        # -1 is the number of LOCAL groups: all of them at tp=1, groups/tp on each tensor rank.
+        qkv = self.qkv(x).view(b, s, -1, self.q_heads_per_group + 2, self.head_dim)  # [b, s, groups, q/g + 2, d]
+        q, k, v = qkv.split([self.q_heads_per_group, 1, 1], dim=3)  # views; backward is one cat
+        q = apply_rotary(q, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, q_heads, d], contiguous
+        k = apply_rotary(k, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d], contiguous
+        v = v.squeeze(3)  # [b, s, kv_heads, d], strided view of qkv
+        out = self.core_attention(q, k, v)  # [b, s, q_heads, d]
+        return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h]
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, ffn = config.hidden_size, config.ffn_hidden_size
+        self.gate = ColumnParallelLinear(h, ffn, init_std=config.init_method_std)
+        self.up = ColumnParallelLinear(h, ffn, init_std=config.init_method_std)
+        self.down = RowParallelLinear(ffn, h, init_std=output_projection_std(config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # [b, s, h] -> [b, s, ffn] -> [b, s, h]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.norm_epsilon)
+        self.attention = SelfAttention(config)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_epsilon)
+        self.mlp = SwiGLUMLP(config)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.attention(self.input_norm(hidden), cos, sin)
+        return hidden + self.mlp(self.post_attention_norm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """The whole network, or the part of it one pipeline stage holds.
+
+    pre_process: this stage embeds token ids (first stage); post_process: it applies the final
+    norm and output head (last stage); layer_range: global [first, last) block indices held here.
+    With a tied head, a last stage without pre_process holds its own `embedding.weight` (same
+    name, hence same initial values); the pipeline keeps the two copies' gradients in sync.
+    tensor_parallel_size only sets the vocabulary padding (ModelConfig.padded_vocab_size).
+    """
+
+    def __init__(self, config: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
+                 layer_range: tuple[int, int] | None = None, tensor_parallel_size: int = 1):
+        super().__init__()
+        first, last = layer_range if layer_range is not None else (0, config.num_layers)
+        if not 0 <= first <= last <= config.num_layers:
+            raise ValueError(f"layer_range ({first}, {last}) must lie within the model's "
+                             f"{config.num_layers} layers (--num-layers)")
+        self.config, self.pre_process, self.post_process = config, pre_process, post_process
+        self.layer_range = (first, last)
+        self.tied_output = not config.untie_embeddings_and_output_weights
+        padded_vocab = config.padded_vocab_size(tensor_parallel_size)
+        h = config.hidden_size
+
+        if pre_process or (post_process and self.tied_output):
+            self.embedding = VocabParallelEmbedding(padded_vocab, h, init_std=config.init_method_std)
+        if pre_process and config.use_stable_embedding:
+            self.embedding_norm = nn.LayerNorm(h)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base)
+        self.layers = nn.ModuleDict({str(index): TransformerBlock(config) for index in range(first, last)})
+        if post_process:
+            self.final_norm = RMSNorm(h, config.norm_epsilon)
+            if not self.tied_output:
+                self.output = ColumnParallelLinear(h, padded_vocab, init_std=config.init_method_std)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_process:
+            hidden = self.embedding(input_ids)  # [b, s] -> [b, s, h]
+            if self.config.use_stable_embedding:
+                hidden = self.embedding_norm(hidden)
+        else:
+            hidden = input_ids  # hidden states [b, s, h] from the previous pipeline stage
+        cos, sin = self.rotary(hidden.shape[1], hidden.device, hidden.dtype)
+        for block in self.layers.values():
+            hidden = block(hidden, cos, sin)
+        if not self.post_process:
+            return hidden
+        hidden = self.final_norm(hidden)
+        if self.tied_output:
+            # Tied head: the logits are the embedding matrix applied as a column-parallel linear.
+            logits = F.linear(hidden, self.embedding.weight)  # [b, s, h] -> [b, s, padded_vocab]
+        else:
+            logits = self.output(hidden)  # [b, s, h] -> [b, s, padded_vocab]
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)  # [b, s] fp32
+
+
+def build_model(config: ModelConfig, seed: int, *, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, pre_process: bool = True, post_process: bool = True,
+                layer_range: tuple[int, int] | None = None, tensor_parallel_size: int = 1) -> LlamaModel:
+    """Construct the (stage's) model on `device`, initialise it layout-independently, cast to `dtype`."""
+    with torch.device(device if device is not None else "cpu"):
+        model = LlamaModel(config, pre_process=pre_process, post_process=post_process,
+                           layer_range=layer_range, tensor_parallel_size=tensor_parallel_size)
+    initialize_parameters(model, seed)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model
