@@ -32,7 +32,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megatron_llama.config import ModelConfig
@@ -336,3 +339,134 @@ def read_model_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[
     config = model_config_from_args(args, os.path.join(folder, ARGS_FILENAME))
     tensor_parallel_size, _, _ = parallel_sizes(args)
     return config, merge_shards(config, read_model_shards(folder, args), tensor_parallel_size), args
+
+
+# ------------------------------------------------------------------------------- trainer save and load
+
+def capture_rng_state() -> dict:
+    """Every random generator the run draws from: python, numpy, torch CPU and all CUDA devices."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "state": list(python_state), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict):
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch_cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class ParallelRanks:
+    """This process's place in the layout and the layout's sizes (all 1 / 0 for a one-process run)."""
+
+    tensor_rank: int = 0
+    pipeline_rank: int = 0
+    data_rank: int = 0
+    tensor_size: int = 1
+    pipeline_size: int = 1
+    data_size: int = 1
+
+
+def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, args: dict,
+                    consumed_train_samples: int, schedule_state: dict, loss_scaler_state: dict | None,
+                    ranks: ParallelRanks = ParallelRanks(), barrier=None):
+    """Write this rank's shards, then (rank 0, after every rank is done) args, meta and the tracker."""
+    folder = iteration_dir(save_dir, iteration)
+    directory = shard_dir(folder, ranks.tensor_rank, ranks.pipeline_rank)
+    os.makedirs(directory, exist_ok=True)
+    if ranks.data_rank == 0:
+        atomic_torch_save(model.state_dict(), os.path.join(directory, MODEL_FILENAME))
+    atomic_torch_save(optimizer.state_dict(), os.path.join(directory, optimizer_filename(ranks.data_rank)))
+    atomic_torch_save(capture_rng_state(), os.path.join(directory, rng_filename(ranks.data_rank)))
+    if barrier is not None:
+        barrier()
+    if ranks.tensor_rank == ranks.pipeline_rank == ranks.data_rank == 0:
+        recorded = dict(args)
+        recorded.update(tensor_model_parallel_size=ranks.tensor_size, pipeline_model_parallel_size=ranks.pipeline_size,
+                        data_parallel_size=ranks.data_size)
+        atomic_write_json(os.path.join(folder, ARGS_FILENAME), recorded)
+        atomic_write_json(os.path.join(folder, META_FILENAME),
+                          dict(iteration=iteration, consumed_train_samples=consumed_train_samples, model_only=False,
+                               schedule=schedule_state, loss_scaler=loss_scaler_state))
+        write_tracker(save_dir, iteration)
+    if barrier is not None:
+        barrier()
+
+
+def check_state_dict_fits(loaded: dict, model: torch.nn.Module, source: str):
+    """Same parameter names and shapes as `model`, or a CheckpointError naming the first differences."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing parameters {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+    if unexpected:
+        problems.append(f"parameters this model lacks {', '.join(unexpected[:4])}" +
+                        (" ..." if len(unexpected) > 4 else ""))
+    for name in sorted(set(expected) & set(loaded)):
+        if tuple(loaded[name].shape) != tuple(expected[name].shape):
+            problems.append(f"parameter {name} has shape {list(loaded[name].shape)} in the checkpoint but "
+                            f"{list(expected[name].shape)} in this model")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: {'; '.join(problems[:5])}; "
+                              f"change the model flags to match the checkpoint")
+
+
+@dataclass
+class ResumeState:
+    iteration: int
+    consumed_train_samples: int
+    loss_scaler: dict | None
+
+
+def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config: ModelConfig,
+                    ranks: ParallelRanks = ParallelRanks(), finetune: bool = False) -> tuple[ResumeState, str]:
+    """Load the newest checkpoint of `load_dir` into `model` and `optimizer`; returns its state and a log line.
+
+    A full checkpoint restores weights, master params, Adam states, every RNG and the sample count.
+    A model-only checkpoint (write_model_checkpoint), or --finetune, restores the weights only and
+    starts at iteration 0 with a fresh optimizer.
+    """
+    folder, saved_args, meta = open_checkpoint(load_dir)
+    weights_only = finetune or bool(meta.get("model_only"))
+    saved_layout = parallel_sizes(saved_args)
+    this_layout = (ranks.tensor_size, ranks.pipeline_size, ranks.data_size)
+    shard = shard_dir(folder, ranks.tensor_rank, ranks.pipeline_rank)
+    if saved_layout[:2] == this_layout[:2]:
+        model_state = load_tensor_file(os.path.join(shard, MODEL_FILENAME))
+    elif weights_only:
+        saved_config = model_config_from_args(saved_args, os.path.join(folder, ARGS_FILENAME))
+        full = merge_shards(saved_config, read_model_shards(folder, saved_args), saved_layout[0])
+        model_state = split_state_dict(config, full, ranks.tensor_size, ranks.pipeline_size)[
+            (ranks.tensor_rank, ranks.pipeline_rank)]
+    else:
+        raise CheckpointError(f"{folder} was saved with tensor/pipeline/data-parallel sizes {saved_layout} but this "
+                              f"run has {this_layout}; resume with the same layout, or pass --finetune to load "
+                              f"only the weights")
+    check_state_dict_fits(model_state, model, os.path.join(shard, MODEL_FILENAME))
+    model.load_state_dict(model_state)
+    if weights_only:
+        optimizer.set_master_params(model_state)
+        reason = "--finetune" if finetune else "a model-only checkpoint"
+        return ResumeState(0, 0, None), f"loaded the weights of {folder} ({reason}); starting at iteration 0"
+    if saved_layout[2] != this_layout[2]:
+        raise CheckpointError(f"{folder} was saved with data-parallel size {saved_layout[2]} but this run has "
+                              f"{this_layout[2]}; resume with the same number of processes, or pass --finetune")
+    optimizer.load_state_dict(load_tensor_file(os.path.join(shard, optimizer_filename(ranks.data_rank))), model_state)
+    restore_rng_state(load_tensor_file(os.path.join(shard, rng_filename(ranks.data_rank))))
+    state = ResumeState(int(meta["iteration"]), int(meta["consumed_train_samples"]), meta.get("loss_scaler"))
+    return state, (f"resumed from {folder}: iteration {state.iteration}, "
+                   f"{state.consumed_train_samples} samples consumed")

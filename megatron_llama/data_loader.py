@@ -1,0 +1,77 @@
+"""Micro-batches for the trainer: a sampler that starts at the consumed-sample count, and collation.
+
+Sample order is the dataset's own (a pure function of seed, data paths, weights and seq length);
+the sampler only decides which indices go into which micro-batch. Global batch number n covers the
+dataset indices [n * G, (n + 1) * G) (G = global batch size); within it, data-parallel rank r takes
+micro-batch m as the indices
+
+    start + m * (micro_batch_size * dp) + r * micro_batch_size  ... + micro_batch_size
+
+so resuming at `consumed_samples` continues exactly where the previous run stopped, replaying and
+skipping nothing. A sample is {"text": int64 array of seq_length + 1 tokens}; the model's input is
+text[:-1] and its labels are text[1:].
+
+MockGPTDataset (--mock-data) gives random tokens that depend only on (seed, index), for smoke tests
+and benchmarks without a corpus.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+class PretrainingSampler:
+    """Dataset indices of this data-parallel rank's micro-batches, from `consumed_samples` on."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int = 0, data_parallel_size: int = 1):
+        if consumed_samples > total_samples:
+            raise ValueError(f"the run has consumed {consumed_samples} samples but the dataset holds "
+                             f"only {total_samples}")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.micro_batch_size * self.data_parallel_size
+        start = self.consumed_samples
+        while start + step <= self.total_samples:
+            first = start + self.data_parallel_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+            start += step
+
+
+def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[{"text": [s + 1]}] * b -> (tokens [b, s], labels [b, s]), int64."""
+    text = torch.from_numpy(np.stack([np.asarray(sample["text"], dtype=np.int64) for sample in samples]))
+    return text[:, :-1].contiguous(), text[:, 1:].contiguous()  # [b, s + 1] -> 2 x [b, s]
+
+
+def micro_batches(dataset, sampler: PretrainingSampler, device: torch.device
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens, labels) on `device` for each micro-batch the sampler names."""
+    for indices in sampler:
+        tokens, labels = collate([dataset[index] for index in indices])
+        if device.type == "cuda":
+            tokens, labels = tokens.pin_memory(), labels.pin_memory()
+        yield tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+class MockGPTDataset:
+    """`num_samples` random token sequences; sample i depends only on (seed, i)."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
+        self.num_samples, self.seq_length, self.vocab_size, self.seed = num_samples, seq_length, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"sample {index} is outside the mock dataset of {self.num_samples}")
+        generator = np.random.default_rng([self.seed, index])
+        return {"text": generator.integers(0, self.vocab_size, size=self.seq_length + 1, dtype=np.int64)}

@@ -1,0 +1,107 @@
+"""Training metrics to three places: stdout, TensorBoard, and a JSON-lines file.
+
+Each record is a flat dict with "kind" ("train" or "valid"/"test") and "iteration"; the JSON-lines
+file (--metrics-path, default {save}/metrics.jsonl) gets one object per line, appended, so a resumed
+run continues the same file and two runs can be compared by a script. TensorBoard
+(--tensorboard-dir) gets every numeric field as a scalar "{kind}/{field}"; when tensorboard is not
+importable the logger says so once and carries on without it.
+
+Train records hold: iteration, consumed_samples, loss, lr, grad_norm, loss_scale, skipped_iterations,
+step_time_s, tokens_per_s_per_gpu, mfu (model FLOPs per token x tokens/s/GPU / 989e12, DESIGN.md),
+peak_mem_gib (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory).
+Eval records hold: iteration, loss, perplexity.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+
+import torch
+
+H100_BF16_PEAK_FLOPS = 989e12
+
+
+def model_flops_utilization(flops_per_token: int, tokens_per_s_per_gpu: float) -> float:
+    """MFU against an H100 SXM's dense bf16 peak, whatever the device (DESIGN.md's yardstick)."""
+    return flops_per_token * tokens_per_s_per_gpu / H100_BF16_PEAK_FLOPS
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+    return kib / 2**20
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+class MetricsLogger:
+    """Writes records to stdout, TensorBoard (optional) and JSON lines (optional); only on the logging rank."""
+
+    def __init__(self, *, jsonl_path: str | None = None, tensorboard_dir: str | None = None, enabled: bool = True,
+                 stream=None):
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stdout
+        self.jsonl = None
+        self.tensorboard = None
+        if not enabled:
+            return
+        if jsonl_path:
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            self.jsonl = open(jsonl_path, "a")
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                self.print(f"tensorboard is not importable ({error}); --tensorboard-dir {tensorboard_dir} "
+                           f"gets no events (pip install tensorboard); stdout and JSON lines continue")
+            else:
+                self.tensorboard = SummaryWriter(log_dir=tensorboard_dir)
+
+    def print(self, message: str):
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
+    def log(self, record: dict):
+        """Write one record everywhere; it needs "kind" and "iteration"."""
+        if not self.enabled:
+            return
+        self.print(_format_line(record))
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record, sort_keys=True, allow_nan=True) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("kind", "iteration") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["iteration"])
+            self.tensorboard.flush()
+
+    def close(self):
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+_SHOWN = {"train": ("consumed_samples", "loss", "lr", "grad_norm", "loss_scale", "skipped_iterations",
+                    "step_time_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib"),
+          "eval": ("loss", "perplexity")}
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4e}" if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) else f"{value:.4f}"
+    return str(value)
+
+
+def _format_line(record: dict) -> str:
+    fields = _SHOWN["train"] if record["kind"] == "train" else _SHOWN["eval"]
+    shown = " | ".join(f"{name} {_format_value(record[name])}" for name in fields if name in record)
+    return f"[{record['kind']}] iteration {record['iteration']} | {shown}"

@@ -1,0 +1,27 @@
+"""Global-norm gradient clipping (Pascanu et al. 2013): g <- g * min(1, max_norm / ||g||_2).
+
+The norm is taken over all gradients of the whole model. Each rank sums the squares of the
+gradients it owns and counts (a parameter replicated on every tensor-parallel rank is counted on
+one of them only); the sums are added over `norm_group` (the model-parallel group) before the root.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def global_grad_norm(grads: list[torch.Tensor], norm_group=None) -> torch.Tensor:
+    """L2 norm over every tensor of `grads` (and over the ranks of `norm_group`), as an fp32 0-dim tensor."""
+    if not grads:
+        raise ValueError("no gradients to take the norm of")
+    squares = torch.stack([torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]).square().sum()
+    if norm_group is not None and dist.is_initialized() and dist.get_world_size(norm_group) > 1:
+        dist.all_reduce(squares, group=norm_group)
+    return squares.sqrt()
+
+
+@torch.no_grad()
+def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor):
+    """Scale `grads` in place so their global norm is at most `max_norm` (no sync with the host)."""
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coefficient)

@@ -1,0 +1,133 @@
+"""Megatron-style mixed precision: low-precision model, fp32 main grads, fp32 master params.
+
+    model params (bf16/fp16 on GPU, fp32 on CPU)  --forward/backward-->  param.grad (model dtype)
+    post-accumulate-grad hook:  param.main_grad (fp32) += param.grad;  param.grad = None
+    step():  unscale (fp16) -> global norm -> skip on overflow (fp16) -> clip -> AdamW on fp32 master
+             params whose .grad is the main grad -> copy master params back into the model params
+
+Every main grad is a view into one contiguous fp32 buffer (`grad_buffer`), so zeroing is one fill and
+a data-parallel reduction can work on whole buffers. For an fp32 model the master params are the
+model params themselves (nothing is copied). Usage:
+
+    optimizer = MixedPrecisionOptimizer(model, build=lambda groups: build_adamw(groups, ...)[0],
+                                        weight_decay=0.1, clip_grad=1.0, loss_scaler=None)
+    optimizer.zero_grad(); (optimizer.scale_loss(loss)).backward() per micro-batch; optimizer.step(lr)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from megatron_llama.optim.clip import clip_grads_, global_grad_norm
+from megatron_llama.optim.optimizer import weight_decay_groups
+
+
+@dataclass
+class StepOutcome:
+    grad_norm: float  # before clipping; Inf/NaN when a gradient overflowed
+    skipped: bool  # True when the update was not applied (fp16 overflow, or a non-finite norm)
+
+
+class MixedPrecisionOptimizer:
+    """Owns the fp32 main grads and master params of `model` and the inner optimizer over them."""
+
+    def __init__(self, model: nn.Module, build: Callable[[list[dict]], torch.optim.Optimizer], *,
+                 weight_decay: float, clip_grad: float, loss_scaler=None, norm_group=None,
+                 tensor_parallel_rank: int = 0):
+        self.named_model_params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        self.clip_grad = clip_grad
+        self.loss_scaler = loss_scaler
+        self.norm_group = norm_group
+        self.tensor_parallel_rank = tensor_parallel_rank
+        device = self.named_model_params[0][1].device
+        total = sum(param.numel() for _, param in self.named_model_params)
+        self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        self.master_params: dict[str, torch.Tensor] = {}
+        self._hooks = []
+        offset = 0
+        for name, param in self.named_model_params:
+            param.main_grad = self.grad_buffer[offset:offset + param.numel()].view_as(param)
+            offset += param.numel()
+            if param.dtype == torch.float32:
+                master = param  # an fp32 model is its own master copy
+            else:
+                master = nn.Parameter(param.detach().float().clone())
+            self.master_params[name] = master
+            self._hooks.append(param.register_post_accumulate_grad_hook(_accumulate_into_main_grad))
+        master_named = [(name, self.master_params[name]) for name, _ in self.named_model_params]
+        self.optimizer = build(weight_decay_groups(master_named, weight_decay))
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scale if self.loss_scaler is not None else loss
+
+    def zero_grad(self):
+        self.grad_buffer.zero_()
+        for _, param in self.named_model_params:
+            param.grad = None
+
+    def grads_for_norm(self) -> list[torch.Tensor]:
+        """Main grads this rank counts in the global norm (tensor-replicated params only on tp rank 0)."""
+        return [param.main_grad for _, param in self.named_model_params
+                if getattr(param, "tensor_parallel_dim", None) is not None or self.tensor_parallel_rank == 0]
+
+    @torch.no_grad()
+    def step(self, lr: float) -> StepOutcome:
+        """Apply one update with learning rate `lr` from the accumulated main grads."""
+        if self.loss_scaler is not None:
+            self.grad_buffer.mul_(1.0 / self.loss_scaler.scale)
+        norm = global_grad_norm(self.grads_for_norm(), self.norm_group)
+        grad_norm = float(norm)  # the one host sync of the step: overflow and NaN checks need it
+        finite = grad_norm == grad_norm and grad_norm not in (float("inf"), float("-inf"))
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(found_overflow=not finite)
+        if not finite:
+            return StepOutcome(grad_norm, skipped=True)
+        if self.clip_grad > 0:
+            clip_grads_([param.main_grad for _, param in self.named_model_params], self.clip_grad, norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for name, param in self.named_model_params:
+            self.master_params[name].grad = param.main_grad
+        self.optimizer.step()
+        for name, param in self.named_model_params:
+            master = self.master_params[name]
+            master.grad = None
+            if master is not param:
+                param.copy_(master)
+        return StepOutcome(grad_norm, skipped=False)
+
+    def has_separate_master_params(self) -> bool:
+        return any(self.master_params[name] is not param for name, param in self.named_model_params)
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.has_separate_master_params():
+            state["master_params"] = {name: master.detach() for name, master in self.master_params.items()}
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, model_state: dict[str, torch.Tensor]):
+        """Restore Adam states and master params (from the checkpoint's fp32 copies, else its model weights)."""
+        self.set_master_params(state.get("master_params") or model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    @torch.no_grad()
+    def set_master_params(self, values: dict[str, torch.Tensor]):
+        """Master params (and the model params, rounded to their dtype) take `values`, keyed by parameter name."""
+        for name, param in self.named_model_params:
+            master = self.master_params[name]
+            master.copy_(values[name])
+            if master is not param:
+                param.copy_(master)
+
+
+def _accumulate_into_main_grad(param: torch.Tensor):
+    param.main_grad.add_(param.grad)
+    param.grad = None

@@ -1,0 +1,180 @@
+"""Entry point of pretraining: arguments -> model -> optimizer -> checkpoint -> data -> training loop.
+
+    python -m megatron_llama.pretrain --model-preset tiny --seq-length 128 --micro-batch-size 4 \\
+        --global-batch-size 16 --train-iters 200 --lr 3e-4 --lr-warmup-iters 20 \\
+        --data-path data/corpus_text_document --tokenizer-type SentencePieceTokenizer \\
+        --tokenizer-model tokenizer.model --save ckpt --load ckpt --save-interval 100 --eval-interval 50
+
+`python -m megatron_llama.pretrain --help` lists every flag (arguments.py). Exit status: 0 when
+training finished or exited on request (--exit-interval, SIGTERM with --exit-signal-handler), 1 when
+it diverged (NaN/Inf), 2 for bad arguments or a bad checkpoint. `main(argv)` is callable in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import torch
+
+from megatron_llama.arguments import ArgumentsError, parse_args
+from megatron_llama.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron_llama.data_loader import MockGPTDataset
+from megatron_llama.metrics import MetricsLogger
+from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
+from megatron_llama.optim.lr_schedule import LearningRateSchedule
+from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer
+from megatron_llama.optim.optimizer import build_adamw
+from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingState, train
+
+NOT_SAVED_ARGUMENTS = ("tokenizer", "model_config", "notes", "params_dtype", "resume_from")
+
+
+def arguments_record(args: argparse.Namespace) -> dict:
+    """The run's arguments as JSON values for args.json (the model config under "model")."""
+    record = {key: value for key, value in vars(args).items() if key not in NOT_SAVED_ARGUMENTS}
+    record["params_dtype"] = str(args.params_dtype).replace("torch.", "")
+    record["model"] = args.model_config.to_dict()
+    return record
+
+
+def build_datasets(args: argparse.Namespace):
+    """(train, valid, test) datasets holding at least the samples this run asks of each."""
+    train_samples = args.train_iters * args.global_batch_size
+    eval_samples = args.eval_iters * args.global_batch_size
+    if args.mock_data:
+        vocab = args.model_config.vocab_size
+        return (MockGPTDataset(train_samples, args.seq_length, vocab, args.seed),
+                MockGPTDataset(eval_samples, args.seq_length, vocab, args.seed + 1) if eval_samples else None,
+                None)
+    from megatron_llama.data.gpt_dataset import build_train_valid_test_datasets
+
+    return build_train_valid_test_datasets(
+        data_path=args.data_path or None, split=args.split, seq_length=args.seq_length, seed=args.seed,
+        num_samples=(train_samples, eval_samples, eval_samples), cache_path=args.data_cache_path,
+        train_data_path=args.train_data_path, valid_data_path=args.valid_data_path,
+        test_data_path=args.test_data_path)
+
+
+def build_loss_scaler(args: argparse.Namespace):
+    if args.params_dtype != torch.float16:
+        return None
+    if args.loss_scale is not None:
+        return ConstantLossScaler(args.loss_scale)
+    return DynamicLossScaler(initial_scale=args.initial_loss_scale, min_scale=args.min_loss_scale,
+                             growth_interval=args.loss_scale_window, hysteresis=args.hysteresis)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SignalFlag:
+    """Records SIGTERM (with --exit-signal-handler) so the loop can save and exit after the current iteration."""
+
+    def __init__(self, enabled: bool, logger: MetricsLogger):
+        self.received = False
+        self.previous = None
+        self.logger = logger
+        if enabled:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+        self.logger.print("SIGTERM received: saving a checkpoint after this iteration, then exiting")
+
+    def __call__(self) -> bool:
+        return self.received
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
+    from megatron_llama.model.llama import build_model
+
+    device = torch.device(args.device)
+    for note in args.notes:
+        logger.print(note)
+    seed_everything(args.seed)
+    config = args.model_config
+    model = build_model(config, args.seed, device=device, dtype=args.params_dtype)
+    parameters = sum(param.numel() for param in model.parameters())
+    logger.print(f"model: {parameters:,} parameters, {config.num_layers} layers, hidden {config.hidden_size}, "
+                 f"{str(args.params_dtype).replace('torch.', '')} weights on {device}, attention {config.attention_backend}")
+    description = []
+
+    def build_inner(groups):
+        inner, text = build_adamw(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                                  device=device)
+        description.append(text)
+        return inner
+
+    optimizer = MixedPrecisionOptimizer(model, build_inner, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                                        loss_scaler=build_loss_scaler(args))
+    logger.print(description[0])
+    schedule = LearningRateSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
+                                    decay_iters=args.lr_decay_iters, decay_style=args.lr_decay_style,
+                                    warmup_init=args.lr_warmup_init)
+    state = TrainingState()
+    if args.resume_from is not None:
+        resumed, message = load_checkpoint(args.load, model=model, optimizer=optimizer, config=config,
+                                           finetune=args.finetune)
+        state = TrainingState(resumed.iteration, resumed.consumed_train_samples)
+        if resumed.loss_scaler is not None and optimizer.loss_scaler is not None:
+            optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
+        logger.print(message)
+    train_dataset, valid_dataset, test_dataset = build_datasets(args)
+    record = arguments_record(args)
+
+    def save(current: TrainingState):
+        save_checkpoint(args.save, current.iteration, model=model, optimizer=optimizer, args=record,
+                        consumed_train_samples=current.consumed_train_samples, schedule_state=schedule.state_dict(),
+                        loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None)
+        logger.print(f"saved checkpoint of iteration {current.iteration} to {args.save}")
+
+    stop_flag = SignalFlag(args.exit_signal_handler, logger)
+    setup = TrainingSetup(
+        train_iters=args.train_iters, global_batch_size=args.global_batch_size,
+        micro_batch_size=args.micro_batch_size, num_micro_batches=args.num_micro_batches,
+        seq_length=args.seq_length, flops_per_token=config.flops_per_token(args.seq_length), device=device,
+        log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        save_interval=args.save_interval, exit_interval=args.exit_interval, world_size=args.world_size,
+        data_parallel_size=args.data_parallel_size, save=save if args.save else None, stop_requested=stop_flag)
+    try:
+        train(model, optimizer, schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)
+    finally:
+        stop_flag.restore()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run pretraining with command-line `argv`; returns the process exit status."""
+    try:
+        args = parse_args(argv)
+    except ArgumentsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logger = MetricsLogger(jsonl_path=args.metrics_path, tensorboard_dir=args.tensorboard_dir,
+                           enabled=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        return run(args, logger)
+    except TrainingDiverged as error:
+        print(f"error: training diverged at {error}", file=sys.stderr)
+        return 1
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        logger.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The training loop: micro-batches -> forward/backward -> optimizer step -> log -> eval -> save.
+
+One iteration is one optimizer update over a global batch of G sequences, made of
+G / (micro_batch_size x dp) micro-batches whose gradients accumulate in fp32 main grads. The
+loss is the mean over every token of the global batch: each micro-batch contributes
+sum(per-token loss) / (G x seq_length), so accumulation gives the gradient of one big batch.
+
+Stops: after --train-iters; at --exit-interval or on SIGTERM with --exit-signal-handler (both save
+first when --save is set); on a NaN/Inf loss or gradient norm, with TrainingDiverged naming the
+iteration and nothing saved, so the last checkpoint stays as it was. (With fp16, an overflowing
+step is skipped and the loss scale halved instead; only an overflow at the minimum loss scale
+stops the run.)
+
+Entry point: python -m megatron_llama.pretrain (pretrain.py builds the pieces and calls `train`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from megatron_llama.data_loader import PretrainingSampler, micro_batches
+from megatron_llama.metrics import MetricsLogger, model_flops_utilization, peak_memory_gib, perplexity
+from megatron_llama.optim.grad_scaler import DynamicLossScaler
+from megatron_llama.optim.lr_schedule import LearningRateSchedule
+from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer, StepOutcome
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/Inf; the message names the iteration."""
+
+
+@dataclass
+class TrainingState:
+    iteration: int = 0  # optimizer updates done
+    consumed_train_samples: int = 0
+    skipped_iterations: int = 0  # fp16 overflow steps (counted, never silent)
+
+
+@dataclass
+class TrainingSetup:
+    """Everything the loop needs besides the model, optimizer and data (filled from the arguments)."""
+
+    train_iters: int
+    global_batch_size: int
+    micro_batch_size: int
+    num_micro_batches: int
+    seq_length: int
+    flops_per_token: int
+    device: torch.device
+    log_interval: int = 100
+    eval_interval: int | None = None
+    eval_iters: int = 0
+    save_interval: int | None = None
+    exit_interval: int | None = None
+    world_size: int = 1
+    data_parallel_rank: int = 0
+    data_parallel_size: int = 1
+    save: Callable[[TrainingState], None] | None = None  # writes a checkpoint of the current state
+    stop_requested: Callable[[], bool] = field(default=lambda: False)  # e.g. a SIGTERM was received
+
+
+def forward_backward(model: nn.Module, optimizer: MixedPrecisionOptimizer,
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], tokens_in_global_batch: int) -> torch.Tensor:
+    """Accumulate the gradient of the global-batch mean loss over `batches`; returns this rank's share of it."""
+    total = None
+    for tokens, labels in batches:
+        per_token_loss = model(tokens, labels)  # [b, s] fp32
+        loss = per_token_loss.sum() / tokens_in_global_batch
+        optimizer.scale_loss(loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+def train_step(model: nn.Module, optimizer: MixedPrecisionOptimizer,
+               batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float,
+               tokens_in_global_batch: int) -> tuple[float, StepOutcome]:
+    """One optimizer update: zero grads, accumulate over the micro-batches, step. Returns (loss, outcome)."""
+    optimizer.zero_grad()
+    loss = forward_backward(model, optimizer, batches, tokens_in_global_batch)
+    outcome = optimizer.step(lr)
+    return float(loss), outcome
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean per-token loss over `batches`."""
+    was_training = model.training
+    model.eval()
+    loss_sum, token_count = torch.zeros((), dtype=torch.float64), 0
+    for tokens, labels in batches:
+        loss_sum += model(tokens, labels).double().sum().cpu()
+        token_count += labels.numel()
+    model.train(was_training)
+    return float(loss_sum) / token_count
+
+
+def eval_batches(dataset, setup: TrainingSetup) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same --eval-iters global batches from the start of `dataset` at every evaluation (comparable curves)."""
+    count = setup.eval_iters * setup.global_batch_size
+    if len(dataset) < count:
+        raise ValueError(f"the evaluation set holds {len(dataset)} samples, fewer than --eval-iters "
+                         f"{setup.eval_iters} x global batch {setup.global_batch_size} = {count}")
+    sampler = PretrainingSampler(count, 0, setup.micro_batch_size, setup.data_parallel_rank, setup.data_parallel_size)
+    return micro_batches(dataset, sampler, setup.device)
+
+
+def _diverged(loss: float, outcome: StepOutcome, optimizer: MixedPrecisionOptimizer) -> bool:
+    finite = math.isfinite(loss) and math.isfinite(outcome.grad_norm)
+    scaler = optimizer.loss_scaler
+    if finite or scaler is None:
+        return not finite
+    # fp16: an overflow is skipped and the scale lowered; only one at the floor of a dynamic scaler is fatal.
+    return isinstance(scaler, DynamicLossScaler) and scaler.scale <= scaler.min_scale and scaler.hysteresis_left <= 0
+
+
+class _IntervalMeter:
+    """Loss and training wall time accumulated between two log lines (evaluation and saving excluded)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss_sum, self.iterations, self.applied, self.started = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, skipped: bool):
+        self.iterations += 1
+        if not skipped:
+            self.loss_sum += loss
+            self.applied += 1
+
+    def exclude(self, since: float):
+        """Keep the time from `since` until now out of the training throughput."""
+        self.started += time.perf_counter() - since
+
+
+def train(model: nn.Module, optimizer: MixedPrecisionOptimizer, schedule: LearningRateSchedule, state: TrainingState,
+          setup: TrainingSetup, train_dataset, logger: MetricsLogger, valid_dataset=None, test_dataset=None) -> str:
+    """Run iterations state.iteration + 1 .. setup.train_iters; returns why it stopped."""
+    model.train()
+    sampler = PretrainingSampler(len(train_dataset), state.consumed_train_samples, setup.micro_batch_size,
+                                 setup.data_parallel_rank, setup.data_parallel_size)
+    batches = micro_batches(train_dataset, sampler, setup.device)
+    tokens_in_global_batch = setup.global_batch_size * setup.seq_length
+    meter = _IntervalMeter()
+    last_saved = last_evaluated = None
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(setup.device)
+    reason = "finished"
+    while state.iteration < setup.train_iters:
+        iteration = state.iteration + 1
+        step_batches = [next(batches) for _ in range(setup.num_micro_batches)]
+        lr = schedule.lr_at(iteration)
+        loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch)
+        if _diverged(loss, outcome, optimizer):
+            raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
+                                   f"finite; training stopped without saving, the last checkpoint is intact "
+                                   f"(lower --lr, raise --lr-warmup-iters or check the data)")
+        state.iteration = iteration
+        state.consumed_train_samples += setup.global_batch_size
+        state.skipped_iterations += int(outcome.skipped)
+        meter.add(loss, outcome.skipped)
+        if iteration % setup.log_interval == 0:
+            _log_train(logger, state, setup, meter, lr, outcome, optimizer)
+            meter.reset()
+        if _due(iteration, setup.eval_interval) and setup.eval_iters > 0 and valid_dataset is not None:
+            since = time.perf_counter()
+            _log_eval(logger, "valid", iteration, evaluate(model, eval_batches(valid_dataset, setup)))
+            last_evaluated = iteration
+            meter.exclude(since)
+        if setup.save is not None and _due(iteration, setup.save_interval):
+            since = time.perf_counter()
+            setup.save(state)
+            last_saved = iteration
+            meter.exclude(since)
+        if _due(iteration, setup.exit_interval):
+            reason = f"--exit-interval {setup.exit_interval} reached"
+            break
+        if setup.stop_requested():
+            reason = "exit signal received"
+            break
+    if reason == "finished" and setup.eval_iters > 0:
+        for kind, dataset in (("valid", valid_dataset), ("test", test_dataset)):
+            if dataset is not None and not (kind == "valid" and last_evaluated == state.iteration):
+                _log_eval(logger, kind, state.iteration, evaluate(model, eval_batches(dataset, setup)))
+    if setup.save is not None and last_saved != state.iteration:
+        setup.save(state)
+    logger.print(f"training stopped at iteration {state.iteration}: {reason}")
+    return reason
+
+
+def _due(iteration: int, interval: int | None) -> bool:
+    return bool(interval) and iteration % interval == 0
+
+
+def _log_train(logger: MetricsLogger, state: TrainingState, setup: TrainingSetup, meter: _IntervalMeter, lr: float,
+               outcome: StepOutcome, optimizer: MixedPrecisionOptimizer):
+    elapsed = time.perf_counter() - meter.started
+    step_time = elapsed / max(meter.iterations, 1)
+    tokens_per_s_per_gpu = setup.global_batch_size * setup.seq_length / step_time / setup.world_size
+    logger.log({
+        "kind": "train", "iteration": state.iteration, "consumed_samples": state.consumed_train_samples,
+        "loss": meter.loss_sum / meter.applied if meter.applied else None, "lr": lr, "grad_norm": outcome.grad_norm,
+        "loss_scale": optimizer.loss_scale, "skipped_iterations": state.skipped_iterations,
+        "step_time_s": step_time, "tokens_per_s_per_gpu": tokens_per_s_per_gpu,
+        "mfu": model_flops_utilization(setup.flops_per_token, tokens_per_s_per_gpu),
+        "peak_mem_gib": peak_memory_gib(setup.device),
+    })
+
+
+def _log_eval(logger: MetricsLogger, kind: str, iteration: int, loss: float):
+    logger.log({"kind": kind, "iteration": iteration, "loss": loss, "perplexity": perplexity(loss)})
