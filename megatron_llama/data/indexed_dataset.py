@@ -165,6 +165,8 @@ class IndexedDatasetBuilder:
         """Close an open document, publish the .bin, then write the .idx atomically."""
         if self._document_indices[-1] != self.num_sequences:
             self.end_document()
+        self._bin_file.flush()
+        os.fsync(self._bin_file.fileno())
         self._bin_file.close()
         if os.path.exists(idx_path):
             os.remove(idx_path)  # never let an old .idx sit beside the new .bin
