@@ -35,9 +35,9 @@ def split_along(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     if size == 1:
         return tensor
     if tensor.shape[dim] % size:
-        raise ValueError(f"cannot split dimension {dim} of size {tensor.shape[dim]} across {size} tensor-parallel ranks: "
-                         f"it must be a multiple of {size} (for sequence parallelism, make --seq-length a multiple of "
-                         f"--tensor-model-parallel-size)")
+        hint = " (make --seq-length a multiple of --tensor-model-parallel-size)" if dim == SEQUENCE_DIM else ""
+        raise ValueError(f"cannot split dimension {dim} of size {tensor.shape[dim]} across {size} tensor-parallel "
+                         f"ranks: it must be a multiple of {size}{hint}")
     return tensor.chunk(size, dim=dim)[state.get_tensor_model_parallel_rank()].contiguous()
 
 
@@ -48,7 +48,7 @@ class _CopyToTensorParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return comm.all_reduce(grad.contiguous(), _group())
+        return comm.all_reduce(grad.clone(memory_format=torch.contiguous_format), _group())  # autograd may share grad
 
 
 class _ReduceFromTensorParallelRegion(torch.autograd.Function):
