@@ -28,9 +28,10 @@ from torch import nn
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.attention import get_core_attention
 from megatron_llama.model.rotary import RotaryEmbedding, apply_rotary
+from megatron_llama.parallel import state
 from megatron_llama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_llama.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                            initialize_parameters)
+                                            column_parallel_linear, initialize_parameters)
 
 
 class RMSNorm(nn.Module):
@@ -68,18 +69,23 @@ class SelfAttention(nn.Module):
         self.q_heads_per_group = heads // groups
         self.qkv = ColumnParallelLinear(config.hidden_size, (heads + 2 * groups) * d, init_std=config.init_method_std)
         self.dense = RowParallelLinear(heads * d, config.hidden_size, init_std=output_projection_std(config))
-        self.core_attention = get_core_attention(config.attention_backend)
+        # Resolved per call (a dict lookup), so a model can be built on the meta device (checkpoint
+        # tools) where the backend cannot run; build_model checks it up front.
+        self.attention_backend = config.attention_backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        # x: [b, s, h], or the sequence shard [b, s/tp, h] that the column-parallel qkv all-gathers.
+        qkv = self.qkv(x)  # [b, s, local (heads + 2 groups) * d]
+        b, s, _ = qkv.shape
+        cos, sin = rotary(s, qkv.device, qkv.dtype)  # [s, d/2] each
         # -1 is the number of LOCAL groups: all of them at tp=1, groups/tp on each tensor rank.
-        qkv = self.qkv(x).view(b, s, -1, self.q_heads_per_group + 2, self.head_dim)  # [b, s, groups, q/g + 2, d]
+        qkv = qkv.view(b, s, -1, self.q_heads_per_group + 2, self.head_dim)  # [b, s, groups, q/g + 2, d]
         q, k, v = qkv.split([self.q_heads_per_group, 1, 1], dim=3)  # views; backward is one cat
         q = apply_rotary(q, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, q_heads, d], contiguous
         k = apply_rotary(k, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d], contiguous
         v = v.squeeze(3)  # [b, s, kv_heads, d], strided view of qkv
-        out = self.core_attention(q, k, v)  # [b, s, q_heads, d]
-        return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h]
+        out = get_core_attention(self.attention_backend)(q, k, v)  # [b, s, q_heads, d]
+        return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h] (or [b, s/tp, h])
 
 
 class SwiGLUMLP(nn.Module):
@@ -104,8 +110,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_epsilon)
         self.mlp = SwiGLUMLP(config)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.attention(self.input_norm(hidden), cos, sin)
+    def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        hidden = hidden + self.attention(self.input_norm(hidden), rotary)
         return hidden + self.mlp(self.post_attention_norm(hidden))
 
 
@@ -116,11 +122,13 @@ class LlamaModel(nn.Module):
     norm and output head (last stage); layer_range: global [first, last) block indices held here.
     With a tied head, a last stage without pre_process holds its own `embedding.weight` (same
     name, hence same initial values); the pipeline keeps the two copies' gradients in sync.
-    tensor_parallel_size only sets the vocabulary padding (ModelConfig.padded_vocab_size).
+    The vocabulary is padded for the tensor-parallel size of parallel.state
+    (ModelConfig.padded_vocab_size); with tensor parallelism the logits are this rank's vocabulary
+    columns, which vocab_parallel_cross_entropy consumes without gathering.
     """
 
     def __init__(self, config: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
-                 layer_range: tuple[int, int] | None = None, tensor_parallel_size: int = 1):
+                 layer_range: tuple[int, int] | None = None):
         super().__init__()
         first, last = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= first <= last <= config.num_layers:
@@ -129,7 +137,7 @@ class LlamaModel(nn.Module):
         self.config, self.pre_process, self.post_process = config, pre_process, post_process
         self.layer_range = (first, last)
         self.tied_output = not config.untie_embeddings_and_output_weights
-        padded_vocab = config.padded_vocab_size(tensor_parallel_size)
+        padded_vocab = config.padded_vocab_size(state.get_tensor_model_parallel_world_size())
         h = config.hidden_size
 
         if pre_process or (post_process and self.tied_output):
@@ -150,15 +158,14 @@ class LlamaModel(nn.Module):
                 hidden = self.embedding_norm(hidden)
         else:
             hidden = input_ids  # hidden states [b, s, h] from the previous pipeline stage
-        cos, sin = self.rotary(hidden.shape[1], hidden.device, hidden.dtype)
         for block in self.layers.values():
-            hidden = block(hidden, cos, sin)
+            hidden = block(hidden, self.rotary)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)
         if self.tied_output:
-            # Tied head: the logits are the embedding matrix applied as a column-parallel linear.
-            logits = F.linear(hidden, self.embedding.weight)  # [b, s, h] -> [b, s, padded_vocab]
+            # Tied head: the embedding's vocabulary rows act as a column-parallel linear's weight.
+            logits = column_parallel_linear(hidden, self.embedding.weight)  # [b, s, h] -> [b, s, padded_vocab]
         else:
             logits = self.output(hidden)  # [b, s, h] -> [b, s, padded_vocab]
         if labels is None:
@@ -168,11 +175,15 @@ class LlamaModel(nn.Module):
 
 def build_model(config: ModelConfig, seed: int, *, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, pre_process: bool = True, post_process: bool = True,
-                layer_range: tuple[int, int] | None = None, tensor_parallel_size: int = 1) -> LlamaModel:
-    """Construct the (stage's) model on `device`, initialise it layout-independently, cast to `dtype`."""
+                layer_range: tuple[int, int] | None = None) -> LlamaModel:
+    """Construct the (stage's) model on `device`, initialise it layout-independently, cast to `dtype`.
+
+    Checks first that the attention backend can run here (AttentionBackendError says why not).
+    Tensor-parallel layers take their size and rank from parallel.state.
+    """
+    get_core_attention(config.attention_backend)
     with torch.device(device if device is not None else "cpu"):
-        model = LlamaModel(config, pre_process=pre_process, post_process=post_process,
-                           layer_range=layer_range, tensor_parallel_size=tensor_parallel_size)
+        model = LlamaModel(config, pre_process=pre_process, post_process=post_process, layer_range=layer_range)
     initialize_parameters(model, seed)
     if dtype is not None:
         model.to(dtype=dtype)
