@@ -1,0 +1,173 @@
+"""Command-line parsing: presets and overrides, derived values, and every bad combination's message."""
+import os
+
+import pytest
+import torch
+
+from megatron_llama.arguments import ArgumentsError, default_ffn_hidden_size, parse_args
+from megatron_llama.checkpointing import write_model_checkpoint
+from megatron_llama.config import ModelConfig
+
+BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --vocab-size 128 --seq-length 16 "
+        "--micro-batch-size 2 --train-iters 4 --lr 1e-3 --mock-data --device cpu").split()
+
+
+def without(*flags: str) -> list[str]:
+    """BASE minus `flags` and their values."""
+    words, kept = list(BASE), []
+    while words:
+        word = words.pop(0)
+        if word in flags:
+            if words and not words[0].startswith("--"):
+                words.pop(0)
+        else:
+            kept.append(word)
+    return kept
+
+
+def parse(*extra: str, base=BASE):
+    return parse_args(list(base) + [word for item in extra for word in item.split()])
+
+
+def error_of(*extra: str, base=BASE) -> str:
+    with pytest.raises(ArgumentsError) as caught:
+        parse(*extra, base=base)
+    return str(caught.value)
+
+
+def test_preset_gives_the_model_and_explicit_flags_override_it():
+    args = parse_args("--model-preset llama2-7b --num-layers 3 --seq-length 64 --micro-batch-size 1 "
+                      "--train-iters 1 --lr 1e-4 --mock-data --device cpu".split())
+    config = args.model_config
+    assert (config.num_layers, config.hidden_size, config.ffn_hidden_size, config.vocab_size) == (3, 4096, 11008, 32000)
+    assert config.untie_embeddings_and_output_weights and not config.use_stable_embedding
+
+
+def test_open_llama_preset_ties_the_head_unless_untie_is_given():
+    common = "--seq-length 64 --micro-batch-size 1 --train-iters 1 --lr 1e-4 --mock-data --device cpu".split()
+    tied = parse_args(["--model-preset", "openllama-7b"] + common).model_config
+    assert not tied.untie_embeddings_and_output_weights and tied.use_stable_embedding
+    untied = parse_args(["--model-preset", "openllama-7b", "--untie-embeddings-and-output-weights"] + common)
+    assert untied.model_config.untie_embeddings_and_output_weights
+
+
+def test_derived_values_global_batch_micro_batches_decay_iters_and_ffn():
+    args = parse("--global-batch-size 8")
+    assert args.num_micro_batches == 4 and args.lr_decay_iters == 4 and args.data_parallel_size == 1
+    assert parse().global_batch_size == 2
+    assert default_ffn_hidden_size(4096) == 11008
+    assert args.model_config.ffn_hidden_size == default_ffn_hidden_size(32)
+    assert args.model_config.max_position_embeddings == 16
+
+
+def test_num_query_groups_turns_on_grouped_query_attention():
+    assert parse("--num-query-groups 2").model_config.kv_heads == 2
+    assert parse("--group-query-attention").model_config.kv_heads == 1
+    assert parse().model_config.kv_heads == 4
+
+
+def test_bf16_on_cpu_trains_in_fp32_and_says_so():
+    args = parse("--bf16")
+    assert args.params_dtype == torch.float32
+    assert any("--bf16 ignored" in note and "fp32" in note for note in args.notes)
+
+
+def test_metrics_path_defaults_to_the_save_directory(tmp_path):
+    assert parse(f"--save {tmp_path}").metrics_path == os.path.join(str(tmp_path), "metrics.jsonl")
+    assert parse().metrics_path is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--global-batch-size 5", "global batch 5 is not divisible by micro-batch 2 x data-parallel 1 = 2; "
+                              "use a multiple of 2"),
+    ("--num-query-groups 3", "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
+    ("--hidden-size 30", "--hidden-size 30 is not divisible by --num-attention-heads 4"),
+    ("--bf16 --fp16", "--bf16 and --fp16 were both given; choose one"),
+    ("--tensor-model-parallel-size 2", "--tensor-model-parallel-size 2 is not supported yet"),
+    ("--pipeline-model-parallel-size 2", "--pipeline-model-parallel-size 2 is not supported yet"),
+    ("--max-position-embeddings 8", "--seq-length 16 exceeds --max-position-embeddings 8"),
+    ("--min-lr 0.1", "--min-lr 0.1 must lie between 0 and --lr 0.001"),
+    ("--lr-warmup-iters 4", "--lr-warmup-iters 4 must be below --lr-decay-iters 4"),
+    ("--tokenizer-type HuggingFaceTokenizer", "--tokenizer-type and --tokenizer-model go together"),
+    ("--save-interval 2", "--save-interval needs --save DIR"),
+    ("--exit-signal-handler", "--exit-signal-handler needs --save DIR"),
+    ("--loss-scale 128", "--loss-scale applies only to --fp16"),
+    ("--tie-embeddings-and-output-weights --untie-embeddings-and-output-weights", "were both given; choose one"),
+    ("--micro-batch-size 0", "--micro-batch-size must be positive, got 0"),
+    ("--finetune", "--finetune needs --load"),
+    ("--adam-beta2 1.0", "--adam-beta2 1.0 must lie in [0, 1)"),
+    ("--data-path somewhere", "--mock-data and --data-path were both given; choose one"),
+    ("--load /nonexistent/checkpoints", "--load /nonexistent/checkpoints does not exist"),
+])
+def test_bad_flag_combination_gives_its_message(extra, message):
+    assert message in error_of(extra)
+
+
+def test_missing_model_size_flags_without_a_preset_are_named():
+    base = without("--num-layers")
+    assert "--num-layers required without --model-preset" in error_of(base=base)
+
+
+def test_unknown_vocabulary_is_an_error():
+    base = without("--vocab-size")
+    assert "vocabulary size is unknown" in error_of(base=base)
+
+
+def test_no_training_data_is_an_error():
+    base = without("--mock-data")
+    assert "no training data" in error_of(base=base)
+
+
+def test_data_path_with_missing_files_names_the_prefix(tmp_path, hf_tokenizer):
+    base = without("--mock-data", "--vocab-size")
+    message = error_of(f"--data-path {tmp_path}/absent --tokenizer-type HuggingFaceTokenizer "
+                       f"--tokenizer-model {hf_tokenizer}", base=base)
+    assert f"{tmp_path}/absent" in message and ".bin" in message
+
+
+def test_vocab_size_comes_from_the_tokenizer_and_a_disagreeing_flag_is_an_error(hf_tokenizer):
+    base = without("--vocab-size")
+    tokenizer = f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {hf_tokenizer}"
+    assert parse(tokenizer, base=base).model_config.vocab_size == 102
+    assert "--vocab-size 128 disagrees with the tokenizer" in error_of(tokenizer)
+
+
+def test_cuda_device_without_a_gpu_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda was given but torch sees no CUDA GPU" in error_of(base=without("--device") + ["--device", "cuda"])
+
+
+def test_several_processes_are_refused_until_data_parallelism_exists(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "data parallelism is not supported yet" in error_of()
+
+
+def test_load_of_a_checkpoint_of_another_model_shape_names_the_differences(tmp_path):
+    config = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=96, num_attention_heads=4, vocab_size=128)
+    from megatron_llama.model.llama import build_model
+
+    write_model_checkpoint(str(tmp_path), 0, config, build_model(config, seed=1).state_dict())
+    message = error_of(f"--load {tmp_path} --ffn-hidden-size 64")
+    assert "ffn_hidden_size: checkpoint 96, this run 64" in message
+
+
+def test_load_of_an_empty_save_directory_starts_fresh_but_elsewhere_is_an_error(tmp_path):
+    args = parse(f"--load {tmp_path} --save {tmp_path}")
+    assert args.resume_from is None and any("starting from iteration 0" in note for note in args.notes)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert "holds no checkpoint at all" in error_of(f"--load {tmp_path} --save {other}")
+
+
+@pytest.fixture
+def hf_tokenizer(tmp_path):
+    """A 102-entry word-level tokenizer.json (t0..t99, </s>, <unk>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(100)}
+    vocab.update({"</s>": 100, "<unk>": 101})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    return str(path)
