@@ -1,0 +1,55 @@
+"""Import a Hugging Face Llama model (local folder) as a megatron_llama checkpoint, to continue pretraining it.
+
+    python tools/convert_from_hf.py --load path/to/hf_llama --save checkpoints/from_hf \
+        [--target-tensor-parallel-size 2] [--target-pipeline-parallel-size 2] \
+        [--make-vocab-size-divisible-by 128]
+
+Reads config.json and model.safetensors (or its shards and index) from local disk; nothing is
+downloaded. Writes a model-only checkpoint (iteration 0, fp32 weights, the vocabulary zero-padded
+to the tensor-parallel multiple) that `python -m megatron_llama.pretrain --load checkpoints/from_hf`
+starts from with a fresh optimizer. When the folder holds a tokenizer.json, the checkpoint's args
+name it (HuggingFaceTokenizer), so a later convert_to_hf.py export carries it along.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_llama.checkpointing import CheckpointError, tracker_path, write_model_checkpoint
+from megatron_llama.hf_conversion import ConversionError, load_hf_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="local Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument("--save", required=True, help="checkpoint directory to create (the trainer's --load)")
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="the vocabulary is padded to a multiple of this times the tensor-parallel size")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if os.path.exists(tracker_path(args.save)):
+            raise CheckpointError(f"--save {args.save} already holds a checkpoint ({tracker_path(args.save)}); "
+                                  "choose a new directory")
+        config, state_dict, _ = load_hf_checkpoint(args.load,
+                                                   make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        checkpoint_args = {"converted_from": os.path.abspath(args.load)}
+        if os.path.isfile(os.path.join(args.load, "tokenizer.json")):
+            checkpoint_args.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.abspath(args.load))
+        write_model_checkpoint(args.save, 0, config, state_dict, checkpoint_args,
+                               tensor_parallel_size=args.target_tensor_parallel_size,
+                               pipeline_parallel_size=args.target_pipeline_parallel_size)
+    except (CheckpointError, ConversionError) as error:
+        sys.exit(f"convert_from_hf: error: {error}")
+    print(f"convert_from_hf: wrote {args.save} (iteration 0, tp {args.target_tensor_parallel_size}, "
+          f"pp {args.target_pipeline_parallel_size}, {config.num_layers} layers, vocab {config.vocab_size})")
+
+
+if __name__ == "__main__":
+    main()
