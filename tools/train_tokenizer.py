@@ -23,6 +23,7 @@ import random
 import sys
 import time
 from collections import Counter
+from itertools import accumulate
 
 import sentencepiece
 
@@ -40,6 +41,7 @@ from megatron_llama.data.corpus import (  # noqa: E402
 
 SPECIAL_PIECES = 3  # <unk>, <s>, </s>
 BYTE_PIECES = 256
+MIN_CHARACTER_COVERAGE = 0.98
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.max_sentences < 1:
         parser.error(f"--max-sentences must be positive, got {args.max_sentences}")
-    if not 0.0 < args.character_coverage <= 1.0:
-        parser.error(f"--character-coverage must lie in (0, 1], got {args.character_coverage}")
+    if not MIN_CHARACTER_COVERAGE <= args.character_coverage <= 1.0:
+        parser.error(f"--character-coverage must lie in [{MIN_CHARACTER_COVERAGE}, 1] (SentencePiece's range), got {args.character_coverage}")
     try:
         args.input_files = expand_inputs(args.input, JSON_SUFFIXES + TEXT_SUFFIXES)
     except CorpusInputError as error:
@@ -100,15 +102,31 @@ def sample_sentences(texts, max_sentences: int, seed: int) -> tuple[list[str], i
     return [line for _, line in reservoir], seen
 
 
-def coverage_that_fits(sentences: list[str], vocab_size: int, reserved_pieces: int) -> tuple[int, float]:
-    """(distinct characters, largest character coverage whose characters still fit beside the reserved pieces)."""
+def cumulative_character_counts(sentences: list[str]) -> list[int]:
+    """Running totals of the character counts, from the most to the least frequent character."""
     counts = Counter()
     for sentence in sentences:
-        counts.update(sentence)
-    total = sum(counts.values())
-    room = vocab_size - reserved_pieces
-    covered = sum(count for _, count in counts.most_common(max(room, 0)))
-    return len(counts), covered / total if total else 1.0
+        counts.update(sentence.replace(" ", "▁"))
+    return list(accumulate(count for _, count in counts.most_common()))
+
+
+def vocabulary_advice(sentences: list[str], args: argparse.Namespace, reserved_pieces: int) -> str:
+    """What to change when the characters for --character-coverage do not fit in --vocab-size."""
+    cumulative = cumulative_character_counts(sentences)
+    total = cumulative[-1]
+
+    def pieces_for(coverage: float) -> int:
+        return reserved_pieces + next(i + 1 for i, covered in enumerate(cumulative) if covered / total >= coverage)
+
+    room = args.vocab_size - reserved_pieces
+    fitting_coverage = cumulative[min(room, len(cumulative)) - 1] / total if room > 0 else 0.0
+    advice = (
+        f"The sample has {len(cumulative):,} distinct characters: raise --vocab-size well above "
+        f"{pieces_for(args.character_coverage):,}"
+    )
+    if fitting_coverage >= MIN_CHARACTER_COVERAGE:
+        return advice + f", or lower --character-coverage to {fitting_coverage:.4f} (rarer characters then fall back to bytes)"
+    return advice + f" (or above {pieces_for(MIN_CHARACTER_COVERAGE):,} with --character-coverage {MIN_CHARACTER_COVERAGE})"
 
 
 def train(args: argparse.Namespace, sentences: list[str]) -> bytes:
@@ -179,12 +197,10 @@ def main(argv=None) -> int:
         if "Vocabulary size is smaller than required_chars" not in str(error):
             raise
         reserved = SPECIAL_PIECES + BYTE_PIECES + len(args.user_defined_symbols)
-        distinct, coverage = coverage_that_fits(sentences, args.vocab_size, reserved)
         print(
             f"error: --character-coverage {args.character_coverage} needs more single-character pieces than "
-            f"--vocab-size {args.vocab_size} holds (SentencePiece: {str(error).split('] ')[-1]}). The sample has "
-            f"{distinct:,} distinct characters; raise --vocab-size, or lower --character-coverage to at most "
-            f"{coverage:.4f} (rarer characters then fall back to bytes)",
+            f"--vocab-size {args.vocab_size} holds (SentencePiece: {str(error).split('] ')[-1]}). "
+            f"{vocabulary_advice(sentences, args, reserved)}",
             file=sys.stderr,
         )
         return 1
