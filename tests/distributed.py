@@ -10,13 +10,14 @@ LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port) and, unless
 `init_process_group=False`, a started gloo default group; model-parallel state is destroyed
 and the group torn down when the function returns. Processes are forked (Linux), so the
 function and its arguments need not be picklable and no interpreter start-up is paid;
-return values must be picklable (tensors are fine). Each child uses one intra-op thread.
+return values must be picklable (tensors are fine: they come back by value). Each child uses one intra-op thread.
 """
 from __future__ import annotations
 
 import datetime
 import multiprocessing
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -42,7 +43,7 @@ def _child(rank: int, world_size: int, port: int, function, args, kwargs, init_p
             dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         value = function(*args, **kwargs)
-        results.put((rank, True, value))
+        results.put((rank, True, pickle.dumps(value)))  # by value: no shared-memory handles to an exiting child
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -75,7 +76,10 @@ def run_distributed(function, world_size: int, args: tuple = (), kwargs: dict | 
                 missing = sorted(set(range(world_size)) - set(values) - set(failures))
                 raise TimeoutError(f"ranks {missing} of {world_size} gave no result within {timeout_s} s "
                                    f"(a hang in a collective?); failures so far: {failures}") from None
-            (values if ok else failures)[rank] = value
+            if ok:
+                values[rank] = pickle.loads(value)
+            else:
+                failures[rank] = value
             if failures:  # the other ranks may wait forever on the failed one
                 break
     finally:
