@@ -50,7 +50,7 @@ def build_datasets(args: argparse.Namespace):
         return (MockGPTDataset(train_samples, args.seq_length, vocab, args.seed),
                 MockGPTDataset(eval_samples, args.seq_length, vocab, args.seed + 1) if eval_samples else None,
                 None)
-    from megatron_llama.data.gpt_dataset import build_train_valid_test_datasets
+    from megatron_llama.data.blended_dataset import build_train_valid_test_datasets
 
     return build_train_valid_test_datasets(
         data_path=args.data_path or None, split=args.split, seq_length=args.seq_length, seed=args.seed,

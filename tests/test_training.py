@@ -1,0 +1,187 @@
+"""The trainer end to end on a tiny corpus: exact resume, metrics, accumulation, divergence and signal stops."""
+import importlib.util
+import json
+import os
+import random
+import signal
+import sys
+
+import pytest
+import torch
+
+from megatron_llama import metrics as metrics_module
+from megatron_llama.checkpointing import open_checkpoint, read_tracker
+from megatron_llama.config import ModelConfig
+from megatron_llama.data_loader import PretrainingSampler, collate
+from megatron_llama.model import llama
+from megatron_llama.model.llama import build_model
+from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer
+from megatron_llama.optim.optimizer import build_adamw
+from megatron_llama.pretrain import main
+from megatron_llama.training import train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ("--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
+         "--seq-length 16 --device cpu").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer.json and a .bin/.idx corpus made by tools/preprocess_data.py; returns (tokenizer flags, prefix)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("corpus")
+    vocab = {f"w{i}": i for i in range(60)}
+    vocab.update({"</s>": 60, "<unk>": 61})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    generator = random.Random(0)
+    with open(folder / "docs.jsonl", "w") as docs:
+        for _ in range(120):  # documents with a learnable pattern: runs of consecutive words
+            start = generator.randrange(60)
+            words = [f"w{(start + k) % 60}" for k in range(generator.randrange(5, 40))]
+            docs.write(json.dumps({"text": " ".join(words)}) + "\n")
+    tokenizer_flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(folder / "tokenizer.json")]
+    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(ROOT, "tools", "preprocess_data.py"))
+    preprocess = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = preprocess  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(preprocess)
+    assert preprocess.main(["--input", str(folder / "docs.jsonl"), "--output-prefix", str(folder / "corpus"),
+                            "--append-eod"] + tokenizer_flags) == 0
+    return tokenizer_flags, str(folder / "corpus_text_document")
+
+
+def train_flags(corpus, save, iters, *extra):
+    tokenizer_flags, prefix = corpus
+    return (MODEL + tokenizer_flags + ["--data-path", prefix, "--split", "90,10,0", "--micro-batch-size", "2",
+                                       "--global-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "2",
+                                       "--lr-decay-iters", "6", "--min-lr", "3e-4", "--log-interval", "1",
+                                       "--eval-interval", "2", "--eval-iters", "1", "--train-iters", str(iters),
+                                       "--save", save] + list(extra))
+
+
+def records(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("straight"))
+    tensorboard = str(tmp_path_factory.mktemp("tensorboard"))
+    assert main(train_flags(corpus, save, 6, "--tensorboard-dir", tensorboard)) == 0
+    return save, tensorboard
+
+
+def load_all(save, iteration):
+    shard = os.path.join(save, f"iter_{iteration:07d}", "mp_rank_00_000")
+    return (torch.load(os.path.join(shard, "model.pt"), weights_only=True),
+            torch.load(os.path.join(shard, "optim_dp_000.pt"), weights_only=True))
+
+
+def test_resume_is_bitwise_exact_losses_weights_and_optimizer_states(corpus, straight_run, tmp_path):
+    straight, _ = straight_run
+    resumed = str(tmp_path / "resumed")
+    assert main(train_flags(corpus, resumed, 6, "--exit-interval", "3")) == 0
+    assert read_tracker(resumed) == 3
+    assert main(train_flags(corpus, resumed, 6, "--load", resumed)) == 0
+    key = lambda record: (record["kind"], record["iteration"], record["loss"])
+    assert [key(r) for r in records(os.path.join(resumed, "metrics.jsonl"))] == \
+        [key(r) for r in records(os.path.join(straight, "metrics.jsonl"))]
+    straight_model, straight_optimizer = load_all(straight, 6)
+    resumed_model, resumed_optimizer = load_all(resumed, 6)
+    assert all(torch.equal(straight_model[name], resumed_model[name]) for name in straight_model)
+    for index, state in straight_optimizer["optimizer"]["state"].items():
+        other = resumed_optimizer["optimizer"]["state"][index]
+        assert all(torch.equal(state[name], other[name]) for name in state)
+    assert open_checkpoint(resumed)[2]["consumed_train_samples"] == 24
+
+
+def test_metrics_jsonl_has_every_train_and_eval_field_and_tensorboard_gets_events(straight_run):
+    save, tensorboard = straight_run
+    lines = records(os.path.join(save, "metrics.jsonl"))
+    train = [line for line in lines if line["kind"] == "train"]
+    valid = [line for line in lines if line["kind"] == "valid"]
+    assert [line["iteration"] for line in train] == [1, 2, 3, 4, 5, 6]
+    assert set(train[0]) >= {"iteration", "consumed_samples", "loss", "lr", "grad_norm", "loss_scale",
+                             "tokens_per_s_per_gpu", "mfu", "peak_mem_gib", "step_time_s", "skipped_iterations"}
+    assert [line["consumed_samples"] for line in train] == [4, 8, 12, 16, 20, 24]
+    assert train[0]["lr"] == pytest.approx(1.5e-3) and train[-1]["lr"] == pytest.approx(3e-4)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert all(line["tokens_per_s_per_gpu"] > 0 and line["mfu"] > 0 for line in train)
+    assert [line["iteration"] for line in valid] == [2, 4, 6]
+    assert valid[0]["perplexity"] == pytest.approx(2.718281828 ** valid[0]["loss"], rel=1e-6)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tensorboard))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    config = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, vocab_size=64)
+    text = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    tokens, labels = collate([{"text": row.numpy()} for row in text])
+    results = []
+    for micro_batch_size in (1, 4):
+        model = build_model(config, seed=7)
+        optimizer = MixedPrecisionOptimizer(
+            model, lambda g: build_adamw(g, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, device=torch.device("cpu"))[0],
+            weight_decay=0.1, clip_grad=0.0)
+        batches = [(tokens[i:i + micro_batch_size], labels[i:i + micro_batch_size])
+                   for i in range(0, 4, micro_batch_size)]
+        loss, outcome = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=4 * 16)
+        results.append((loss, outcome.grad_norm, optimizer.grad_buffer.clone()))
+    (loss_a, norm_a, grads_a), (loss_b, norm_b, grads_b) = results
+    with torch.no_grad():
+        reference = build_model(config, seed=7)(tokens, labels).mean()  # the mean over all 64 tokens
+    assert loss_a == pytest.approx(float(reference), rel=1e-6) and loss_b == pytest.approx(float(reference), rel=1e-6)
+    assert norm_a == pytest.approx(norm_b, rel=1e-5)
+    torch.testing.assert_close(grads_a, grads_b, atol=1e-7, rtol=1e-5)
+
+
+def test_sampler_resumes_at_consumed_samples_and_splits_micro_batches_across_data_ranks():
+    full = list(PretrainingSampler(20, 0, micro_batch_size=2))
+    assert list(PretrainingSampler(20, 8, micro_batch_size=2)) == full[4:]
+    rank0 = list(PretrainingSampler(20, 4, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=2))
+    rank1 = list(PretrainingSampler(20, 4, micro_batch_size=2, data_parallel_rank=1, data_parallel_size=2))
+    assert rank0[0] == [4, 5] and rank1[0] == [6, 7] and rank0[1] == [8, 9]
+    assert sorted(i for batch in rank0 + rank1 for i in batch) == list(range(4, 20))
+
+
+def test_nan_loss_stops_with_the_iteration_named_and_the_last_checkpoint_intact(corpus, tmp_path, monkeypatch,
+                                                                               capsys):
+    real_build = llama.build_model
+
+    def build_model_that_diverges_at_iteration_3(config, seed, **kwargs):
+        model = real_build(config, seed, **kwargs)
+        forward_calls = {"count": 0}
+
+        def poison(module, inputs, output):
+            forward_calls["count"] += 1
+            return output * float("nan") if forward_calls["count"] > 2 * 2 else output  # 2 micro-batches a step
+
+        model.final_norm.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(llama, "build_model", build_model_that_diverges_at_iteration_3)
+    save = str(tmp_path / "run")
+    flags = train_flags(corpus, save, 6, "--save-interval", "1", "--eval-iters", "0")
+    assert main(flags) == 1
+    error = capsys.readouterr().err
+    assert "iteration 3" in error and "not finite" in error and "last checkpoint is intact" in error
+    assert read_tracker(save) == 2 and open_checkpoint(save)[0].endswith("iter_0000002")
+    assert not os.path.exists(os.path.join(save, "iter_0000003"))
+
+
+def test_sigterm_with_exit_signal_handler_saves_then_exits_cleanly(corpus, tmp_path, monkeypatch, capsys):
+    real_log = metrics_module.MetricsLogger.log
+
+    def log_and_signal_at_iteration_2(self, record):
+        real_log(self, record)
+        if record["kind"] == "train" and record["iteration"] == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(metrics_module.MetricsLogger, "log", log_and_signal_at_iteration_2)
+    save = str(tmp_path / "run")
+    assert main(train_flags(corpus, save, 6, "--exit-signal-handler", "--eval-iters", "0")) == 0
+    assert read_tracker(save) == 2
+    assert "exit signal received" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the trainer's handler is gone again
