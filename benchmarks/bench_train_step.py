@@ -98,10 +98,10 @@ def main(argv=None):
     tokens_per_s = tokens_in_step / step_s
     flops_per_token = config.flops_per_token(args.seq)
     result = dict(impl="megatron_llama", mode=str(dtype).replace("torch.", ""), attention=args.attention_backend,
-                  optimizer=described[0].removeprefix("optimizer: "), layers=args.layers, seq=args.seq, mbs=args.mbs, accum=args.accum,
-                  params=sum(param.numel() for param in model.parameters()), step_s=round(step_s, 4),
-                  tokens_per_s=round(tokens_per_s), mfu_989=round(model_flops_utilization(flops_per_token,
-                                                                                          tokens_per_s), 4),
+                  optimizer=described[0].removeprefix("optimizer: "), layers=args.layers, seq=args.seq,
+                  mbs=args.mbs, accum=args.accum, params=sum(param.numel() for param in model.parameters()),
+                  step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s),
+                  mfu_989=round(model_flops_utilization(flops_per_token, tokens_per_s), 4),
                   tflops=round(tokens_per_s * flops_per_token / 1e12, 1),
                   peak_mem_gib=round(peak_memory_gib(device), 1), loss=loss, device=str(device))
     print("RESULT", json.dumps(result), flush=True)
