@@ -56,7 +56,8 @@ def _check_every_mapping(tp):
     gathered = comm.all_gather_along(strided, 1, state.get_tensor_model_parallel_group())
     results["all_gather_along strided"] = (torch.equal(gathered, torch.cat([x.transpose(0, 2) for x in inputs], 1)),)
     scattered = comm.reduce_scatter_along(strided, 1, state.get_tensor_model_parallel_group())
-    results["reduce_scatter_along strided"] = (torch.allclose(scattered, total_x.transpose(0, 2).chunk(tp, 1)[rank], atol=1e-6),)
+    expected = total_x.transpose(0, 2).chunk(tp, 1)[rank]
+    results["reduce_scatter_along strided"] = (torch.allclose(scattered, expected, atol=1e-6),)
     return results
 
 

@@ -112,7 +112,8 @@ def test_four_processes_build_each_layout_and_collectives_reach_exactly_the_list
             tp, pp, virtual = entry["layout"]
             groups = compute_rank_groups(4, tp, pp)
             mine = {name: next(g for g in getattr(groups, name) if rank in g)
-                    for name in ("tensor", "data", "pipeline", "model", "embedding") if any(rank in g for g in getattr(groups, name))}
+                    for name in ("tensor", "data", "pipeline", "model", "embedding")
+                    if any(rank in g for g in getattr(groups, name))}
             assert entry["summed"] == {name: ranks for name, ranks in mine.items() if name in entry["summed"]}
             assert set(entry["summed"]) >= {"tensor", "data", "pipeline", "model"}
             dp = 4 // (tp * pp)

@@ -34,8 +34,8 @@ def model_cases(tp: int) -> list[dict]:
     for kv_heads in (tp, 2 * tp):
         for tied in (False, True):
             for sequence_parallel in (False, True):
-                config = dataclasses.replace(MODEL, num_query_groups=kv_heads, untie_embeddings_and_output_weights=not tied,
-                                             use_stable_embedding=tied)
+                config = dataclasses.replace(MODEL, num_query_groups=kv_heads, use_stable_embedding=tied,
+                                             untie_embeddings_and_output_weights=not tied)
                 cases.append(dict(config=config, sequence_parallel=sequence_parallel,
                                   optimizer="adam" if kv_heads > tp else "sgd",
                                   name=f"tp{tp} kv{kv_heads} {'tied' if tied else 'untied'} sp={sequence_parallel}"))
@@ -125,7 +125,8 @@ def check_layers(tp: int) -> dict[str, float]:
             upstream = upstream_full if gather_output else upstream_full.chunk(tp, -1)[rank]
             y.backward(upstream)
             name = f"column gather_output={gather_output}{tag}"
-            diffs[name + " output"] = _max_diff(y, reference["y"] if gather_output else reference["y"].chunk(tp, -1)[rank])
+            expected_y = reference["y"] if gather_output else reference["y"].chunk(tp, -1)[rank]
+            diffs[name + " output"] = _max_diff(y, expected_y)
             diffs[name + " input grad"] = _max_diff(x.grad, shard(reference["x"]))
             diffs[name + " weight grad"] = _max_diff(gather_full(layer.weight.grad, layer.weight), reference["w"])
             diffs[name + " bias grad"] = _max_diff(gather_full(layer.bias.grad, layer.bias), reference["b"])

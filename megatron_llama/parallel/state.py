@@ -60,8 +60,9 @@ def compute_rank_groups(world_size: int, tensor_model_parallel_size: int, pipeli
         raise ValueError(f"parallel sizes must be positive: world {world_size}, tp {tp}, pp {pp}, cp {cp}")
     dp, remainder = divmod(world_size, tp * pp * cp)
     if remainder:
-        raise ValueError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) x context ({cp}) "
-                         f"= {tp * pp * cp}; launch a multiple of {tp * pp * cp} processes or change the parallel sizes")
+        raise ValueError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) x context "
+                         f"({cp}) = {tp * pp * cp}; launch a multiple of {tp * pp * cp} processes or change the "
+                         f"parallel sizes")
 
     def groups_varying(*varying: str) -> list[list[int]]:
         """Ranks that agree on every coordinate except `varying`, one list per setting of the others."""
@@ -102,14 +103,15 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         raise RuntimeError("initialize_model_parallel needs torch.distributed.init_process_group() first "
                            "(launch with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)")
     if _GROUPS:
-        raise RuntimeError("model parallel groups already exist; call destroy_model_parallel() before building another layout")
+        raise RuntimeError("model parallel groups already exist; call destroy_model_parallel() before building "
+                           "another layout")
     if virtual_pipeline_model_parallel_size is not None and pipeline_model_parallel_size < 2:
-        raise ValueError(f"a virtual pipeline size ({virtual_pipeline_model_parallel_size}) needs a pipeline size of at "
-                         f"least 2, got {pipeline_model_parallel_size}; drop --num-layers-per-virtual-pipeline-stage")
+        raise ValueError(f"a virtual pipeline size ({virtual_pipeline_model_parallel_size}) needs a pipeline size "
+                         f"of at least 2, got {pipeline_model_parallel_size}; drop --num-layers-per-virtual-pipeline-stage")
     layout = compute_rank_groups(dist.get_world_size(), tensor_model_parallel_size, pipeline_model_parallel_size,
                                  context_parallel_size)
     rank = dist.get_rank()
-    created: dict[tuple[int, ...], object] = {}  # equal rank lists (e.g. data and data_with_context at cp=1) share a group
+    created: dict[tuple[int, ...], object] = {}  # equal rank lists share a group (data, data_with_context at cp=1)
     for name in ("tensor", "context", "data", "data_with_context", "pipeline", "model", "embedding"):
         for ranks in getattr(layout, name):
             if tuple(ranks) not in created:
@@ -122,7 +124,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
 
 
 def destroy_model_parallel() -> None:
-    """Forget every group (they are destroyed with them), so another layout can be built."""
+    """Destroy every model-parallel group and reset the switches, so another layout can be built in this process."""
     global _VIRTUAL_PIPELINE_SIZE, _virtual_pipeline_rank
     if dist.is_initialized():
         for group in {id(group): group for group in _GROUPS.values()}.values():  # a group may serve two names
@@ -139,7 +141,7 @@ def model_parallel_is_initialized() -> bool:
 
 
 def set_sequence_parallel(enabled: bool) -> None:
-    """Switch sequence parallelism for parallel layers built from now on."""
+    """Switch sequence parallelism for the parallel layers built from now on and allreduce_sequence_parallel_grads."""
     global _sequence_parallel
     _sequence_parallel = bool(enabled)
 
@@ -251,7 +253,8 @@ def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
 
 def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
     """True on the stage that holds the output head (and, interleaved, while running the last model chunk)."""
-    if not ignore_virtual and _VIRTUAL_PIPELINE_SIZE is not None and _virtual_pipeline_rank != _VIRTUAL_PIPELINE_SIZE - 1:
+    last_chunk = _VIRTUAL_PIPELINE_SIZE is None or _virtual_pipeline_rank == _VIRTUAL_PIPELINE_SIZE - 1
+    if not ignore_virtual and not last_chunk:
         return False
     return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
 
