@@ -223,35 +223,3 @@ def test_bf16_model_keeps_fp32_rotary_angles():
     cos, _ = model.rotary._fp32(16, torch.device("cpu"))
     assert cos.dtype == torch.float32
 
-
-def _tp_loss_and_grads(config, x, sequence_parallel):
-    from megatron_llama.parallel import layers, state
-
-    state.initialize_model_parallel(2, 1, sequence_parallel=sequence_parallel)
-    model = build_model(config, seed=11)
-    loss = model(x[:, :-1], x[:, 1:])
-    loss.sum().backward()
-    layers.allreduce_sequence_parallel_grads(model)
-    # numpy arrays travel back by value (tensors would be shared through file descriptors of an exited child)
-    return loss.detach().numpy(), {name: (param.grad.numpy(), getattr(param, "tensor_parallel_dim", None))
-                                   for name, param in model.named_parameters()}
-
-
-@pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_tp2_loss_and_gradients_equal_single_process(sequence_parallel):
-    from distributed import run_distributed
-
-    config = dataclasses.replace(TINY, untie_embeddings_and_output_weights=False, use_stable_embedding=True)
-    x = tokens(seq=17)
-    reference = build_model(config, seed=11)
-    expected_loss = reference(x[:, :-1], x[:, 1:])
-    expected_loss.sum().backward()
-    ranks = run_distributed(_tp_loss_and_grads, world_size=2, args=(config, x, sequence_parallel))
-    for loss, _ in ranks:
-        torch.testing.assert_close(torch.from_numpy(loss), expected_loss.detach(), rtol=0, atol=1e-5)
-    for name, param in reference.named_parameters():
-        grads = [torch.from_numpy(grads_of_rank[name][0]) for _, grads_of_rank in ranks]
-        dim = ranks[0][1][name][1]
-        grad = grads[0] if dim is None else torch.cat(grads, dim=dim)
-        rows = config.vocab_size if name == "embedding.weight" else grad.shape[0]  # tp pads the vocabulary more
-        torch.testing.assert_close(grad[:rows], param.grad[:rows], rtol=0, atol=1e-5, msg=name)
