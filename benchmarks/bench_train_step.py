@@ -26,8 +26,7 @@ import torch
 from megatron_llama.config import ModelConfig
 from megatron_llama.metrics import model_flops_utilization, peak_memory_gib
 from megatron_llama.model.llama import build_model
-from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer
-from megatron_llama.optim.optimizer import build_adamw
+from megatron_llama.optim.mixed_precision import build_optimizer
 from megatron_llama.training import train_step
 
 
@@ -64,15 +63,9 @@ def main(argv=None):
                          max_position_embeddings=args.seq, attention_backend=args.attention_backend)
     model = build_model(config, seed=0, device=device, dtype=dtype)
     model.train()
-    described = []
-
-    def build_inner(groups):
-        inner, description = build_adamw(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, device=device)
-        described.append(description)
-        return inner
-
-    optimizer = MixedPrecisionOptimizer(model, build_inner, weight_decay=0.1, clip_grad=1.0)
-    print(described[0], flush=True)
+    optimizer, description = build_optimizer(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                             clip_grad=1.0)
+    print(description, flush=True)
     generator = torch.Generator(device=device).manual_seed(0)
     tokens_in_step = args.accum * args.mbs * args.seq
 
@@ -98,7 +91,7 @@ def main(argv=None):
     tokens_per_s = tokens_in_step / step_s
     flops_per_token = config.flops_per_token(args.seq)
     result = dict(impl="megatron_llama", mode=str(dtype).replace("torch.", ""), attention=args.attention_backend,
-                  optimizer=described[0].removeprefix("optimizer: "), layers=args.layers, seq=args.seq,
+                  optimizer=description.removeprefix("optimizer: "), layers=args.layers, seq=args.seq,
                   mbs=args.mbs, accum=args.accum, params=sum(param.numel() for param in model.parameters()),
                   step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s),
                   mfu_989=round(model_flops_utilization(flops_per_token, tokens_per_s), 4),

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     logging = parser.add_argument_group("logging and evaluation")
     logging.add_argument("--log-interval", type=int, default=100)
     logging.add_argument("--tensorboard-dir")
-    logging.add_argument("--metrics-path", help="JSON-lines metrics file (default: {save}/metrics.jsonl)")
+    logging.add_argument("--metrics-path",
+                         help="JSON-lines metrics file (default: metrics.jsonl in --save, else in --tensorboard-dir)")
     logging.add_argument("--eval-interval", type=int, default=1000)
     logging.add_argument("--eval-iters", type=int, default=100, help="global batches per evaluation; 0: no evaluation")
 
@@ -277,7 +278,8 @@ def _check_model(args):
                              f"--tensor-model-parallel-size {tp}")
     if args.seq_length > config.max_position_embeddings:
         raise ArgumentsError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
-                             f"{config.max_position_embeddings}; raise --max-position-embeddings or shorten the sequence")
+                             f"{config.max_position_embeddings}; raise --max-position-embeddings or shorten "
+                             f"the sequence")
     if config.attention_backend == "xformers" and args.device == "cpu":
         raise ArgumentsError("--attention-backend xformers has no CPU kernels; use --attention-backend sdpa")
 
@@ -330,7 +332,8 @@ def _check_data(args):
     if "--data-path" not in given and "--train-data-path" not in given:
         raise ArgumentsError("no training data: --valid/test-data-path need --train-data-path as well")
     if args.tokenizer is None:
-        raise ArgumentsError("--data-path needs the tokenizer that made it: give --tokenizer-type and --tokenizer-model")
+        raise ArgumentsError("--data-path needs the tokenizer that made it: give --tokenizer-type and "
+                             "--tokenizer-model")
     try:
         for flag, values in given.items():
             parse_data_path(values, flag)
@@ -345,7 +348,8 @@ def _check_checkpointing(args):
     for flag, value in (("--save-interval", args.save_interval), ("--exit-signal-handler", args.exit_signal_handler)):
         if value and args.save is None:
             raise ArgumentsError(f"{flag} needs --save DIR to write checkpoints to")
-    args.metrics_path = args.metrics_path or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
+    beside = args.save or args.tensorboard_dir  # metrics go beside the checkpoints, else beside the events
+    args.metrics_path = args.metrics_path or (os.path.join(beside, "metrics.jsonl") if beside else None)
     args.resume_from = None
     if args.finetune and args.load is None:
         raise ArgumentsError("--finetune needs --load DIR holding the weights to start from")

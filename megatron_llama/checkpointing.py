@@ -271,7 +271,8 @@ def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size
     for pipeline_rank, names in enumerate(stages):
         absent = sorted(names - set(full))
         if absent:
-            raise CheckpointError(f"the state dict lacks {', '.join(absent[:4])} needed by pipeline stage {pipeline_rank}")
+            raise CheckpointError(f"the state dict lacks {', '.join(absent[:4])} needed by pipeline stage "
+                                  f"{pipeline_rank}")
         for tensor_rank in range(tensor_parallel_size):
             shard = {}
             for name in sorted(names):

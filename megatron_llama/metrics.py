@@ -1,15 +1,16 @@
 """Training metrics to three places: stdout, TensorBoard, and a JSON-lines file.
 
 Each record is a flat dict with "kind" ("train" or "valid"/"test") and "iteration"; the JSON-lines
-file (--metrics-path, default {save}/metrics.jsonl) gets one object per line, appended, so a resumed
-run continues the same file and two runs can be compared by a script. TensorBoard
+file (--metrics-path, default metrics.jsonl in --save, else in --tensorboard-dir) gets one object
+per line, appended, so a resumed run continues the same file and two runs can be compared by a
+script. TensorBoard
 (--tensorboard-dir) gets every numeric field as a scalar "{kind}/{field}"; when tensorboard is not
 importable the logger says so once and carries on without it.
 
 Train records hold: iteration, consumed_samples, loss, lr, grad_norm, loss_scale, skipped_iterations,
 step_time_s, tokens_per_s_per_gpu, mfu (model FLOPs per token x tokens/s/GPU / 989e12, DESIGN.md),
 peak_mem_gib (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory).
-Eval records hold: iteration, loss, perplexity.
+Eval records hold: iteration, loss, perplexity. A NaN or Inf value is written to JSON as null.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class MetricsLogger:
             return
         self.print(_format_line(record))
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps(record, sort_keys=True, allow_nan=True) + "\n")
+            self.jsonl.write(json.dumps(_strict_json(record), sort_keys=True, allow_nan=False) + "\n")
             self.jsonl.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
@@ -88,6 +89,12 @@ class MetricsLogger:
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+
+
+def _strict_json(record: dict) -> dict:
+    """NaN and Inf (an overflowing fp16 step's gradient norm) become null: every line stays standard JSON."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
 
 
 _SHOWN = {"train": ("consumed_samples", "loss", "lr", "grad_norm", "loss_scale", "skipped_iterations",

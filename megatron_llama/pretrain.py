@@ -26,8 +26,7 @@ from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
-from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer
-from megatron_llama.optim.optimizer import build_adamw
+from megatron_llama.optim.mixed_precision import build_optimizer
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingState, train
 
 NOT_SAVED_ARGUMENTS = ("tokenizer", "model_config", "notes", "params_dtype", "resume_from")
@@ -108,18 +107,12 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
     model = build_model(config, args.seed, device=device, dtype=args.params_dtype)
     parameters = sum(param.numel() for param in model.parameters())
     logger.print(f"model: {parameters:,} parameters, {config.num_layers} layers, hidden {config.hidden_size}, "
-                 f"{str(args.params_dtype).replace('torch.', '')} weights on {device}, attention {config.attention_backend}")
-    description = []
-
-    def build_inner(groups):
-        inner, text = build_adamw(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                                  device=device)
-        description.append(text)
-        return inner
-
-    optimizer = MixedPrecisionOptimizer(model, build_inner, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                                        loss_scaler=build_loss_scaler(args))
-    logger.print(description[0])
+                 f"{str(args.params_dtype).replace('torch.', '')} weights on {device}, "
+                 f"attention {config.attention_backend}")
+    optimizer, description = build_optimizer(model, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                             eps=args.adam_eps, weight_decay=args.weight_decay,
+                                             clip_grad=args.clip_grad, loss_scaler=build_loss_scaler(args))
+    logger.print(description)
     schedule = LearningRateSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
                                     decay_iters=args.lr_decay_iters, decay_style=args.lr_decay_style,
                                     warmup_init=args.lr_warmup_init)

@@ -72,8 +72,9 @@ def test_bf16_on_cpu_trains_in_fp32_and_says_so():
     assert any("--bf16 ignored" in note and "fp32" in note for note in args.notes)
 
 
-def test_metrics_path_defaults_to_the_save_directory(tmp_path):
+def test_metrics_path_defaults_to_the_save_directory_else_the_tensorboard_directory(tmp_path):
     assert parse(f"--save {tmp_path}").metrics_path == os.path.join(str(tmp_path), "metrics.jsonl")
+    assert parse(f"--tensorboard-dir {tmp_path}/tb").metrics_path == os.path.join(f"{tmp_path}/tb", "metrics.jsonl")
     assert parse().metrics_path is None
 
 
@@ -134,7 +135,8 @@ def test_vocab_size_comes_from_the_tokenizer_and_a_disagreeing_flag_is_an_error(
 
 def test_cuda_device_without_a_gpu_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "--device cuda was given but torch sees no CUDA GPU" in error_of(base=without("--device") + ["--device", "cuda"])
+    message = error_of(base=without("--device") + ["--device", "cuda"])
+    assert "--device cuda was given but torch sees no CUDA GPU" in message
 
 
 def test_several_processes_are_refused_until_data_parallelism_exists(monkeypatch):

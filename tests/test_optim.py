@@ -10,8 +10,8 @@ from megatron_llama.model.llama import build_model
 from megatron_llama.optim.clip import clip_grads_, global_grad_norm
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
-from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer
-from megatron_llama.optim.optimizer import build_adamw, weight_decay_groups
+from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.optim.optimizer import weight_decay_groups
 
 
 def schedule(style, warmup=10, decay=110, warmup_init=0.0):
@@ -84,10 +84,9 @@ def tiny_linear(dtype):
     return nn.Sequential(nn.Linear(4, 4, bias=True), nn.Linear(4, 2, bias=False)).to(dtype)
 
 
-def make_optimizer(model, **kwargs):
-    build = lambda groups: build_adamw(groups, lr=0.1, betas=(0.9, 0.95), eps=1e-8, device=torch.device("cpu"))[0]
-    return MixedPrecisionOptimizer(model, build, weight_decay=kwargs.pop("weight_decay", 0.0),
-                                   clip_grad=kwargs.pop("clip_grad", 0.0), **kwargs)
+def make_optimizer(model, weight_decay=0.0, loss_scaler=None):
+    return build_optimizer(model, lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, clip_grad=0.0,
+                           loss_scaler=loss_scaler)[0]
 
 
 def test_fp16_overflow_skips_the_update_and_halves_the_scale_then_a_clean_step_applies():

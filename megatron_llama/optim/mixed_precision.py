@@ -9,8 +9,8 @@ Every main grad is a view into one contiguous fp32 buffer (`grad_buffer`), so ze
 a data-parallel reduction can work on whole buffers. For an fp32 model the master params are the
 model params themselves (nothing is copied). Usage:
 
-    optimizer = MixedPrecisionOptimizer(model, build=lambda groups: build_adamw(groups, ...)[0],
-                                        weight_decay=0.1, clip_grad=1.0, loss_scaler=None)
+    optimizer, description = build_optimizer(model, lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+                                             weight_decay=0.1, clip_grad=1.0, loss_scaler=None)
     optimizer.zero_grad(); (optimizer.scale_loss(loss)).backward() per micro-batch; optimizer.step(lr)
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from megatron_llama.optim.clip import clip_grads_, global_grad_norm
-from megatron_llama.optim.optimizer import weight_decay_groups
+from megatron_llama.optim.optimizer import build_adamw, weight_decay_groups
 
 
 @dataclass
@@ -131,3 +131,19 @@ class MixedPrecisionOptimizer:
 def _accumulate_into_main_grad(param: torch.Tensor):
     param.main_grad.add_(param.grad)
     param.grad = None
+
+
+def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                    clip_grad: float, loss_scaler=None) -> tuple[MixedPrecisionOptimizer, str]:
+    """AdamW (optim/optimizer.py) under mixed precision for `model`, and a log line naming the implementation."""
+    device = next(model.parameters()).device
+    descriptions = []
+
+    def build_inner(groups: list[dict]) -> torch.optim.Optimizer:
+        inner, description = build_adamw(groups, lr=lr, betas=betas, eps=eps, device=device)
+        descriptions.append(description)
+        return inner
+
+    optimizer = MixedPrecisionOptimizer(model, build_inner, weight_decay=weight_decay, clip_grad=clip_grad,
+                                        loss_scaler=loss_scaler)
+    return optimizer, descriptions[0]
