@@ -147,7 +147,8 @@ def train(model: nn.Module, optimizer: MixedPrecisionOptimizer, schedule: Learni
     batches = micro_batches(train_dataset, sampler, setup.device)
     tokens_in_global_batch = setup.global_batch_size * setup.seq_length
     meter = _IntervalMeter()
-    last_saved = last_evaluated = None
+    last_saved = state.iteration if state.iteration > 0 else None  # a resumed iteration is already on disk
+    last_evaluated = None
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     reason = "finished"
