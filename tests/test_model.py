@@ -215,11 +215,14 @@ def test_rmsnorm_of_bf16_inputs_is_the_exact_result_rounded_once_to_bf16():
     torch.testing.assert_close(norm(x), reference.to(torch.bfloat16), rtol=2**-8, atol=0)
 
 
-def test_bf16_model_keeps_fp32_rotary_angles():
+def test_bf16_model_computes_rotary_angles_in_fp32_and_rounds_only_the_tables():
     model = build_model(TINY, seed=10, dtype=torch.bfloat16)
     assert model.embedding.weight.dtype == torch.bfloat16
     logits = model(tokens())
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    cos, _ = model.rotary._fp32(16, torch.device("cpu"))
-    assert cos.dtype == torch.float32
-
+    cos, sin = model.rotary(2048, "cpu", torch.bfloat16)  # bf16 positions would be off by up to 8 at 2047
+    d = TINY.head_dim
+    angles = torch.arange(2048, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, d, 2) / d)
+    assert cos.dtype == torch.bfloat16
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=2**-8)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=2**-8)
