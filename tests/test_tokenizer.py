@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -26,11 +27,14 @@ MIXED_TEXTS = [
 
 
 def load_tool(name: str):
-    """Import tools/{name}.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import tools/{name}.py as a module (tools/ is not a package), registered so worker processes can unpickle it."""
+    module_name = f"tool_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(REPO, "tools", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 def train(prefix, *extra, vocab_size=800, seed=7, max_sentences=4000):

@@ -159,10 +159,14 @@ def output_prefix(prefix: str, name: str) -> str:
 _worker: dict = {}
 
 
-def init_worker(tokenizer_type: str, tokenizer_model: str, spec: DocumentSpec, append_eod: bool, tokenizer=None) -> None:
-    """Load the tokenizer once per worker process (or reuse the main process's one)."""
+def init_worker(tokenizer_type: str, tokenizer_model: str, spec: DocumentSpec, append_eod: bool) -> None:
+    """Pool initializer: load the tokenizer once per worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
-    tokenizer = tokenizer or build_tokenizer(tokenizer_type, tokenizer_model)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler: Pool.terminate must end workers
+    set_up_tokenizing(build_tokenizer(tokenizer_type, tokenizer_model), spec, append_eod)
+
+
+def set_up_tokenizing(tokenizer, spec: DocumentSpec, append_eod: bool) -> None:
     _worker.update(tokenizer=tokenizer, spec=spec, append_eod=append_eod, dtype=best_dtype(tokenizer.vocab_size))
 
 
@@ -273,6 +277,28 @@ class Summary:
         return "\n".join(report)
 
 
+def write_results(results, builders: dict, summary: Summary, args: argparse.Namespace) -> None:
+    """Append every non-empty document to its output in input order; stop at a bad line unless skipping."""
+    for result in results:
+        for kind, detail, file_index, line_number in result.bad_lines:
+            location = f"{args.input_files[file_index]}:{line_number}"
+            if not args.skip_bad_lines:
+                raise BadLineError(kind, detail, location)
+            summary.add_bad_line(kind, location)
+        summary.blank_lines += result.blank_lines
+        summary.input_bytes += result.input_bytes
+        for (name, builder), documents in zip(builders.items(), result.documents):
+            for tokens in documents:
+                if tokens is None:
+                    summary.empty[name] += 1
+                    continue
+                builder.add_document(tokens)
+                summary.documents[name] += 1
+                summary.tokens[name] += len(tokens)
+        summary.lines += len(result.documents[0]) + len(result.bad_lines) + result.blank_lines
+        summary.maybe_log(args.log_interval)
+
+
 def run(args: argparse.Namespace) -> int:
     spec, tokenizer = args.spec, args.tokenizer
     names = spec.output_names
@@ -294,32 +320,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         chunks = read_chunks(args.input_files, args.chunk_size)
         if args.workers == 1:
-            init_worker(args.tokenizer_type, args.tokenizer_model, spec, args.append_eod, tokenizer=tokenizer)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            set_up_tokenizing(tokenizer, spec, args.append_eod)
             results = map(process_chunk, chunks)
         else:
             pool = multiprocessing.Pool(
                 args.workers, init_worker, (args.tokenizer_type, args.tokenizer_model, spec, args.append_eod)
             )
             results = ordered_results(pool, chunks, in_flight=4 * args.workers)
-        for result in results:
-            for kind, detail, file_index, line_number in result.bad_lines:
-                location = f"{args.input_files[file_index]}:{line_number}"
-                if not args.skip_bad_lines:
-                    raise BadLineError(kind, detail, location)
-                summary.add_bad_line(kind, location)
-            summary.blank_lines += result.blank_lines
-            summary.input_bytes += result.input_bytes
-            for name, documents in zip(names, result.documents):
-                for tokens in documents:
-                    if tokens is None:
-                        summary.empty[name] += 1
-                        continue
-                    builders[name].add_document(tokens)
-                    summary.documents[name] += 1
-                    summary.tokens[name] += len(tokens)
-            summary.lines += len(result.documents[0]) + len(result.bad_lines) + result.blank_lines
-            summary.maybe_log(args.log_interval)
+        write_results(results, builders, summary, args)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
         for name in names:
             prefix = output_prefix(args.output_prefix, name)
             builders[name].finalize(index_file_path(prefix))
