@@ -3,11 +3,10 @@
     python benchmarks/make_bench_corpus.py --output /tmp/bench/corpus.jsonl --target-mb 120
 
 Sources, interleaved so that each has written about as many bytes as the others, until --target-mb of
-text is written: manual pages in every installed language
-(/usr/share/man, roff markup reduced to its text), package documentation (/usr/share/doc: READMEs,
-changelogs, copyright files), Markdown / reStructuredText / text files and then Python source files of the
-Python installations (/usr/lib/python3*, the running interpreter's prefix and site-packages), and the
-quickstart corpus. Every file is one document {"text": ..., "source": path}; files that are not UTF-8,
+text is written: manual pages in every installed language (/usr/share/man, roff markup reduced to its
+text), package documentation (/usr/share/doc: READMEs, changelogs, copyright files), Markdown /
+reStructuredText / text files, Python source files of the Python installations (/usr/lib/python3*, the
+running interpreter's prefix and site-packages), and the quickstart corpus. Every file is one document {"text": ..., "source": path}; files that are not UTF-8,
 shorter than 200 bytes or larger than 4 MB are left out, and identical contents are written once (no
 repetition). The listing is sorted, so the same machine gives the same corpus.
 """

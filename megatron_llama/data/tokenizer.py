@@ -75,9 +75,12 @@ class SentencePieceTokenizer:
     def save_hf_files(self, folder: str) -> None:
         """tokenizer.json (+ the .model, tokenizer_config.json, special_tokens_map.json) for transformers.
 
-        The tokenizer.json reproduces SentencePiece exactly, dummy prefix included (transformers' own Llama
-        conversion does not prepend "▁" to a text that starts with a space, so its ids differ there); it is
-        loaded as PreTrainedTokenizerFast by transformers 4.x and 5.x alike. Needs `tokenizers` and `protobuf`.
+        For BPE models the tokenizer.json gives SentencePiece's ids exactly, dummy prefix and user-defined
+        pieces included (transformers' own Llama conversion does not prepend "▁" to a text that starts with a
+        space, so its ids differ there); for unigram models, segmentations that tie in score may be broken
+        differently. Only text that spells a control piece ("<s>", "</s>") differs by design: transformers
+        reads it as that special token, SentencePiece as plain characters. Loaded as PreTrainedTokenizerFast by
+        transformers 4.x and 5.x alike. Needs the `tokenizers` and `protobuf` packages.
         """
         os.makedirs(folder, exist_ok=True)
         with open(self.model_path, "rb") as model_file:
