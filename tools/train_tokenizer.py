@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import random
 import sys
@@ -49,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("input")
     group.add_argument("--input", nargs="+", required=True, help="files, globs or directories of .jsonl/.json/.zst/.txt")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose text is used from each JSON line")
-    group.add_argument("--max-sentences", type=int, default=10_000_000, help="cap on the lines sampled for training")
+    group.add_argument("--max-sentences", type=int, default=10_000_000, help="cap on the lines sampled for training (they are held in memory)")
     group.add_argument("--seed", type=int, default=1234, help="seed of the sentence sample and of SentencePiece")
     group.add_argument("--skip-bad-lines", action="store_true", help="skip and count unreadable lines instead of stopping")
     group = parser.add_argument_group("model")
@@ -120,6 +121,7 @@ def vocabulary_advice(sentences: list[str], args: argparse.Namespace, reserved_p
 
     room = args.vocab_size - reserved_pieces
     fitting_coverage = cumulative[min(room, len(cumulative)) - 1] / total if room > 0 else 0.0
+    fitting_coverage = math.floor(fitting_coverage * 1e4) / 1e4  # printed with 4 decimals: never round up
     advice = (
         f"The sample has {len(cumulative):,} distinct characters: raise --vocab-size well above "
         f"{pieces_for(args.character_coverage):,}"
