@@ -38,7 +38,7 @@ setup(
     description="Megatron-style Llama pretraining: data pipeline, 3D parallelism, Hugging Face export",
     packages=find_packages(include=["megatron_llama", "megatron_llama.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "sentencepiece", "zstandard", "safetensors", "tqdm"],
+    install_requires=["numpy", "sentencepiece", "zstandard", "safetensors", "tokenizers", "protobuf"],
     extras_require={
         "test": ["pytest", "transformers", "tokenizers", "tensorboard"],
     },

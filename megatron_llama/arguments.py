@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--finetune", action="store_true",
                             help="load only the model weights from --load; start at iteration 0")
     checkpoint.add_argument("--save-interval", type=int)
-    checkpoint.add_argument("--exit-interval", type=int, help="save (with --save) and exit when iteration % N == 0")
+    checkpoint.add_argument("--exit-interval", type=int, help="save (with --save) and exit when iteration %% N == 0")
     checkpoint.add_argument("--exit-signal-handler", action="store_true",
                             help="on SIGTERM, save a checkpoint after the current iteration and exit")
 
