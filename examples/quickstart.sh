@@ -41,7 +41,7 @@ echo "== 3/5 pretrain"
   --data-path "$OUT/corpus_text_document" --split 98,2,0 --data-cache-path "$OUT/cache" \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
   --save "$OUT/checkpoints" --save-interval "$ITERS" --eval-interval "$ITERS" --eval-iters 5 \
-  --log-interval 20 --seed 1234
+  --log-interval 10 --seed 1234
 
 echo "== 4/5 export to Hugging Face format"
 "$PYTHON" tools/convert_to_hf.py --load "$OUT/checkpoints" --save "$OUT/hf"
@@ -53,9 +53,11 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 out = sys.argv[1]
-lines = [json.loads(line) for line in open(f"{out}/checkpoints/metrics.jsonl") if '"loss"' in line]
-train = [row for row in lines if "loss" in row]
-print(f"first loss {train[0]['loss']:.3f} -> last loss {train[-1]['loss']:.3f}")
+rows = [json.loads(line) for line in open(f"{out}/checkpoints/metrics.jsonl")]
+train = [row for row in rows if row.get("kind") == "train"]
+valid = [row for row in rows if row.get("kind") == "valid"]
+print(f"train loss: first logged {train[0]['loss']:.3f} (iteration {train[0]['iteration']}), "
+      f"last {train[-1]['loss']:.3f} (iteration {train[-1]['iteration']}); validation loss {valid[-1]['loss']:.3f}")
 tokenizer = AutoTokenizer.from_pretrained(f"{out}/hf")
 model = LlamaForCausalLM.from_pretrained(f"{out}/hf").eval()
 torch.manual_seed(0)
