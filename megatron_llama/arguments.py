@@ -4,11 +4,20 @@
         --global-batch-size 16 --train-iters 200 --lr 3e-4 --data-path data/corpus_text_document \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tokenizer.model --save ckpt
 
+    torchrun --nproc_per_node 4 -m megatron_llama.pretrain --tensor-model-parallel-size 2 \\
+        --sequence-parallel ...        # 4 processes: tp 2, data-parallel 2
+
 `parse_args(argv)` returns an argparse.Namespace with the flags plus derived values:
-`model_config` (ModelConfig), `device`, `params_dtype`, `data_parallel_size`, `num_micro_batches`,
-`lr_decay_iters`, `metrics_path` and `notes` (messages for the log). Every check runs here, before
-any model, dataset or process group is built; a failure raises ArgumentsError whose message names
-the flag and the numbers and says what to change.
+`model_config` (ModelConfig), `device`, `params_dtype`, `world_size`, `data_parallel_size`,
+`num_micro_batches`, `lr_decay_iters`, `metrics_path` and `notes` (messages for the log). Every check
+runs here, before any model, dataset or process group is built; a failure raises ArgumentsError
+whose message names the flag and the numbers and says what to change.
+
+Parallel layout: the world size (WORLD_SIZE from torchrun, or the started default process group)
+must be a multiple of tensor x pipeline parallel size; data-parallel size = world / (tp x pp).
+Tensor parallelism needs attention heads, key/value heads and --ffn-hidden-size divisible by tp
+(`tensor_parallel_misfit`, also used when checkpoints are split), and --sequence-parallel needs
+--seq-length divisible by tp. Pipeline parallelism is not wired into the trainer yet and is refused.
 
 Model shape: `--model-preset NAME` (megatron_llama.config.PRESETS) gives every model value; explicit
 flags override it. Without a preset --num-layers, --hidden-size and --num-attention-heads are
@@ -131,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--sequence-parallel", action="store_true",
+                          help="norms and residuals on sequence shards across tensor ranks (Korthikanti et al. "
+                               "2022); needs --seq-length divisible by --tensor-model-parallel-size")
     return parser
 
 
@@ -157,23 +169,30 @@ def _positive(args, *names: str):
             raise ArgumentsError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def launched_world_size() -> int:
+    """Processes of this run: the started default process group's size, else torchrun's WORLD_SIZE, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _check_parallel_layout(args):
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size")
-    for flag, value in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
-                        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size)):
-        if value != 1:
-            raise ArgumentsError(f"{flag} {value} is not supported yet: this trainer runs tensor and pipeline "
-                                 f"parallel size 1; use {flag} 1")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if pp != 1:
+        raise ArgumentsError(f"--pipeline-model-parallel-size {pp} is not supported yet: the trainer has no "
+                             f"pipeline schedule; use --pipeline-model-parallel-size 1 (and "
+                             f"--tensor-model-parallel-size or more processes for data parallelism)")
+    world_size = launched_world_size()
+    model_parallel = tp * pp
     if world_size % model_parallel:
-        raise ArgumentsError(f"world size {world_size} is not divisible by tensor x pipeline parallel size "
-                             f"{model_parallel}")
+        raise ArgumentsError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                             f"--pipeline-model-parallel-size {pp} = {model_parallel}; launch a multiple of "
+                             f"{model_parallel} processes (torchrun --nproc_per_node) or change the parallel sizes")
     args.world_size = world_size
     args.data_parallel_size = world_size // model_parallel
-    if args.data_parallel_size != 1:
-        raise ArgumentsError(f"{world_size} processes were launched, but data parallelism is not supported yet; "
-                             f"launch one process (python -m megatron_llama.pretrain, or torchrun --nproc_per_node 1)")
+    if args.sequence_parallel and tp == 1:
+        args.notes.append("--sequence-parallel has no effect at --tensor-model-parallel-size 1")
 
 
 def _check_precision_and_device(args):
@@ -189,6 +208,11 @@ def _check_precision_and_device(args):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         raise ArgumentsError("--device cuda was given but torch sees no CUDA GPU; use --device cpu or auto")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda" and local_rank >= torch.cuda.device_count():
+        raise ArgumentsError(f"process LOCAL_RANK {local_rank} has no GPU of its own: torch sees "
+                             f"{torch.cuda.device_count()} on this node; launch at most that many processes per "
+                             f"node (torchrun --nproc_per_node)")
     args.params_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     if args.device == "cpu" and args.params_dtype != torch.float32:
         flag = "--bf16" if args.bf16 else "--fp16"
@@ -273,15 +297,34 @@ def _check_model(args):
         raise ArgumentsError(f"head dimension {config.head_dim} (--hidden-size / --num-attention-heads) must be "
                              f"even for rotary embeddings")
     tp = args.tensor_model_parallel_size
-    if heads % tp or groups % tp:
-        raise ArgumentsError(f"attention heads {heads} and key/value heads {groups} must both be divisible by "
-                             f"--tensor-model-parallel-size {tp}")
+    misfit = tensor_parallel_misfit(config, tp)
+    if misfit:
+        raise ArgumentsError(misfit)
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ArgumentsError(f"--sequence-parallel splits the sequence across tensor ranks: --seq-length "
+                             f"{args.seq_length} is not divisible by --tensor-model-parallel-size {tp}; use a "
+                             f"multiple of {tp} or drop --sequence-parallel")
     if args.seq_length > config.max_position_embeddings:
         raise ArgumentsError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                              f"{config.max_position_embeddings}; raise --max-position-embeddings or shorten "
                              f"the sequence")
     if config.attention_backend == "xformers" and args.device == "cpu":
         raise ArgumentsError("--attention-backend xformers has no CPU kernels; use --attention-backend sdpa")
+
+
+def tensor_parallel_misfit(config: ModelConfig, tensor_parallel_size: int,
+                           flag: str = "--tensor-model-parallel-size") -> str | None:
+    """Why `config` cannot be split `tensor_parallel_size` ways (heads, key/value heads, ffn), or None."""
+    tp = tensor_parallel_size
+    sizes = (("attention heads (--num-attention-heads)", config.num_attention_heads),
+             ("key/value heads (--num-query-groups)", config.kv_heads),
+             ("--ffn-hidden-size", config.ffn_hidden_size))
+    misfits = [f"{what} {value}" for what, value in sizes if value % tp]
+    if not misfits:
+        return None
+    return (f"{' and '.join(misfits)} {'is' if len(misfits) == 1 else 'are'} not divisible by {flag} {tp}: each "
+            f"tensor rank holds 1/{tp} of them; choose a {flag} that divides "
+            f"{', '.join(str(value) for _, value in sizes)}")
 
 
 def _check_batches(args):
@@ -366,7 +409,21 @@ def _check_checkpointing(args):
     except CheckpointError as error:
         raise ArgumentsError(f"--load {args.load}: {error}") from None
     _check_same_model(folder, saved_args, args.model_config)
+    if not (args.finetune or meta.get("model_only")):
+        _check_same_layout(folder, saved_args, args)
     args.resume_from = folder
+
+
+def _check_same_layout(folder: str, saved_args: dict, args):
+    """A full resume restores per-rank optimizer and RNG states: the run needs the checkpoint's layout."""
+    from megatron_llama.checkpointing import parallel_sizes
+
+    saved = parallel_sizes(saved_args)
+    this_run = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size)
+    if saved != this_run:
+        raise ArgumentsError(f"--load {folder} was saved with tensor/pipeline/data-parallel sizes {saved} but this "
+                             f"run has {this_run}; resume with the same layout (and number of processes), or "
+                             f"pass --finetune to load only the weights into the new layout")
 
 
 def _check_same_model(folder: str, saved_args: dict, config: ModelConfig):

@@ -259,6 +259,11 @@ def resize_vocab_rows(tensor: torch.Tensor, rows: int, vocab_size: int, name: st
 def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size: int,
                      pipeline_parallel_size: int) -> dict[tuple[int, int], dict]:
     """A full state dict -> {(tp_rank, pp_rank): shard state dict}."""
+    from megatron_llama.arguments import tensor_parallel_misfit
+
+    misfit = tensor_parallel_misfit(config, tensor_parallel_size, "tensor-parallel size")
+    if misfit:
+        raise CheckpointError(misfit)
     padded = config.padded_vocab_size(tensor_parallel_size)
     full = {name: (resize_vocab_rows(value, padded, config.vocab_size, name) if name in VOCAB_PARAMETERS else value)
             for name, value in state_dict.items()}
@@ -345,19 +350,25 @@ def read_model_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[
 # ------------------------------------------------------------------------------- trainer save and load
 
 def capture_rng_state() -> dict:
-    """Every random generator the run draws from: python, numpy, torch CPU and all CUDA devices."""
+    """Every random generator this rank draws from: python, numpy, torch CPU, this rank's CUDA device, and
+    the tensor-parallel tracker's named states (parallel/random.py)."""
+    from megatron_llama.parallel.random import get_rng_tracker
+
     version, python_state, gauss = random.getstate()
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {"python": {"version": version, "state": list(python_state), "gauss": gauss},
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "torch_cpu": torch.get_rng_state()}
+             "torch_cpu": torch.get_rng_state(),
+             "tracker": get_rng_tracker().get_states()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device only: one GPU per rank
     return state
 
 
 def restore_rng_state(state: dict):
+    from megatron_llama.parallel.random import get_rng_tracker
+
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     numpy_state = state["numpy"]
@@ -365,7 +376,12 @@ def restore_rng_state(state: dict):
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch_cpu"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # written before checkpoints kept one device per rank
+            cuda = cuda[torch.cuda.current_device()]
+        torch.cuda.set_rng_state(cuda)
+    if state.get("tracker"):
+        get_rng_tracker().set_states(state["tracker"])
 
 
 @dataclass(frozen=True)

@@ -5,28 +5,42 @@
         --data-path data/corpus_text_document --tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model tokenizer.model --save ckpt --load ckpt --save-interval 100 --eval-interval 50
 
+Several processes (one per GPU, or CPU processes on gloo) are launched by torchrun:
+
+    torchrun --nproc_per_node 2 -m megatron_llama.pretrain --tensor-model-parallel-size 2 \\
+        --sequence-parallel ...        # same flags; data-parallel size = processes / (tp x pp)
+
+Order of start-up: arguments are checked (nothing started yet) -> the default process group from
+torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK; cuda.set_device(LOCAL_RANK) first; nccl on GPU,
+gloo on CPU) -> the tensor/data/pipeline groups (parallel.state) -> seeds (parallel.random) -> model
+-> optimizer -> checkpoint -> data -> training loop. Logs and metrics come from the rank that holds
+the loss: tensor rank 0, data-parallel rank 0, last pipeline stage.
+
 `python -m megatron_llama.pretrain --help` lists every flag (arguments.py). Exit status: 0 when
 training finished or exited on request (--exit-interval, SIGTERM with --exit-signal-handler), 1 when
-it diverged (NaN/Inf), 2 for bad arguments or a bad checkpoint. `main(argv)` is callable in-process.
+it diverged (NaN/Inf), 2 for bad arguments or a bad checkpoint. `main(argv)` is callable in-process,
+also inside an already started default process group (it then builds only the model-parallel groups).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import random
 import signal
 import sys
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_llama.arguments import ArgumentsError, parse_args
-from megatron_llama.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron_llama.checkpointing import CheckpointError, ParallelRanks, load_checkpoint, save_checkpoint
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.parallel import state as parallel_state
+from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingState, train
 
 NOT_SAVED_ARGUMENTS = ("tokenizer", "model_config", "notes", "params_dtype", "resume_from")
@@ -67,10 +81,48 @@ def build_loss_scaler(args: argparse.Namespace):
                              growth_interval=args.loss_scale_window, hysteresis=args.hysteresis)
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def initialize_distributed(args: argparse.Namespace) -> bool:
+    """Start the default process group (unless one exists or the run is one process) and build the
+    model-parallel groups on it. Returns True when the default group was started here."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)  # before any NCCL call, so each rank's communicator is on its GPU
+    started = False
+    if args.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        started = True
+    if dist.is_initialized():
+        parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                                 sequence_parallel=args.sequence_parallel)
+    return started
+
+
+def shutdown_distributed(started: bool):
+    parallel_state.destroy_model_parallel()
+    if started and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallel_ranks() -> ParallelRanks:
+    """This process's (tensor, pipeline, data) ranks and the layout's sizes, for checkpoint file names."""
+    return ParallelRanks(
+        tensor_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        data_rank=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+        tensor_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        data_size=parallel_state.get_data_parallel_world_size(with_context_parallel=True))
+
+
+def is_logging_rank() -> bool:
+    """The rank that holds the loss and writes logs and metrics: tensor rank 0, data rank 0, last stage."""
+    return (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+            and parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+
+
+def full_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole (unsplit) model: tensor-parallel layers know their full shape."""
+    return sum(math.prod(getattr(param, "full_shape", param.shape)) for param in model.parameters())
 
 
 class SignalFlag:
@@ -99,16 +151,21 @@ class SignalFlag:
 def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
     from megatron_llama.model.llama import build_model
 
-    device = torch.device(args.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     for note in args.notes:
         logger.print(note)
-    seed_everything(args.seed)
+    ranks = parallel_ranks()
+    logger.print(f"layout: {args.world_size} processes = tensor {ranks.tensor_size} x pipeline "
+                 f"{ranks.pipeline_size} x data {ranks.data_size}"
+                 f"{', sequence parallel' if parallel_state.get_sequence_parallel() else ''}")
+    set_random_seeds(args.seed)
     config = args.model_config
     model = build_model(config, args.seed, device=device, dtype=args.params_dtype)
-    parameters = sum(param.numel() for param in model.parameters())
-    logger.print(f"model: {parameters:,} parameters, {config.num_layers} layers, hidden {config.hidden_size}, "
-                 f"{str(args.params_dtype).replace('torch.', '')} weights on {device}, "
-                 f"attention {config.attention_backend}")
+    logger.print(f"model: {full_parameter_count(model):,} parameters "
+                 f"({sum(param.numel() for param in model.parameters()):,} on this rank), {config.num_layers} "
+                 f"layers, hidden {config.hidden_size}, vocabulary {config.vocab_size} padded to "
+                 f"{config.padded_vocab_size(ranks.tensor_size)}, {str(args.params_dtype).replace('torch.', '')} "
+                 f"weights on {device}, attention {config.attention_backend}")
     optimizer, description = build_optimizer(model, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                              eps=args.adam_eps, weight_decay=args.weight_decay,
                                              clip_grad=args.clip_grad, loss_scaler=build_loss_scaler(args))
@@ -119,7 +176,7 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
     state = TrainingState()
     if args.resume_from is not None:
         resumed, message = load_checkpoint(args.load, model=model, optimizer=optimizer, config=config,
-                                           finetune=args.finetune)
+                                           ranks=ranks, finetune=args.finetune)
         state = TrainingState(resumed.iteration, resumed.consumed_train_samples)
         if resumed.loss_scaler is not None and optimizer.loss_scaler is not None:
             optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
@@ -130,7 +187,8 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
     def save(current: TrainingState):
         save_checkpoint(args.save, current.iteration, model=model, optimizer=optimizer, args=record,
                         consumed_train_samples=current.consumed_train_samples, schedule_state=schedule.state_dict(),
-                        loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None)
+                        loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
+                        ranks=ranks, barrier=dist.barrier if args.world_size > 1 else None)
         logger.print(f"saved checkpoint of iteration {current.iteration} to {args.save}")
 
     stop_flag = SignalFlag(args.exit_signal_handler, logger)
@@ -140,7 +198,8 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
         seq_length=args.seq_length, flops_per_token=config.flops_per_token(args.seq_length), device=device,
         log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         save_interval=args.save_interval, exit_interval=args.exit_interval, world_size=args.world_size,
-        data_parallel_size=args.data_parallel_size, save=save if args.save else None, stop_requested=stop_flag)
+        data_parallel_rank=ranks.data_rank, data_parallel_size=ranks.data_size, save=save if args.save else None,
+        stop_requested=stop_flag if args.exit_signal_handler else None)
     try:
         train(model, optimizer, schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:
@@ -153,20 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except ArgumentsError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0:
+            print(f"error: {error}", file=sys.stderr)  # every rank fails alike; one message is enough
         return 2
+    started = initialize_distributed(args)
     logger = MetricsLogger(jsonl_path=args.metrics_path, tensorboard_dir=args.tensorboard_dir,
-                           enabled=int(os.environ.get("RANK", "0")) == 0)
+                           enabled=is_logging_rank())
     try:
         return run(args, logger)
     except TrainingDiverged as error:
-        print(f"error: training diverged at {error}", file=sys.stderr)
+        if logger.enabled:  # the loss and gradient norm are agreed by every rank
+            print(f"error: training diverged at {error}", file=sys.stderr)
         return 1
     except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
+        where = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
+        print(f"error: {where}{error}", file=sys.stderr)
         return 2
     finally:
         logger.close()
+        shutdown_distributed(started)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,30 @@ iteration and nothing saved, so the last checkpoint stays as it was. (With fp16,
 step is skipped and the loss scale halved instead; only an overflow at the minimum loss scale
 stops the run.)
 
+Parallel layouts (pretrain.py builds the process groups before the model). Each data-parallel rank
+takes its own micro-batches of the global batch (data_loader.PretrainingSampler); the tensor ranks of
+one data-parallel rank read identical micro-batches. One step:
+
+    forward_backward          micro-batches of this rank -> its share of the loss, grads in main_grad
+    finalize_gradients        sequence-parallel partial grads summed over tensor ranks, then the main
+                              grads summed over data-parallel ranks (reduce_gradients_across_data_parallel)
+    reduce_loss_across_data_parallel   the shares summed: the global-batch mean loss, equal on every rank
+    optimizer.step            norm over the model-parallel group, clip, AdamW
+
+Every rank's contribution is already divided by the GLOBAL token count, so the data-parallel
+reductions are sums, not averages. A loop stop (SIGTERM) is agreed by all ranks before it is acted on.
+
 Entry point: python -m megatron_llama.pretrain (pretrain.py builds the pieces and calls `train`).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron_llama.data_loader import PretrainingSampler, micro_batches
@@ -28,6 +42,8 @@ from megatron_llama.metrics import MetricsLogger, model_flops_utilization, peak_
 from megatron_llama.optim.grad_scaler import DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer, StepOutcome
+from megatron_llama.parallel import comm, state as parallel_state
+from megatron_llama.parallel.layers import allreduce_sequence_parallel_grads
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,7 +77,7 @@ class TrainingSetup:
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
     save: Callable[[TrainingState], None] | None = None  # writes a checkpoint of the current state
-    stop_requested: Callable[[], bool] = field(default=lambda: False)  # e.g. a SIGTERM was received
+    stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
 
 
 def forward_backward(model: nn.Module, optimizer: MixedPrecisionOptimizer,
@@ -76,27 +92,59 @@ def forward_backward(model: nn.Module, optimizer: MixedPrecisionOptimizer,
     return total
 
 
+def reduce_gradients_across_data_parallel(optimizer: MixedPrecisionOptimizer):
+    """Sum the fp32 main grads over the data-parallel (x context-parallel) group: one all-reduce of the
+    whole grad buffer after the last micro-batch (no bucketing, no overlap with backward)."""
+    comm.all_reduce(optimizer.grad_buffer, parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+def finalize_gradients(model: nn.Module, optimizer: MixedPrecisionOptimizer):
+    """Complete the main grads after the last micro-batch's backward, before the norm, clipping and step."""
+    allreduce_sequence_parallel_grads(model)  # norm weights saw only this rank's sequence shard
+    reduce_gradients_across_data_parallel(optimizer)
+
+
+def reduce_loss_across_data_parallel(loss: torch.Tensor) -> torch.Tensor:
+    """Sum the data-parallel ranks' shares of the global-batch mean loss (in place; returned)."""
+    return comm.all_reduce(loss, parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
 def train_step(model: nn.Module, optimizer: MixedPrecisionOptimizer,
                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float,
                tokens_in_global_batch: int) -> tuple[float, StepOutcome]:
-    """One optimizer update: zero grads, accumulate over the micro-batches, step. Returns (loss, outcome)."""
+    """One optimizer update: zero grads, accumulate over the micro-batches, finalize grads, step.
+    Returns (global-batch mean loss, outcome)."""
     optimizer.zero_grad()
     loss = forward_backward(model, optimizer, batches, tokens_in_global_batch)
+    finalize_gradients(model, optimizer)
+    loss = reduce_loss_across_data_parallel(loss)
     outcome = optimizer.step(lr)
     return float(loss), outcome
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean per-token loss over `batches`."""
+    """Mean per-token loss over `batches` (each data-parallel rank's own), taken over all data-parallel ranks."""
     was_training = model.training
     model.eval()
-    loss_sum, token_count = torch.zeros((), dtype=torch.float64), 0
+    loss_sum, token_count = None, 0
     for tokens, labels in batches:
-        loss_sum += model(tokens, labels).double().sum().cpu()
+        batch_sum = model(tokens, labels).double().sum()
+        loss_sum = batch_sum if loss_sum is None else loss_sum + batch_sum
         token_count += labels.numel()
     model.train(was_training)
-    return float(loss_sum) / token_count
+    totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=loss_sum.device)])
+    reduce_loss_across_data_parallel(totals)
+    return float(totals[0] / totals[1])
+
+
+def stop_agreed(requested: bool, device: torch.device) -> bool:
+    """True on every rank when any rank asks to stop (a signal reaches each process at its own moment)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return requested
+    flag = torch.tensor([int(requested)], dtype=torch.int32, device=device)
+    comm.all_reduce(flag, dist.group.WORLD, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def eval_batches(dataset, setup: TrainingSetup) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -181,7 +229,7 @@ def train(model: nn.Module, optimizer: MixedPrecisionOptimizer, schedule: Learni
         if _due(iteration, setup.exit_interval):
             reason = f"--exit-interval {setup.exit_interval} reached"
             break
-        if setup.stop_requested():
+        if setup.stop_requested is not None and stop_agreed(setup.stop_requested(), setup.device):
             reason = "exit signal received"
             break
     if reason == "finished" and setup.eval_iters > 0:

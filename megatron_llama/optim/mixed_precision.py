@@ -23,6 +23,7 @@ from torch import nn
 
 from megatron_llama.optim.clip import clip_grads_, global_grad_norm
 from megatron_llama.optim.optimizer import build_adamw, weight_decay_groups
+from megatron_llama.parallel import state as parallel_state
 
 
 @dataclass
@@ -135,7 +136,8 @@ def _accumulate_into_main_grad(param: torch.Tensor):
 
 def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                     clip_grad: float, loss_scaler=None) -> tuple[MixedPrecisionOptimizer, str]:
-    """AdamW (optim/optimizer.py) under mixed precision for `model`, and a log line naming the implementation."""
+    """AdamW (optim/optimizer.py) under mixed precision for `model`, and a log line naming the implementation.
+    The gradient norm spans this rank's model-parallel group (parallel.state; none before it is initialised)."""
     device = next(model.parameters()).device
     descriptions = []
 
@@ -145,5 +147,6 @@ def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], 
         return inner
 
     optimizer = MixedPrecisionOptimizer(model, build_inner, weight_decay=weight_decay, clip_grad=clip_grad,
-                                        loss_scaler=loss_scaler)
+                                        loss_scaler=loss_scaler, norm_group=parallel_state.get_model_parallel_group(),
+                                        tensor_parallel_rank=parallel_state.get_tensor_model_parallel_rank())
     return optimizer, descriptions[0]
