@@ -295,14 +295,19 @@ def load_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_hf_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                       make_vocab_size_divisible_by: int = 128) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """(ModelConfig, our state dict, the Hugging Face config dict) of a local Hugging Face Llama folder."""
+def read_hf_config(folder: str | os.PathLike, make_vocab_size_divisible_by: int = 128) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, the Hugging Face config dict) of a local Hugging Face Llama folder; reads no weights."""
     config_path = Path(folder) / "config.json"
     if not config_path.exists():
         raise ConversionError(f"{config_path} not found; --load must be a Hugging Face model folder")
     hf_config = json.loads(config_path.read_text())
-    config = model_config_from_hf(hf_config, str(config_path), make_vocab_size_divisible_by)
+    return model_config_from_hf(hf_config, str(config_path), make_vocab_size_divisible_by), hf_config
+
+
+def load_hf_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                       make_vocab_size_divisible_by: int = 128) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(ModelConfig, our state dict, the Hugging Face config dict) of a local Hugging Face Llama folder."""
+    config, hf_config = read_hf_config(folder, make_vocab_size_divisible_by)
     state_dict = from_hf_state_dict(config, load_hf_weights(folder), dtype)
     return config, state_dict, hf_config
 

@@ -18,7 +18,7 @@ from megatron_llama.pretrain import main
 ITERATIONS = 3
 BASE = ("--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
         "--vocab-size 100 --seq-length 16 --micro-batch-size 2 --global-batch-size 4 --lr 3e-3 "
-        "--lr-warmup-iters 1 --mock-data --device cpu --log-interval 1 --eval-interval 2 --eval-iters 1 "
+        "--lr-warmup-iters 1 --min-lr 3e-4 --mock-data --device cpu --log-interval 1 --eval-interval 2 --eval-iters 1 "
         f"--train-iters {ITERATIONS}").split()
 TIED = ["--tie-embeddings-and-output-weights"]
 # name -> (flags, flags of the single-process run it must reproduce)

@@ -5,9 +5,11 @@
         [--make-vocab-size-divisible-by 128]
 
 Reads config.json and model.safetensors (or its shards and index) from local disk; nothing is
-downloaded. Writes a model-only checkpoint (iteration 0, fp32 weights, the vocabulary zero-padded
-to the tensor-parallel multiple) that `python -m megatron_llama.pretrain --load checkpoints/from_hf`
-starts from with a fresh optimizer. When the folder holds a tokenizer.json, the checkpoint's args
+downloaded. The target tensor-parallel size must divide the attention heads, key/value heads and
+intermediate size (checked before any weight is read). Writes a model-only checkpoint (iteration 0,
+fp32 weights, the vocabulary zero-padded to the tensor-parallel multiple) that
+`python -m megatron_llama.pretrain --load checkpoints/from_hf` starts from with a fresh optimizer
+(launched with the same --tensor-model-parallel-size). When the folder holds a tokenizer.json, the checkpoint's args
 name it (HuggingFaceTokenizer), so a later convert_to_hf.py export carries it along.
 """
 from __future__ import annotations
@@ -16,8 +18,9 @@ import argparse
 import os
 import sys
 
+from megatron_llama.arguments import tensor_parallel_misfit
 from megatron_llama.checkpointing import CheckpointError, tracker_path, write_model_checkpoint
-from megatron_llama.hf_conversion import ConversionError, load_hf_checkpoint
+from megatron_llama.hf_conversion import ConversionError, load_hf_checkpoint, read_hf_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         if os.path.exists(tracker_path(args.save)):
             raise CheckpointError(f"--save {args.save} already holds a checkpoint ({tracker_path(args.save)}); "
                                   "choose a new directory")
+        config, _ = read_hf_config(args.load, args.make_vocab_size_divisible_by)
+        misfit = tensor_parallel_misfit(config, args.target_tensor_parallel_size, "--target-tensor-parallel-size")
+        if misfit:
+            raise ConversionError(f"{args.load}: {misfit}")
         config, state_dict, _ = load_hf_checkpoint(args.load,
                                                    make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
         checkpoint_args = {"converted_from": os.path.abspath(args.load)}
