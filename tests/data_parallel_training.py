@@ -1,0 +1,149 @@
+"""A trainer's data-parallel step in miniature, shared by test_data_parallel.py and test_distributed_optimizer.py.
+
+`reference_run` trains the tiny model in one process with plain torch (backward on the global batch,
+clip_grad_norm_, AdamW): the numbers every layout must reproduce. `parallel_run` trains the same model
+on the calling gloo rank through DataParallelBuffers and either the distributed optimizer or AdamW on
+the reduced main grads, with gradient accumulation over micro-batches (no_sync on all but the last),
+and records what the tests inspect (losses, norms, collectives in flight, optimizer bytes, checkpoints).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_llama.config import ModelConfig
+from megatron_llama.model.llama import build_model
+from megatron_llama.optim.clip import clip_grads_, global_grad_norm
+from megatron_llama.optim.distributed_optimizer import build_distributed_optimizer, counts_in_grad_norm
+from megatron_llama.optim.mixed_precision import StepOutcome
+from megatron_llama.optim.optimizer import weight_decay_groups
+from megatron_llama.parallel import comm, state
+from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.parallel.layers import allreduce_sequence_parallel_grads
+
+SEED = 1234
+MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                    vocab_size=100, make_vocab_size_divisible_by=16, max_position_embeddings=16,
+                    attention_backend="eager")
+GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 8
+LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-2, (0.9, 0.95), 1e-8, 0.1, 0.5
+BUCKET_SIZE = 3000  # elements: the tiny model (about 18k parameters) spans several buckets
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """In-process tests run with one intra-op thread, as the gloo ranks do: with two threads on a shared
+    2-core machine, tiny matmuls spend up to 100x longer waiting for each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def global_batches(steps: int) -> list[torch.Tensor]:
+    """The same random global batch every step, so the loss falls visibly within three steps."""
+    batch = torch.randint(0, MODEL.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(SEED))
+    return [batch] * steps
+
+
+def reference_run(steps: int) -> dict:
+    """One process, plain torch: the global-batch mean loss and the gradient norm before clipping, per step."""
+    model = build_model(MODEL, seed=SEED)
+    optimizer = torch.optim.AdamW(weight_decay_groups(list(model.named_parameters()), WEIGHT_DECAY), lr=LR,
+                                  betas=BETAS, eps=EPS)
+    losses, norms = [], []
+    for batch in global_batches(steps):
+        optimizer.zero_grad()
+        loss = model(batch[:, :-1], batch[:, 1:]).mean()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        losses.append(loss.item())
+        optimizer.step()
+    return {"losses": losses, "norms": norms}
+
+
+@dataclasses.dataclass
+class Layout:
+    tensor_parallel: int = 1
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    reduction: str = "mean"
+    sequence_parallel: bool = False
+
+
+class _AdamOnMainGrads:
+    """What MixedPrecisionOptimizer does for an fp32 model, over main grads that DataParallelBuffers reduced."""
+
+    def __init__(self, model):
+        self.named = list(model.named_parameters())
+        self.inner = torch.optim.AdamW(weight_decay_groups(self.named, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS)
+        rank = state.get_tensor_model_parallel_rank()
+        self.norm_grads = [param.main_grad for name, param in self.named
+                           if counts_in_grad_norm(name, param, model, rank)]
+
+    def step(self, lr: float) -> StepOutcome:
+        norm = global_grad_norm(self.norm_grads, state.get_model_parallel_group())
+        clip_grads_([param.main_grad for _, param in self.named], CLIP, norm)
+        for _, param in self.named:
+            param.grad = param.main_grad
+        self.inner.step()
+        return StepOutcome(float(norm), skipped=False)
+
+
+def parallel_run(layout: Layout, steps: int, *, first_step: int = 0, save_after: int | None = None,
+                 resume: tuple[dict, list[dict]] | None = None) -> dict:
+    """Steps first_step .. steps-1 of the global batches on this rank; `resume` = (full model state, optimizer
+    shards of every saved data-parallel rank); `save_after` = step count at which to record both."""
+    if state.model_parallel_is_initialized():
+        state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        state.initialize_model_parallel(layout.tensor_parallel, sequence_parallel=layout.sequence_parallel)
+    dp_group = state.get_data_parallel_group(with_context_parallel=True)
+    dp, dp_rank = state.get_data_parallel_world_size(True), state.get_data_parallel_rank(True)
+    model = build_model(MODEL, seed=SEED)
+    if resume is not None:
+        model.load_state_dict(resume[0])
+    buffers = DataParallelBuffers(model, dp_group, bucket_size=BUCKET_SIZE,
+                                  overlap_grad_reduce=layout.overlap_grad_reduce,
+                                  use_distributed_optimizer=layout.distributed_optimizer,
+                                  overlap_param_gather=layout.overlap_param_gather, reduction=layout.reduction)
+    if layout.distributed_optimizer:
+        optimizer, _ = build_distributed_optimizer(model, buffers, lr=LR, betas=BETAS, eps=EPS,
+                                                   weight_decay=WEIGHT_DECAY, clip_grad=CLIP)
+        if resume is not None:
+            optimizer.load_state_dict(resume[1])
+    else:
+        optimizer = _AdamOnMainGrads(model)
+    record = {"losses": [], "norms": [], "grad_reductions_in_flight": [], "param_gathers_in_flight": [],
+              "buckets": len(buffers.buckets)}
+    for step, batch in enumerate(global_batches(steps)[first_step:], start=first_step):
+        micro_batches = batch.chunk(dp)[dp_rank].split(MICRO_BATCH)  # this rank's sequences
+        buffers.zero_grad()
+        loss_sum = torch.zeros(())
+        # "mean" averages the ranks' gradients: each rank divides by its own tokens; "sum" by the global batch's.
+        denominator = sum(micro.shape[0] * SEQ for micro in micro_batches) * (dp if layout.reduction == "sum" else 1)
+        for index, micro in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else buffers.no_sync():
+                per_token_loss = model(micro[:, :-1], micro[:, 1:])
+                (per_token_loss.sum() / denominator).backward()
+            record["grad_reductions_in_flight"].append(buffers.grad_reductions_in_flight())
+            loss_sum += per_token_loss.detach().sum()
+        buffers.finish_grad_sync()
+        allreduce_sequence_parallel_grads(model)  # after the data-parallel sum: the two sums commute
+        record["losses"].append(float(comm.all_reduce(loss_sum, dp_group)) / (GLOBAL_BATCH * SEQ))
+        outcome = optimizer.step(LR)
+        record["norms"].append(outcome.grad_norm)
+        if layout.distributed_optimizer:
+            record["param_gathers_in_flight"].append(buffers.param_gathers_in_flight())
+        if save_after == step + 1:
+            buffers.finish_param_sync()  # the model's parameters must be complete before they are saved
+            record["saved"] = ({name: value.clone() for name, value in model.state_dict().items()},
+                               optimizer.state_dict())
+    if layout.distributed_optimizer:
+        record["optimizer_state_bytes"] = optimizer.optimizer_state_bytes()
+    return record
