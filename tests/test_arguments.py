@@ -84,7 +84,7 @@ def test_metrics_path_defaults_to_the_save_directory_else_the_tensorboard_direct
     ("--num-query-groups 3", "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
     ("--hidden-size 30", "--hidden-size 30 is not divisible by --num-attention-heads 4"),
     ("--bf16 --fp16", "--bf16 and --fp16 were both given; choose one"),
-    ("--tensor-model-parallel-size 2", "--tensor-model-parallel-size 2 is not supported yet"),
+    ("--tensor-model-parallel-size 2", "world size 1 is not divisible by --tensor-model-parallel-size 2"),
     ("--pipeline-model-parallel-size 2", "--pipeline-model-parallel-size 2 is not supported yet"),
     ("--max-position-embeddings 8", "--seq-length 16 exceeds --max-position-embeddings 8"),
     ("--min-lr 0.1", "--min-lr 0.1 must lie between 0 and --lr 0.001"),
@@ -137,11 +137,6 @@ def test_cuda_device_without_a_gpu_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     message = error_of(base=without("--device") + ["--device", "cuda"])
     assert "--device cuda was given but torch sees no CUDA GPU" in message
-
-
-def test_several_processes_are_refused_until_data_parallelism_exists(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert "data parallelism is not supported yet" in error_of()
 
 
 def test_load_of_a_checkpoint_of_another_model_shape_names_the_differences(tmp_path):
