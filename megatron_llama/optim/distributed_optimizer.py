@@ -169,7 +169,7 @@ class DistributedOptimizer:
         total = sum(master.numel() * master.element_size() for master in self.master_pieces)
         for master in self.master_pieces:
             for value in self.optimizer.state.get(master, {}).values():
-                if torch.is_tensor(value) and value.numel() == master.numel():
+                if _is_per_element(value):
                     total += value.numel() * value.element_size()
         return total
 
@@ -182,7 +182,7 @@ class DistributedOptimizer:
         for master in self.master_pieces:
             element_states["master"].append(master.detach().cpu())
             for key, value in self.optimizer.state.get(master, {}).items():
-                if torch.is_tensor(value) and value.numel() == master.numel():
+                if _is_per_element(value):
                     element_states.setdefault(key, [torch.zeros(0)]).append(value.detach().reshape(-1).cpu())
                 else:  # per-piece scalars (Adam's step) are equal on every piece: kept once
                     scalar_states[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
@@ -231,6 +231,11 @@ class DistributedOptimizer:
             master.copy_(values[piece.name].reshape(-1)[piece.param_start:piece.param_end])
         for name, param in self.params_by_name.items():
             param.copy_(values[name])
+
+
+def _is_per_element(value) -> bool:
+    """A state with one value per element of its (one-dimensional) piece, like exp_avg; Adam's step is 0-dim."""
+    return torch.is_tensor(value) and value.dim() > 0
 
 
 def _offsets(sizes: list[int]) -> list[int]:
