@@ -135,3 +135,13 @@ def test_bad_settings_name_the_flag():
         DataParallelBuffers(model, bucket_size=0)
     with pytest.raises(ValueError, match="--use-distributed-optimizer"):
         DataParallelBuffers(model, overlap_param_gather=True)
+
+
+def test_a_backward_after_finish_grad_sync_asks_for_zero_grad():
+    model = build_model(MODEL, seed=SEED)
+    buffers = DataParallelBuffers(model, bucket_size=BUCKET_SIZE)
+    tokens = torch.randint(0, MODEL.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(tokens[:, :-1], tokens[:, 1:]).sum().backward()
+    buffers.finish_grad_sync()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        model(tokens[:, :-1], tokens[:, 1:]).sum().backward()

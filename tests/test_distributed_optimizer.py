@@ -120,3 +120,26 @@ def test_grad_norm_counts_replicated_and_tied_parameters_once():
     assert counts_in_grad_norm("final_norm.weight", norm, last_stage, 0)
     assert not counts_in_grad_norm("final_norm.weight", norm, last_stage, 1)
     assert counts_in_grad_norm("layers.1.mlp.up.weight", last_stage.layers["1"].mlp.up.weight, last_stage, 1)
+
+
+def test_step_before_the_gradients_are_reduced_asks_for_finish_grad_sync():
+    model = build_model(MODEL, seed=SEED)
+    buffers = DataParallelBuffers(model, bucket_size=3000, use_distributed_optimizer=True)
+    optimizer, _ = build_distributed_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                               weight_decay=0.1, clip_grad=1.0)
+    optimizer.zero_grad()
+    with pytest.raises(RuntimeError, match="finish_grad_sync"):
+        optimizer.step(1e-2)
+
+
+def test_shards_survive_torch_save_and_a_weights_only_mmap_load(checkpoint, tmp_path):
+    model_state, shards = checkpoint
+    for rank, shard in enumerate(shards):
+        torch.save(shard, tmp_path / f"optim_dp_{rank:03d}.pt")
+    loaded = [torch.load(tmp_path / f"optim_dp_{rank:03d}.pt", mmap=True, weights_only=True) for rank in range(2)]
+    every_element = [(name, 0, value.numel()) for name, value in model_state.items()]
+    from_files = reshard_optimizer_state(loaded, every_element)
+    from_memory = reshard_optimizer_state(shards, every_element)
+    assert from_files["tensors"].keys() == {"master", "exp_avg", "exp_avg_sq"}
+    for key, values in from_memory["tensors"].items():
+        assert torch.equal(from_files["tensors"][key], values), key

@@ -135,6 +135,9 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self, lr: float) -> StepOutcome:
         """Update this rank's shard from the reduced gradients (after finish_grad_sync), then gather the params."""
+        if not self.buffers.grads_reduced:
+            raise RuntimeError("optimizer.step() before the gradients were reduced: call finish_grad_sync() on the "
+                               "DataParallelBuffers after the last micro-batch's backward")
         self.buffers.finish_param_sync()  # the parameter shards are about to be overwritten
         if self.loss_scaler is not None and self.grad_pieces:
             torch._foreach_mul_(self.grad_pieces, 1.0 / self.loss_scaler.scale)

@@ -77,15 +77,16 @@ def _bucket_members(named_params: list[tuple[str, nn.Parameter]], bucket_size: i
     a change of dtype, and around every parameter of `separate_names` (which gets a bucket of its own)."""
     buckets: list[list[tuple[str, nn.Parameter]]] = []
     current: list[tuple[str, nn.Parameter]] = []
+    current_numel = 0
     for name, param in named_params:
         if current and (name in separate_names or param.dtype != current[-1][1].dtype):
             buckets.append(current)
-            current = []
+            current, current_numel = [], 0
         current.append((name, param))
-        full = bucket_size is not None and sum(member.numel() for _, member in current) >= bucket_size
-        if full or name in separate_names:
+        current_numel += param.numel()
+        if (bucket_size is not None and current_numel >= bucket_size) or name in separate_names:
             buckets.append(current)
-            current = []
+            current, current_numel = [], 0
     if current:
         buckets.append(current)
     return buckets
@@ -144,6 +145,7 @@ class DataParallelBuffers:
                 self._bucket_of[id(param)] = bucket
             self.buckets.append(bucket)
         self._sync_enabled = True
+        self.grads_reduced = False  # finish_grad_sync ran since the last zero_grad
         self._param_gathers: dict[int, object] = {}  # bucket index -> async all-gather in flight
         self._hooks = [param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
                        for _, param in named_params]
@@ -160,6 +162,7 @@ class DataParallelBuffers:
             raise RuntimeError("zero_grad() while gradient reductions of the step are unfinished; call "
                                "finish_grad_sync() after the last micro-batch's backward first")
         self.grad_buffer.zero_()
+        self.grads_reduced = False
         for bucket in self.buckets:
             bucket.ready.clear()
             for param in bucket.params:
@@ -176,6 +179,9 @@ class DataParallelBuffers:
             self._sync_enabled = previous
 
     def _on_grad_accumulated(self, param: nn.Parameter):
+        if self.grads_reduced:
+            raise RuntimeError("a backward pass after finish_grad_sync(): call zero_grad() before the next step's "
+                               "first backward")
         param.main_grad.add_(param.grad)
         param.grad = None
         if not self._sync_enabled:
@@ -216,6 +222,7 @@ class DataParallelBuffers:
                 bucket.grad_work.wait()
             bucket.grad_work, bucket.grad_started = None, False
             bucket.ready.clear()
+        self.grads_reduced = True
 
     def grad_reductions_in_flight(self) -> list[int]:
         """Indices of the buckets whose reduction has started and not been waited for (for tests and logs)."""
