@@ -251,7 +251,10 @@ def train_single_process(config: ModelConfig, optimizer_name: str, num_micro_bat
         losses.append(total)
         gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
         optimizer.step()
-    return losses, gradients
+    with torch.no_grad():  # the trained model's loss on the first step's batches, as an evaluation would
+        evaluation = sum(loss_fn(model(batch["tokens"], batch["labels"]), batch).item()
+                         for batch in training_batches(num_micro_batches)[0])
+    return losses, gradients, evaluation
 
 
 def gather_full(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
@@ -299,6 +302,13 @@ def train_pipelined(case: dict) -> dict:
                                                          for output in sent_outputs)
         sent_outputs.clear()
         optimizer.step()
+    stats = ScheduleStats()
+    losses = run_schedule(chunks, training_batches(m)[0], global_mean_loss(m), num_micro_batches=m,
+                          micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
+                          dtype=torch.float32, forward_only=True, stats=stats)
+    total = torch.stack(losses).sum() if losses else torch.zeros(())
+    result["evaluation"] = broadcast_from_last_stage(total).item()
+    result["evaluation stats"] = stats
     if hasattr(chunks[-1], "embedding") and chunks[-1].post_process:
         result["final output embedding"] = gather_full(chunks[-1].embedding.weight.data, chunks[-1].embedding.weight)
     if chunks[0].pre_process:
@@ -308,7 +318,9 @@ def train_pipelined(case: dict) -> dict:
 
 def compare(result: dict, reference) -> list[str]:
     problems = []
-    ref_losses, ref_gradients = reference
+    ref_losses, ref_gradients, ref_evaluation = reference
+    if abs(result["evaluation"] - ref_evaluation) > 1e-5 * abs(ref_evaluation):
+        problems.append(f"forward-only loss {result['evaluation']!r} != {ref_evaluation!r}")
     for step, (loss, ref) in enumerate(zip(result["losses"], ref_losses)):
         if abs(loss - ref) > 1e-5 * abs(ref):
             problems.append(f"step {step}: loss {loss!r} != {ref!r}")
@@ -436,6 +448,15 @@ def test_after_last_backward_hook_runs_once_after_every_backward(world):
             assert result["backwards"] == spec["micro_batches"] * num_chunks(spec), spec["name"]
 
 
+def test_forward_only_runs_no_backward_and_keeps_no_activations(world):
+    cases, _, ranks = world
+    for spec in cases:
+        for results in ranks:
+            stats = results[spec["name"]]["evaluation stats"]
+            assert (stats.backwards, stats.max_live_activations) == (0, 0), spec["name"]
+            assert stats.forwards == spec["micro_batches"] * num_chunks(spec), spec["name"]
+
+
 def test_every_stage_frees_each_output_once_sent(world):
     cases, _, ranks = world
     for spec in cases:
@@ -476,7 +497,7 @@ def test_weight_sync_gives_the_last_stage_copy_the_first_stage_values(world):
 def test_no_pipelining_accumulates_the_single_process_gradients_and_calls_the_hook_last():
     config = MODEL
     micro_batches = training_batches(3)[0]
-    reference_losses, reference_gradients = train_single_process(config, "sgd", 3)
+    reference_losses, reference_gradients, _ = train_single_process(config, "sgd", 3)
     model = build_model(config, SEED)
     seen = {}
     losses = run_schedule([model], iter(micro_batches), global_mean_loss(3), num_micro_batches=3,

@@ -101,12 +101,11 @@ def check_micro_batch_count(num_micro_batches: int, pipeline_size: int, num_chun
                          f"--num-layers-per-virtual-pipeline-stage or raise --pipeline-model-parallel-size")
     if num_chunks > 1 and num_micro_batches % pipeline_size:
         below = num_micro_batches // pipeline_size * pipeline_size
-        above = below + pipeline_size
+        choices = " or ".join(str(count) for count in (below, below + pipeline_size) if count > 0)
         raise ValueError(f"the interleaved schedule needs the number of micro-batches (global batch / (micro "
                          f"batch x data-parallel size) = {num_micro_batches}) to be a multiple of "
                          f"--pipeline-model-parallel-size {pipeline_size}; change --global-batch-size so that it "
-                         f"gives {below or above} or {above} micro-batches, or drop "
-                         f"--num-layers-per-virtual-pipeline-stage")
+                         f"gives {choices} micro-batches, or drop --num-layers-per-virtual-pipeline-stage")
 
 
 def schedule_name(pipeline_size: int, num_chunks: int) -> str:
@@ -246,6 +245,72 @@ class _MicroBatchSource:
         return batch
 
 
+class _StageRunner:
+    """Runs one rank's plan: the model chunks, the tensors in flight, and the schedule's bookkeeping."""
+
+    def __init__(self, model_chunks, data: _MicroBatchSource, loss_fn, forward_step, scale_loss,
+                 forward_only: bool, stats: ScheduleStats):
+        self.model_chunks, self.data, self.loss_fn, self.forward_step = model_chunks, data, loss_fn, forward_step
+        self.scale_loss, self.forward_only, self.stats = scale_loss, forward_only, stats
+        self.rank = state.get_pipeline_model_parallel_rank()
+        self.pipeline_size = state.get_pipeline_model_parallel_world_size()
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro-batch) -> received activation
+        self.output_grads: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro-batch) -> received gradient
+        self.waiting: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> (input, output) until backward
+        self.losses: list[torch.Tensor] = []
+
+    def is_first(self, chunk: int) -> bool:
+        return self.rank == 0 and chunk == 0
+
+    def is_last(self, chunk: int) -> bool:
+        return self.rank == self.pipeline_size - 1 and chunk == len(self.model_chunks) - 1
+
+    def forward(self, action: Action) -> torch.Tensor | None:
+        """Run a forward; returns the output to send (None on the last stage, which keeps the loss)."""
+        key, first, last = (action.chunk, action.micro_batch), self.is_first(action.chunk), self.is_last(action.chunk)
+        micro_batch = self.data.next() if first or last else None
+        input_tensor = None if first else self.inputs.pop(key)
+        with torch.set_grad_enabled(not self.forward_only):
+            output = self.forward_step(self.model_chunks[action.chunk], input_tensor, micro_batch)
+            if last:
+                output = self.loss_fn(output, micro_batch)
+                self.losses.append(output.detach())
+                if self.scale_loss is not None and not self.forward_only:
+                    output = self.scale_loss(output)
+        if not self.forward_only:
+            self.waiting[key] = (input_tensor, output)
+            self.stats.max_live_activations = max(self.stats.max_live_activations, len(self.waiting))
+        self.stats.forwards += 1
+        return None if last else output
+
+    def backward(self, action: Action) -> torch.Tensor | None:
+        """Run a backward; returns the input's gradient to send (None on the first stage)."""
+        key = (action.chunk, action.micro_batch)
+        input_tensor, output = self.waiting.pop(key)
+        output_grad = None if self.is_last(action.chunk) else self.output_grads.pop(key)
+        torch.autograd.backward(output, grad_tensors=output_grad)
+        self.stats.backwards += 1
+        return None if self.is_first(action.chunk) else input_tensor.grad
+
+    def exchange(self, step: Step, produced: torch.Tensor | None, shape: tuple, dtype, device) -> None:
+        """The step's batched sends and receives; frees a sent output (module docstring)."""
+        sends = [(produced, transfer.peer) for transfer in step.transfers if transfer.direction == "send"]
+        received = [(transfer, torch.empty(shape, dtype=dtype, device=device))
+                    for transfer in step.transfers if transfer.direction == "recv"]
+        if not sends and not received:
+            return
+        p2p.exchange(sends, [(buffer, transfer.peer) for transfer, buffer in received])
+        self.stats.exchanges += 1
+        if sends and step.action.kind == FORWARD and not self.forward_only:
+            release_storage(produced)
+        for transfer, buffer in received:
+            key = (transfer.chunk, transfer.micro_batch)
+            if transfer.what == ACTIVATION:
+                self.inputs[key] = buffer.requires_grad_(not self.forward_only)
+            else:
+                self.output_grads[key] = buffer
+
+
 def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | None,
                  loss_fn: Callable[[torch.Tensor, dict], torch.Tensor], *, num_micro_batches: int,
                  micro_batch_size: int, seq_length: int, hidden_size: int, dtype: torch.dtype,
@@ -259,85 +324,43 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | 
     micro_batches: dicts with "tokens" [b, s] (used on the first stage) and "labels" [b, s] (last
     stage), drawn in order only by the stages that use them (others may pass None). seq_length and
     hidden_size are the full sizes: the exchanged activations are [b, s, h], or [b, s/tp, h] under
-    sequence parallelism. Gradients accumulate into the parameters (zero them before). Returns the
-    detached loss_fn value of every micro-batch on the last stage, [] on the others.
+    sequence parallelism. forward_step(chunk, received input or None, micro-batch or None) runs a
+    chunk. Gradients accumulate into the parameters (zero them before). Returns the detached
+    loss_fn value of every micro-batch on the last stage, [] on the others.
     """
-    pipeline_size, rank = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
-    num_chunks = len(model_chunks)
+    pipeline_size = state.get_pipeline_model_parallel_world_size()
     virtual_size = state.get_virtual_pipeline_model_parallel_world_size() or 1
-    if num_chunks != virtual_size:
-        raise ValueError(f"{num_chunks} model chunks given but parallel.state has a virtual pipeline size of "
-                         f"{virtual_size}; build the chunks from the same --num-layers-per-virtual-pipeline-stage")
-    check_micro_batch_count(num_micro_batches, pipeline_size, num_chunks)
-    plan = build_plans(pipeline_size, num_chunks, num_micro_batches, forward_only)[rank]
+    if len(model_chunks) != virtual_size:
+        raise ValueError(f"{len(model_chunks)} model chunks given but parallel.state has a virtual pipeline size "
+                         f"of {virtual_size}; build the chunks from the same --num-layers-per-virtual-pipeline-stage")
+    plan = build_plans(pipeline_size, virtual_size, num_micro_batches, forward_only)[
+        state.get_pipeline_model_parallel_rank()]
     device = device or next(model_chunks[0].parameters()).device
-    tp = state.get_tensor_model_parallel_world_size()
-    sequence = seq_length // tp if state.get_sequence_parallel() else seq_length
+    sequence = seq_length // state.get_tensor_model_parallel_world_size() if state.get_sequence_parallel() \
+        else seq_length
     shape = (micro_batch_size, sequence, hidden_size)  # [b, s, h], or the sequence shard [b, s/tp, h]
     data = _MicroBatchSource(micro_batches if micro_batches is not None else [], num_micro_batches)
-    last_backward = max((i for i, step in enumerate(plan) if step.action and step.action.kind == BACKWARD),
+    runner = _StageRunner(model_chunks, data, loss_fn, forward_step, scale_loss, forward_only,
+                          stats if stats is not None else ScheduleStats())
+    last_backward = max((index for index, step in enumerate(plan) if step.action and step.action.kind == BACKWARD),
                         default=None)
-    stats = stats if stats is not None else ScheduleStats()
-    inputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro-batch) -> received activation
-    output_grads: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro-batch) -> received gradient
-    waiting: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> (input, output) until its backward
-    losses: list[torch.Tensor] = []
     if pipeline_size > 1:
         p2p.start_pipeline_group(device)
-
     for index, step in enumerate(plan):
-        produced = None  # what this step's action sends
-        action = step.action
-        if action is not None:
-            key = (action.chunk, action.micro_batch)
-            first = rank == 0 and action.chunk == 0
-            last = rank == pipeline_size - 1 and action.chunk == num_chunks - 1
+        produced = None  # what this step's action sends on
+        if step.action is not None:
             if virtual_size > 1:
-                state.set_virtual_pipeline_model_parallel_rank(action.chunk)
-            if action.kind == FORWARD:
-                micro_batch = data.next() if first or last else None
-                input_tensor = None if first else inputs.pop(key)
-                with torch.set_grad_enabled(not forward_only):
-                    output = forward_step(model_chunks[action.chunk], input_tensor, micro_batch)
-                    if last:
-                        output = loss_fn(output, micro_batch)
-                        losses.append(output.detach())
-                        if scale_loss is not None and not forward_only:
-                            output = scale_loss(output)
-                produced = None if last else output
-                if not forward_only:
-                    waiting[key] = (input_tensor, output)
-                    stats.max_live_activations = max(stats.max_live_activations, len(waiting))
-                stats.forwards += 1
+                state.set_virtual_pipeline_model_parallel_rank(step.action.chunk)
+            if step.action.kind == FORWARD:
+                produced = runner.forward(step.action)
             else:
-                input_tensor, output = waiting.pop(key)
-                torch.autograd.backward(output, grad_tensors=None if last else output_grads.pop(key))
-                produced = None if first else input_tensor.grad
-                stats.backwards += 1
+                produced = runner.backward(step.action)
                 if index == last_backward and after_last_backward is not None:
                     after_last_backward()
-        sends, receives, received = [], [], []
-        for transfer in step.transfers:
-            if transfer.direction == "send":
-                sends.append((produced, transfer.peer))
-            else:
-                buffer = torch.empty(shape, dtype=dtype, device=device)
-                receives.append((buffer, transfer.peer))
-                received.append((transfer, buffer))
-        if sends or receives:
-            p2p.exchange(sends, receives)
-            stats.exchanges += 1
-        if sends and action.kind == FORWARD and not forward_only:
-            release_storage(produced)
-        for transfer, buffer in received:
-            key = (transfer.chunk, transfer.micro_batch)
-            if transfer.what == ACTIVATION:
-                inputs[key] = buffer.requires_grad_(not forward_only)
-            else:
-                output_grads[key] = buffer
+        runner.exchange(step, produced, shape, dtype, device)
     if virtual_size > 1:
         state.set_virtual_pipeline_model_parallel_rank(0)
-    return losses
+    return runner.losses
 
 
 def broadcast_from_last_stage(value: torch.Tensor) -> torch.Tensor:
