@@ -82,8 +82,7 @@ class _AdamOnMainGrads:
         self.named = list(model.named_parameters())
         self.inner = torch.optim.AdamW(weight_decay_groups(self.named, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS)
         rank = state.get_tensor_model_parallel_rank()
-        self.norm_grads = [param.main_grad for name, param in self.named
-                           if counts_in_grad_norm(name, param, model, rank)]
+        self.norm_grads = [param.main_grad for _, param in self.named if counts_in_grad_norm(param, rank)]
 
     def step(self, lr: float) -> StepOutcome:
         norm = global_grad_norm(self.norm_grads, state.get_model_parallel_group())

@@ -13,10 +13,11 @@ import torch
 from data_parallel_training import MODEL, SEED, Layout, parallel_run
 from data_parallel_training import one_intra_op_thread  # noqa: F401 - a fixture, used below
 from distributed import run_distributed  # tests/ is on sys.path under pytest
-from megatron_llama.model.llama import LlamaModel, build_model
+from megatron_llama.model.llama import build_model
 from megatron_llama.optim.distributed_optimizer import (build_distributed_optimizer, counts_in_grad_norm,
                                                         reshard_optimizer_state)
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.parallel.stages import build_model_chunks, split_layers
 
 STEPS, SAVED_AFTER = 4, 2
 LAYOUT = Layout(distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
@@ -112,14 +113,13 @@ def test_bf16_model_gets_its_update_rounded_from_fp32_masters():
 
 def test_grad_norm_counts_replicated_and_tied_parameters_once():
     tied = dataclasses.replace(MODEL, untie_embeddings_and_output_weights=False)
-    first_stage = LlamaModel(tied, post_process=False, layer_range=(0, 1))
-    last_stage = LlamaModel(tied, pre_process=False, layer_range=(1, 2))
-    assert counts_in_grad_norm("embedding.weight", first_stage.embedding.weight, first_stage, 0)
-    assert not counts_in_grad_norm("embedding.weight", last_stage.embedding.weight, last_stage, 0)
+    split = split_layers(tied.num_layers, 2)
+    (first_stage,), (last_stage,) = (build_model_chunks(tied, SEED, split, pipeline_rank=rank) for rank in (0, 1))
+    assert counts_in_grad_norm(first_stage.embedding.weight, 0)
+    assert not counts_in_grad_norm(last_stage.embedding.weight, 0)  # the tied head's copy of the same weight
     norm = last_stage.final_norm.weight  # replicated on every tensor rank
-    assert counts_in_grad_norm("final_norm.weight", norm, last_stage, 0)
-    assert not counts_in_grad_norm("final_norm.weight", norm, last_stage, 1)
-    assert counts_in_grad_norm("layers.1.mlp.up.weight", last_stage.layers["1"].mlp.up.weight, last_stage, 1)
+    assert counts_in_grad_norm(norm, 0) and not counts_in_grad_norm(norm, 1)
+    assert counts_in_grad_norm(last_stage.layers["1"].mlp.up.weight, 1)  # split across tensor ranks
 
 
 def test_step_before_the_gradients_are_reduced_asks_for_finish_grad_sync():

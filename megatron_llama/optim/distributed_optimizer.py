@@ -69,14 +69,14 @@ def shard_pieces(buffers: DataParallelBuffers, rank: int) -> list[ShardPiece]:
     return pieces
 
 
-def counts_in_grad_norm(name: str, param: nn.Parameter, model: nn.Module, tensor_parallel_rank: int) -> bool:
+def counts_in_grad_norm(param: nn.Parameter, tensor_parallel_rank: int) -> bool:
     """Whether this rank adds `param`'s gradient to the global norm, so every gradient counts exactly once:
     a parameter replicated on the tensor ranks (norm weights, sequence-parallel ones included) counts on tensor
     rank 0 only; the tied embedding, held by the first and the last pipeline stage, counts on the first only
-    (a stage without pre_process holds `embedding.weight` only as the tied output head)."""
+    (parallel/stages.py marks the last stage's copy `is_tied_embedding_copy`)."""
     if getattr(param, "tensor_parallel_dim", None) is None and tensor_parallel_rank != 0:
         return False
-    return not (name == "embedding.weight" and not getattr(model, "pre_process", True))
+    return not getattr(param, "is_tied_embedding_copy", False)
 
 
 class DistributedOptimizer:
@@ -107,8 +107,7 @@ class DistributedOptimizer:
             self.master_pieces.append(self.master_shards[piece.bucket][offset:offset + piece.numel])
             self.grad_pieces.append(bucket.grad_data[piece.bucket_start:piece.bucket_start + piece.numel])
         self.norm_grads = [grad for piece, grad in zip(self.pieces, self.grad_pieces)
-                           if counts_in_grad_norm(piece.name, self.params_by_name[piece.name], model,
-                                                  tensor_parallel_rank)]
+                           if counts_in_grad_norm(self.params_by_name[piece.name], tensor_parallel_rank)]
         self.optimizer = build(self._param_groups(weight_decay))
 
     def _param_groups(self, weight_decay: float) -> list[dict]:

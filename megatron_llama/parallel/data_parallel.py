@@ -17,7 +17,10 @@ data-parallel rank r then receives only shard r of each bucket, the part its opt
 (ZeRO stage 1 with reduce-scattered gradients; Rajbhandari et al. 2020). Buckets are padded to a
 multiple of the data-parallel size so the shards are equal. `reduction="mean"` averages over the
 data-parallel ranks (each bucket is pre-scaled by 1/dp: gloo has no averaging reduce); "sum" adds,
-for losses already divided by the global-batch token count.
+for losses already divided by the global-batch token count. With the distributed optimizer and a tied
+embedding split over pipeline stages, give `embedding.weight` a bucket of its own
+(`separate_bucket_names`): both stages then shard it alike, so the embedding-group all-reduce after
+the reduce-scatter adds matching shards.
 
 With `use_distributed_optimizer` the parameters themselves become views into per-bucket buffers of
 their dtype, laid out like the gradients: after the optimizer writes its updated shard into them,
@@ -172,11 +175,20 @@ class DataParallelBuffers:
     def no_sync(self):
         """Backward passes inside accumulate into the main grads without reducing them (all but the last
         micro-batch of a step)."""
-        previous, self._sync_enabled = self._sync_enabled, False
+        previous = self._sync_enabled
+        self.disable_grad_sync()
         try:
             yield
         finally:
             self._sync_enabled = previous
+
+    def disable_grad_sync(self):
+        """From now on backward only accumulates (a pipeline schedule calls this before its first backward)."""
+        self._sync_enabled = False
+
+    def enable_grad_sync(self):
+        """From now on a complete bucket is reduced (a pipeline schedule calls this right before its last backward)."""
+        self._sync_enabled = True
 
     def _on_grad_accumulated(self, param: nn.Parameter):
         if self.grads_reduced:
