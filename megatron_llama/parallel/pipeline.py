@@ -38,8 +38,8 @@ Loss and gradients. On the last stage `loss_fn(output, micro_batch)` returns the
 back-propagated (e.g. sum of per-token losses / tokens in the global batch, so that the
 micro-batches add up to the global-batch mean); its detached value is returned per micro-batch,
 only there. `scale_loss` (e.g. the fp16 loss scaler) multiplies it before backward.
-`after_last_backward` runs right after the rank's last backward, so a data-parallel gradient
-reduction starts only once every micro-batch has added its gradient.
+`after_last_backward` runs once the rank's last backward is done and its gradient sent on, so a
+data-parallel gradient reduction starts only once every micro-batch has added its gradient.
 """
 from __future__ import annotations
 
@@ -355,9 +355,9 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | 
                 produced = runner.forward(step.action)
             else:
                 produced = runner.backward(step.action)
-                if index == last_backward and after_last_backward is not None:
-                    after_last_backward()
         runner.exchange(step, produced, shape, dtype, device)
+        if index == last_backward and after_last_backward is not None:
+            after_last_backward()  # after the exchange, so the previous stage gets its last gradient first
     if virtual_size > 1:
         state.set_virtual_pipeline_model_parallel_rank(0)
     return runner.losses
