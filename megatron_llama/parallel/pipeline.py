@@ -23,7 +23,9 @@ by its neighbour in the same tick. A rank's plan is its sequence of ticks, each 
 none) followed by one batched exchange (p2p.py) of the sends and receives of that tick. Every
 send therefore meets its receive in the same exchange step on both ranks, and each pair of
 ranks carries at most one message per direction per step, so messages match in posting order
-(the only order NCCL knows) and no rank can wait on another in a cycle.
+(the only order NCCL knows) and no rank can wait on another in a cycle. The play-out ends after
+2 (m v + p - 1) ticks, the ideal (fill and drain of p - 1 chunk-steps each way), so the pairing
+adds no bubble; with F and B of equal cost that is a bubble fraction of (p - 1) / (m v + p - 1).
 
 Freeing sent outputs. Once a stage's output has been sent, its values are needed by nobody on
 this rank: the next stage has its own copy, and this rank's backward needs only the autograd
