@@ -53,6 +53,19 @@ def output_projection_std(config: ModelConfig) -> float:
     return config.init_method_std / math.sqrt(2.0 * config.num_layers)
 
 
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v by the configured backend; no parameters (a module so recompute can wrap it)."""
+
+    def __init__(self, backend: str):
+        super().__init__()
+        # Resolved per call (a dict lookup), so a model can be built on the meta device (checkpoint
+        # tools) where the backend cannot run; build_model checks it up front.
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return get_core_attention(self.backend)(q, k, v)  # [b, s, q_heads, d]
+
+
 class SelfAttention(nn.Module):
     """Fused qkv projection -> rotary -> causal core attention -> dense projection.
 
@@ -69,9 +82,7 @@ class SelfAttention(nn.Module):
         self.q_heads_per_group = heads // groups
         self.qkv = ColumnParallelLinear(config.hidden_size, (heads + 2 * groups) * d, init_std=config.init_method_std)
         self.dense = RowParallelLinear(heads * d, config.hidden_size, init_std=output_projection_std(config))
-        # Resolved per call (a dict lookup), so a model can be built on the meta device (checkpoint
-        # tools) where the backend cannot run; build_model checks it up front.
-        self.attention_backend = config.attention_backend
+        self.core_attention = CoreAttention(config.attention_backend)
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
         # x: [b, s, h], or the sequence shard [b, s/tp, h] that the column-parallel qkv all-gathers.
@@ -84,7 +95,7 @@ class SelfAttention(nn.Module):
         q = apply_rotary(q, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, q_heads, d], contiguous
         k = apply_rotary(k, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d], contiguous
         v = v.squeeze(3)  # [b, s, kv_heads, d], strided view of qkv
-        out = get_core_attention(self.attention_backend)(q, k, v)  # [b, s, q_heads, d]
+        out = self.core_attention(q, k, v)  # [b, s, q_heads, d]
         return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h] (or [b, s/tp, h])
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_size(group) -> int:
@@ -41,7 +41,7 @@ def all_gather_along(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
         return tensor
     front = tensor.movedim(dim, 0).contiguous()  # [n, ...]
     gathered = torch.empty((size * front.shape[0],) + tuple(front.shape[1:]), dtype=front.dtype, device=front.device)
-    _all_gather_flat(gathered, front, group=group)  # [size * n, ...]
+    all_gather_flat(gathered, front, group=group)  # [size * n, ...]
     return gathered.movedim(0, dim)
 
 
@@ -56,5 +56,5 @@ def reduce_scatter_along(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
                          f"of --tensor-model-parallel-size)")
     front = tensor.movedim(dim, 0).contiguous()  # [n, ...]
     reduced = torch.empty((front.shape[0] // size,) + tuple(front.shape[1:]), dtype=front.dtype, device=front.device)
-    _reduce_scatter_flat(reduced, front, group=group)  # [n / size, ...]
+    reduce_scatter_flat(reduced, front, group=group)  # [n / size, ...]
     return reduced.movedim(0, dim)

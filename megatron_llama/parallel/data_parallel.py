@@ -216,7 +216,7 @@ class DataParallelBuffers:
         if self.use_distributed_optimizer:
             start, end = bucket.shard_range(self.rank, self.size)
             # In place: this rank's shard of the bucket receives the sum of every rank's shard.
-            bucket.grad_work = comm._reduce_scatter_flat(bucket.grad_data[start:end], bucket.grad_data,
+            bucket.grad_work = comm.reduce_scatter_flat(bucket.grad_data[start:end], bucket.grad_data,
                                                          group=self.group, async_op=True)
         else:
             bucket.grad_work = dist.all_reduce(bucket.grad_data, group=self.group, async_op=True)
@@ -261,7 +261,7 @@ class DataParallelBuffers:
         if self.size == 1:
             return
         for bucket in reversed(self.buckets):
-            self._param_gathers[bucket.index] = comm._all_gather_flat(bucket.param_data, self.param_shard(bucket),
+            self._param_gathers[bucket.index] = comm.all_gather_flat(bucket.param_data, self.param_shard(bucket),
                                                                       group=self.group, async_op=True)
         if not self.overlap_param_gather:
             self.finish_param_sync()
