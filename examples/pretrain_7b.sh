@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Pretrain Open-Llama's 7B model on one or many nodes with torchrun.
+#
+#   bash examples/pretrain_7b.sh                                   # one node, all its GPUs
+#   NNODES=20 NODE_RANK=$i MASTER_ADDR=node0 bash examples/pretrain_7b.sh   # on every node i of 20
+#
+# Every variable below can be set from the environment. Data paths follow Megatron's
+# --data-path syntax (weight prefix pairs); DATA_PATH=mock trains on random tokens (a smoke test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+TP=${TP:-1}                      # tensor-parallel size (within a node)
+PP=${PP:-1}                      # pipeline stages
+VPP_LAYERS=${VPP_LAYERS:-}       # layers per virtual stage (interleaved 1F1B), empty: plain 1F1B
+MICRO_BATCH=${MICRO_BATCH:-2}
+GLOBAL_BATCH=${GLOBAL_BATCH:-512}   # sequences of SEQ_LENGTH tokens per optimizer step
+SEQ_LENGTH=${SEQ_LENGTH:-2048}
+TRAIN_ITERS=${TRAIN_ITERS:-250000}
+RECOMPUTE=${RECOMPUTE:-selective}   # selective | full | none
+
+DATA_PATH=${DATA_PATH:-"0.5 data/pile_text_document 0.5 data/wudao_title_content_document"}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:-tokenizer/llama_zh_en.model}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/openllama-7b}
+
+parallel=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+          --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
+[ "$TP" -gt 1 ] && parallel+=(--sequence-parallel)
+[ -n "$VPP_LAYERS" ] && parallel+=(--num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")
+case "$RECOMPUTE" in
+  full) parallel+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
+  selective) parallel+=(--recompute-granularity selective) ;;
+esac
+
+if [ "$DATA_PATH" = mock ]; then
+  data=(--mock-data --vocab-size 100000)
+else
+  # shellcheck disable=SC2206  # the weight/prefix list is split on purpose
+  data=(--data-path $DATA_PATH --split 969,30,1 --data-cache-path "$OUTPUT_DIR/index_cache"
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+fi
+
+mkdir -p "$OUTPUT_DIR"
+exec torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  -m megatron_llama.pretrain --model-preset openllama-7b \
+  "${parallel[@]}" "${data[@]}" \
+  --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH" \
+  --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
+  --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2000 \
+  --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 \
+  --save "$OUTPUT_DIR/checkpoints" --load "$OUTPUT_DIR/checkpoints" --save-interval "${SAVE_INTERVAL:-1000}" \
+  --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters 10 --log-interval "${LOG_INTERVAL:-1}" \
+  --tensorboard-dir "$OUTPUT_DIR/tensorboard" --exit-signal-handler --seed 1234 "$@"
