@@ -17,7 +17,12 @@ Parallel layout: the world size (WORLD_SIZE from torchrun, or the started defaul
 must be a multiple of tensor x pipeline parallel size; data-parallel size = world / (tp x pp).
 Tensor parallelism needs attention heads, key/value heads and --ffn-hidden-size divisible by tp
 (`tensor_parallel_misfit`, also used when checkpoints are split), and --sequence-parallel needs
---seq-length divisible by tp. Pipeline parallelism is not wired into the trainer yet and is refused.
+--seq-length divisible by tp. Pipeline parallelism: the blocks must split over the stages
+(parallel/stages.split_layers: evenly, or with --decoder-first/last-pipeline-num-layers, or in chunks of
+--num-layers-per-virtual-pipeline-stage), and the micro-batches per step must suit the schedule
+(parallel/pipeline.check_micro_batch_count: interleaving needs a multiple of pp). Data parallelism:
+--overlap-param-gather needs --use-distributed-optimizer. Recompute: --recompute-method and
+--recompute-num-layers go with --recompute-granularity full, which needs a method.
 
 Model shape: `--model-preset NAME` (megatron_llama.config.PRESETS) gives every model value; explicit
 flags override it. Without a preset --num-layers, --hidden-size and --num-attention-heads are
@@ -143,7 +148,40 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--sequence-parallel", action="store_true",
                           help="norms and residuals on sequence shards across tensor ranks (Korthikanti et al. "
                                "2022); needs --seq-length divisible by --tensor-model-parallel-size")
+    parallel.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                          help="blocks per model chunk: each pipeline rank holds several chunks (interleaved 1F1B)")
+    parallel.add_argument("--decoder-first-pipeline-num-layers", type=int,
+                          help="blocks on the first pipeline stage (uneven split; the others share the rest)")
+    parallel.add_argument("--decoder-last-pipeline-num-layers", type=int,
+                          help="blocks on the last pipeline stage (uneven split; the others share the rest)")
+    parallel.add_argument("--ddp-bucket-size", type=int, default=40_000_000,
+                          help="elements per data-parallel gradient bucket (one collective each)")
+    parallel.add_argument("--overlap-grad-reduce", action="store_true",
+                          help="start each bucket's data-parallel reduction as soon as its gradients are ready")
+    parallel.add_argument("--use-distributed-optimizer", action="store_true",
+                          help="shard fp32 master params and Adam states over data-parallel ranks (ZeRO-1)")
+    parallel.add_argument("--overlap-param-gather", action="store_true",
+                          help="all-gather updated params behind the next forward (needs --use-distributed-optimizer)")
+
+    recompute = parser.add_argument_group("activation recompute")
+    recompute.add_argument("--recompute-granularity", choices=("full", "selective"),
+                           help="full: whole blocks (with --recompute-method); selective: the attention core only")
+    recompute.add_argument("--recompute-method", choices=("uniform", "block"),
+                           help="uniform: every block in groups of --recompute-num-layers; block: the first N blocks")
+    recompute.add_argument("--recompute-num-layers", type=int)
     return parser
+
+
+def stage_split(args):
+    """The pipeline stage split (parallel/stages.StageSplit) of an argparse namespace or a checkpoint's args dict."""
+    from megatron_llama.parallel.stages import split_layers
+
+    values = args if isinstance(args, dict) else vars(args)
+    num_layers = values["model"]["num_layers"] if isinstance(args, dict) else args.model_config.num_layers
+    return split_layers(num_layers, int(values.get("pipeline_model_parallel_size") or 1),
+                        layers_per_virtual_stage=values.get("num_layers_per_virtual_pipeline_stage"),
+                        first_stage_layers=values.get("decoder_first_pipeline_num_layers"),
+                        last_stage_layers=values.get("decoder_last_pipeline_num_layers"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model_config = _model_config(args)
     _check_model(args)
     _check_batches(args)
+    _check_pipeline(args)
+    _check_data_parallel_and_recompute(args)
     _check_schedule(args)
     _check_data(args)
     _check_checkpointing(args)
@@ -179,10 +219,6 @@ def launched_world_size() -> int:
 def _check_parallel_layout(args):
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if pp != 1:
-        raise ArgumentsError(f"--pipeline-model-parallel-size {pp} is not supported yet: the trainer has no "
-                             f"pipeline schedule; use --pipeline-model-parallel-size 1 (and "
-                             f"--tensor-model-parallel-size or more processes for data parallelism)")
     world_size = launched_world_size()
     model_parallel = tp * pp
     if world_size % model_parallel:
@@ -339,6 +375,37 @@ def _check_batches(args):
     args.num_micro_batches = args.global_batch_size // per_step
 
 
+def _check_pipeline(args):
+    """Stage split and micro-batch count of the pipeline schedule; sets args.virtual_pipeline_model_parallel_size."""
+    from megatron_llama.parallel.pipeline import check_micro_batch_count
+
+    _positive(args, "num_layers_per_virtual_pipeline_stage")
+    try:
+        split = stage_split(args)
+        check_micro_batch_count(args.num_micro_batches, split.pipeline_size, split.num_chunks)
+    except ValueError as error:
+        raise ArgumentsError(str(error)) from None
+    args.virtual_pipeline_model_parallel_size = split.num_chunks if split.num_chunks > 1 else None
+
+
+def _check_data_parallel_and_recompute(args):
+    _positive(args, "ddp_bucket_size", "recompute_num_layers")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ArgumentsError("--overlap-param-gather overlaps the all-gather of the distributed optimizer's "
+                             "updated params; add --use-distributed-optimizer or drop --overlap-param-gather")
+    if args.recompute_granularity != "full":
+        given = [flag for flag, value in (("--recompute-method", args.recompute_method),
+                                          ("--recompute-num-layers", args.recompute_num_layers)) if value is not None]
+        if given:
+            raise ArgumentsError(f"{' and '.join(given)} apply to --recompute-granularity full only (got "
+                                 f"{args.recompute_granularity}); add --recompute-granularity full or drop them")
+    elif args.recompute_method is None:
+        raise ArgumentsError("--recompute-granularity full needs --recompute-method uniform (every block, in groups "
+                             "of --recompute-num-layers) or block (the first --recompute-num-layers blocks)")
+    elif args.recompute_num_layers is None:
+        args.recompute_num_layers = 1
+
+
 def _check_schedule(args):
     _positive(args, "lr", "lr_decay_iters", "log_interval", "eval_interval", "save_interval", "exit_interval")
     if args.lr_decay_iters is None:
@@ -420,10 +487,19 @@ def _check_same_layout(folder: str, saved_args: dict, args):
 
     saved = parallel_sizes(saved_args)
     this_run = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size)
-    if saved != this_run:
+    if saved[:2] != this_run[:2]:
         raise ArgumentsError(f"--load {folder} was saved with tensor/pipeline/data-parallel sizes {saved} but this "
-                             f"run has {this_run}; resume with the same layout (and number of processes), or "
-                             f"pass --finetune to load only the weights into the new layout")
+                             f"run has {this_run}; resume with the same tensor and pipeline sizes (the data-parallel "
+                             f"size may change), or pass --finetune to load only the weights into the new layout")
+    if bool(saved_args.get("use_distributed_optimizer")) != args.use_distributed_optimizer:
+        used = "with" if saved_args.get("use_distributed_optimizer") else "without"
+        raise ArgumentsError(f"--load {folder} was saved {used} --use-distributed-optimizer, whose optimizer state "
+                             f"has another format; resume {used} it, or pass --finetune to load only the weights")
+    saved_split = stage_split(saved_args).ranges
+    if saved_split != stage_split(args).ranges:
+        raise ArgumentsError(f"--load {folder} splits the blocks over pipeline ranks as {saved_split} but this run "
+                             f"as {stage_split(args).ranges}; use the checkpoint's --num-layers-per-virtual-"
+                             f"pipeline-stage / --decoder-first/last-pipeline-num-layers, or pass --finetune")
 
 
 def _check_same_model(folder: str, saved_args: dict, config: ModelConfig):

@@ -17,6 +17,10 @@ file is replaced only after every file of the iteration is complete, so a reader
 tracker never sees a half-written checkpoint. Loading uses torch.load(weights_only=True): a
 checkpoint holds tensors and plain Python values only and can never run code.
 
+Pipeline shards: rank r's shard holds the state dicts of all its model chunks merged (names are global);
+which blocks a rank holds is parallel/stages.split_layers of the recorded flags (arguments.stage_split).
+The data-parallel size may change between save and resume (load_checkpoint).
+
 Tensor-parallel shards of a parameter are slices along its `tensor_parallel_dim` (set by
 parallel/layers.py), learnt by building the model on the meta device. The embedding and output head
 carry vocabulary padding that depends on tp (ModelConfig.padded_vocab_size): read_model_checkpoint
@@ -112,10 +116,10 @@ def write_tracker(checkpoint_dir: str, iteration: int):
     atomic_write_text(tracker_path(checkpoint_dir), f"{iteration}\n")
 
 
-def load_tensor_file(path: str):
-    """torch.load restricted to tensors and plain Python values (weights_only=True)."""
+def load_tensor_file(path: str, mmap: bool = False):
+    """torch.load restricted to tensors and plain Python values (weights_only=True); `mmap` reads lazily."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete") from None
     except Exception as error:  # noqa: BLE001 - any unpickling failure means an unreadable file
@@ -206,17 +210,6 @@ def model_config_from_args(args: dict, where: str) -> ModelConfig:
 
 # --------------------------------------------------------------------- splitting and merging tp/pp shards
 
-def pipeline_layer_ranges(num_layers: int, pipeline_parallel_size: int) -> list[tuple[int, int]]:
-    """Contiguous [first, last) block ranges, one per pipeline stage, as equal as possible (earlier stages larger)."""
-    base, extra = divmod(num_layers, pipeline_parallel_size)
-    ranges, first = [], 0
-    for stage in range(pipeline_parallel_size):
-        last = first + base + (1 if stage < extra else 0)
-        ranges.append((first, last))
-        first = last
-    return ranges
-
-
 def _meta_model(config: ModelConfig, **stage):
     from megatron_llama.model.llama import LlamaModel  # the model is only needed when shards are split/merged
 
@@ -233,14 +226,17 @@ def tensor_parallel_dims(config: ModelConfig) -> dict[str, int | None]:
     return dims
 
 
-def stage_parameter_names(config: ModelConfig, pipeline_parallel_size: int) -> list[set[str]]:
-    """For each pipeline stage, the state-dict names its model holds."""
-    ranges = pipeline_layer_ranges(config.num_layers, pipeline_parallel_size)
+def stage_parameter_names(config: ModelConfig, split) -> list[set[str]]:
+    """For each pipeline rank, the state-dict names its chunks hold together (`split`: parallel/stages.StageSplit,
+    so uneven and interleaved splits give the trainer's shards; the last stage's tied embedding copy included)."""
     names = []
-    for stage, layer_range in enumerate(ranges):
-        model = _meta_model(config, pre_process=stage == 0, post_process=stage == pipeline_parallel_size - 1,
-                            layer_range=layer_range)
-        names.append(set(model.state_dict().keys()))
+    for rank in range(split.pipeline_size):
+        held = set()
+        for chunk in range(split.num_chunks):
+            model = _meta_model(config, pre_process=split.is_first(rank, chunk), post_process=split.is_last(rank, chunk),
+                                layer_range=split.layer_range(rank, chunk))
+            held |= set(model.state_dict().keys())
+        names.append(held)
     return names
 
 
@@ -257,9 +253,11 @@ def resize_vocab_rows(tensor: torch.Tensor, rows: int, vocab_size: int, name: st
 
 
 def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size: int,
-                     pipeline_parallel_size: int) -> dict[tuple[int, int], dict]:
-    """A full state dict -> {(tp_rank, pp_rank): shard state dict}."""
+                     pipeline_parallel_size: int, split=None) -> dict[tuple[int, int], dict]:
+    """A full state dict -> {(tp_rank, pp_rank): shard state dict}; `split` (a StageSplit) defaults to the even
+    split of the blocks over `pipeline_parallel_size` stages."""
     from megatron_llama.arguments import tensor_parallel_misfit
+    from megatron_llama.parallel.stages import split_layers
 
     misfit = tensor_parallel_misfit(config, tensor_parallel_size, "tensor-parallel size")
     if misfit:
@@ -270,8 +268,12 @@ def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size
     if tensor_parallel_size == 1 and pipeline_parallel_size == 1:
         return {(0, 0): full}
     dims = tensor_parallel_dims(config) if tensor_parallel_size > 1 else {}
-    stages = (stage_parameter_names(config, pipeline_parallel_size) if pipeline_parallel_size > 1
-              else [set(full)])
+    if split is None and pipeline_parallel_size > 1:
+        try:
+            split = split_layers(config.num_layers, pipeline_parallel_size)
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
+    stages = stage_parameter_names(config, split) if pipeline_parallel_size > 1 else [set(full)]
     shards = {}
     for pipeline_rank, names in enumerate(stages):
         absent = sorted(names - set(full))
@@ -396,6 +398,14 @@ class ParallelRanks:
     data_size: int = 1
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that is a view into a larger buffer (the distributed optimizer's parameter buckets) copied out,
+    so the file holds the tensor alone and not the whole buffer."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
+
+
 def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, args: dict,
                     consumed_train_samples: int, schedule_state: dict, loss_scaler_state: dict | None,
                     ranks: ParallelRanks = ParallelRanks(), barrier=None):
@@ -404,7 +414,8 @@ def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, op
     directory = shard_dir(folder, ranks.tensor_rank, ranks.pipeline_rank)
     os.makedirs(directory, exist_ok=True)
     if ranks.data_rank == 0:
-        atomic_torch_save(model.state_dict(), os.path.join(directory, MODEL_FILENAME))
+        atomic_torch_save({name: _own_storage(value) for name, value in model.state_dict().items()},
+                          os.path.join(directory, MODEL_FILENAME))
     atomic_torch_save(optimizer.state_dict(), os.path.join(directory, optimizer_filename(ranks.data_rank)))
     atomic_torch_save(capture_rng_state(), os.path.join(directory, rng_filename(ranks.data_rank)))
     if barrier is not None:
@@ -450,12 +461,18 @@ class ResumeState:
 
 
 def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config: ModelConfig,
-                    ranks: ParallelRanks = ParallelRanks(), finetune: bool = False) -> tuple[ResumeState, str]:
+                    ranks: ParallelRanks = ParallelRanks(), finetune: bool = False,
+                    split=None) -> tuple[ResumeState, str]:
     """Load the newest checkpoint of `load_dir` into `model` and `optimizer`; returns its state and a log line.
 
     A full checkpoint restores weights, master params, Adam states, every RNG and the sample count.
     A model-only checkpoint (write_model_checkpoint), or --finetune, restores the weights only and
-    starts at iteration 0 with a fresh optimizer.
+    starts at iteration 0 with a fresh optimizer. `split` (parallel/stages.StageSplit) is this run's stage split,
+    needed when weights are re-split for another layout.
+
+    The data-parallel size may differ from the saved one: the distributed optimizer reshards the shards of every
+    saved data-parallel rank; a replicated optimizer state is the same on every data-parallel rank, so the first
+    one's is read. Each rank takes the RNG state of its own data-parallel rank, else of rank 0.
     """
     folder, saved_args, meta = open_checkpoint(load_dir)
     weights_only = finetune or bool(meta.get("model_only"))
@@ -467,7 +484,7 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
     elif weights_only:
         saved_config = model_config_from_args(saved_args, os.path.join(folder, ARGS_FILENAME))
         full = merge_shards(saved_config, read_model_shards(folder, saved_args), saved_layout[0])
-        model_state = split_state_dict(config, full, ranks.tensor_size, ranks.pipeline_size)[
+        model_state = split_state_dict(config, full, ranks.tensor_size, ranks.pipeline_size, split)[
             (ranks.tensor_rank, ranks.pipeline_rank)]
     else:
         raise CheckpointError(f"{folder} was saved with tensor/pipeline/data-parallel sizes {saved_layout} but this "
@@ -479,11 +496,18 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
         optimizer.set_master_params(model_state)
         reason = "--finetune" if finetune else "a model-only checkpoint"
         return ResumeState(0, 0, None), f"loaded the weights of {folder} ({reason}); starting at iteration 0"
-    if saved_layout[2] != this_layout[2]:
-        raise CheckpointError(f"{folder} was saved with data-parallel size {saved_layout[2]} but this run has "
-                              f"{this_layout[2]}; resume with the same number of processes, or pass --finetune")
-    optimizer.load_state_dict(load_tensor_file(os.path.join(shard, optimizer_filename(ranks.data_rank))), model_state)
-    restore_rng_state(load_tensor_file(os.path.join(shard, rng_filename(ranks.data_rank))))
+    if hasattr(optimizer, "buffers"):  # the distributed optimizer: every saved data-parallel shard, resharded
+        shards = [load_tensor_file(os.path.join(shard, optimizer_filename(rank)), mmap=True)
+                  for rank in range(saved_layout[2])]
+        try:
+            optimizer.load_state_dict(shards)
+        except ValueError as error:
+            raise CheckpointError(f"{shard}: {error}") from None
+    else:
+        saved_rank = ranks.data_rank if saved_layout[2] == this_layout[2] else 0
+        optimizer.load_state_dict(load_tensor_file(os.path.join(shard, optimizer_filename(saved_rank))), model_state)
+    rng_rank = ranks.data_rank if ranks.data_rank < saved_layout[2] else 0
+    restore_rng_state(load_tensor_file(os.path.join(shard, rng_filename(rng_rank))))
     state = ResumeState(int(meta["iteration"]), int(meta["consumed_train_samples"]), meta.get("loss_scaler"))
     return state, (f"resumed from {folder}: iteration {state.iteration}, "
                    f"{state.consumed_train_samples} samples consumed")

@@ -16,6 +16,10 @@ gloo on CPU) -> the tensor/data/pipeline groups (parallel.state) -> seeds (paral
 -> optimizer -> checkpoint -> data -> training loop. Logs and metrics come from the rank that holds
 the loss: tensor rank 0, data-parallel rank 0, last pipeline stage.
 
+Any layout: torchrun --nproc_per_node 8 -m megatron_llama.pretrain --tensor-model-parallel-size 2 \\
+    --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --use-distributed-optimizer \\
+    --overlap-grad-reduce --recompute-granularity full --recompute-method uniform ...   # data-parallel 2
+
 `python -m megatron_llama.pretrain --help` lists every flag (arguments.py). Exit status: 0 when
 training finished or exited on request (--exit-interval, SIGTERM with --exit-signal-handler), 1 when
 it diverged (NaN/Inf), 2 for bad arguments or a bad checkpoint. `main(argv)` is callable in-process,
@@ -32,15 +36,19 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_llama.arguments import ArgumentsError, parse_args
+from megatron_llama.arguments import ArgumentsError, parse_args, stage_split
 from megatron_llama.checkpointing import CheckpointError, ParallelRanks, load_checkpoint, save_checkpoint
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
+from megatron_llama.optim.distributed_optimizer import build_distributed_optimizer
 from megatron_llama.optim.mixed_precision import build_optimizer
 from megatron_llama.parallel import state as parallel_state
+from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
+from megatron_llama.parallel.stages import StageModel, build_model_chunks
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingState, train
 
 NOT_SAVED_ARGUMENTS = ("tokenizer", "model_config", "notes", "params_dtype", "resume_from")
@@ -93,6 +101,7 @@ def initialize_distributed(args: argparse.Namespace) -> bool:
         started = True
     if dist.is_initialized():
         parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                                 args.virtual_pipeline_model_parallel_size,
                                                  sequence_parallel=args.sequence_parallel)
     return started
 
@@ -148,9 +157,40 @@ class SignalFlag:
             self.previous = None
 
 
-def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
-    from megatron_llama.model.llama import build_model
+def build_stage_model(args: argparse.Namespace, device: torch.device):
+    """This rank's model chunks (stage split of the flags), with activation recompute applied to each, as one
+    StageModel; and the split. Order: parallel layers (built sharded) -> recompute (wraps block forwards) ->
+    data-parallel buffers and optimizer (they take the parameters as they finally are)."""
+    from megatron_llama.model.recompute import apply_recompute
 
+    split = stage_split(args)
+    chunks = build_model_chunks(args.model_config, args.seed, split, device=device, dtype=args.params_dtype)
+    for chunk in chunks:
+        apply_recompute(chunk, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+    return StageModel(chunks), split
+
+
+def build_optimizer_and_buffers(args: argparse.Namespace, model: StageModel):
+    """The data-parallel gradient buffers and the optimizer over them (distributed or replicated); a log line."""
+    names = {name for name, _ in model.named_parameters()}
+    tied_split = (not args.model_config.untie_embeddings_and_output_weights and args.pipeline_model_parallel_size > 1
+                  and args.use_distributed_optimizer and "embedding.weight" in names)
+    buffers = DataParallelBuffers(model, parallel_state.get_data_parallel_group(with_context_parallel=True),
+                                  bucket_size=args.ddp_bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,
+                                  use_distributed_optimizer=args.use_distributed_optimizer,
+                                  overlap_param_gather=args.overlap_param_gather, reduction="sum",
+                                  separate_bucket_names=["embedding.weight"] if tied_split else [])
+    settings = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                    weight_decay=args.weight_decay, clip_grad=args.clip_grad, loss_scaler=build_loss_scaler(args))
+    if args.use_distributed_optimizer:
+        optimizer, description = build_distributed_optimizer(model, buffers, **settings)
+    else:
+        optimizer, description = build_optimizer(model, grad_buffers=buffers, **settings)
+    return optimizer, buffers, (f"{description}; {len(buffers.buckets)} gradient bucket(s)"
+                                f"{', overlapped reduction' if args.overlap_grad_reduce else ''}")
+
+
+def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     for note in args.notes:
         logger.print(note)
@@ -160,15 +200,16 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
                  f"{', sequence parallel' if parallel_state.get_sequence_parallel() else ''}")
     set_random_seeds(args.seed)
     config = args.model_config
-    model = build_model(config, args.seed, device=device, dtype=args.params_dtype)
+    model, split = build_stage_model(args, device)
+    if ranks.pipeline_size > 1:
+        logger.print(f"pipeline: {schedule_name(split.pipeline_size, split.num_chunks)}, "
+                     f"{args.num_micro_batches} micro-batches per step\n{split.describe()}")
     logger.print(f"model: {full_parameter_count(model):,} parameters "
                  f"({sum(param.numel() for param in model.parameters()):,} on this rank), {config.num_layers} "
                  f"layers, hidden {config.hidden_size}, vocabulary {config.vocab_size} padded to "
                  f"{config.padded_vocab_size(ranks.tensor_size)}, {str(args.params_dtype).replace('torch.', '')} "
                  f"weights on {device}, attention {config.attention_backend}")
-    optimizer, description = build_optimizer(model, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                             eps=args.adam_eps, weight_decay=args.weight_decay,
-                                             clip_grad=args.clip_grad, loss_scaler=build_loss_scaler(args))
+    optimizer, buffers, description = build_optimizer_and_buffers(args, model)
     logger.print(description)
     schedule = LearningRateSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
                                     decay_iters=args.lr_decay_iters, decay_style=args.lr_decay_style,
@@ -176,7 +217,7 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
     state = TrainingState()
     if args.resume_from is not None:
         resumed, message = load_checkpoint(args.load, model=model, optimizer=optimizer, config=config,
-                                           ranks=ranks, finetune=args.finetune)
+                                           ranks=ranks, finetune=args.finetune, split=split)
         state = TrainingState(resumed.iteration, resumed.consumed_train_samples)
         if resumed.loss_scaler is not None and optimizer.loss_scaler is not None:
             optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
@@ -185,6 +226,8 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
     record = arguments_record(args)
 
     def save(current: TrainingState):
+        if args.use_distributed_optimizer:
+            buffers.finish_param_sync()  # an overlapped all-gather of the updated params may still be in flight
         save_checkpoint(args.save, current.iteration, model=model, optimizer=optimizer, args=record,
                         consumed_train_samples=current.consumed_train_samples, schedule_state=schedule.state_dict(),
                         loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
@@ -198,7 +241,7 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
         seq_length=args.seq_length, flops_per_token=config.flops_per_token(args.seq_length), device=device,
         log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         save_interval=args.save_interval, exit_interval=args.exit_interval, world_size=args.world_size,
-        data_parallel_rank=ranks.data_rank, data_parallel_size=ranks.data_size, save=save if args.save else None,
+        data_parallel_rank=ranks.data_rank, data_parallel_size=ranks.data_size, buffers=buffers, save=save if args.save else None,
         stop_requested=stop_flag if args.exit_signal_handler else None)
     try:
         train(model, optimizer, schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)

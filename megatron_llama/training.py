@@ -43,7 +43,10 @@ from megatron_llama.optim.grad_scaler import DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer, StepOutcome
 from megatron_llama.parallel import comm, state as parallel_state
+from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.layers import allreduce_sequence_parallel_grads
+from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
+from megatron_llama.parallel.stages import allreduce_tied_embedding_grads, model_chunks
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,65 +79,92 @@ class TrainingSetup:
     world_size: int = 1
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
+    buffers: DataParallelBuffers | None = None  # bucketed data-parallel gradient sync (else one all-reduce)
     save: Callable[[TrainingState], None] | None = None  # writes a checkpoint of the current state
     stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
 
 
-def forward_backward(model: nn.Module, optimizer: MixedPrecisionOptimizer,
-                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], tokens_in_global_batch: int) -> torch.Tensor:
-    """Accumulate the gradient of the global-batch mean loss over `batches`; returns this rank's share of it."""
-    total = None
-    for tokens, labels in batches:
-        per_token_loss = model(tokens, labels)  # [b, s] fp32
-        loss = per_token_loss.sum() / tokens_in_global_batch
-        optimizer.scale_loss(loss).backward()
-        total = loss.detach() if total is None else total + loss.detach()
-    return total
+def as_micro_batch(batch) -> dict:
+    """A (tokens, labels) pair from the data loader -> the dict the pipeline schedule draws ("tokens", "labels")."""
+    if isinstance(batch, dict):
+        return batch
+    tokens, labels = batch
+    return {"tokens": tokens, "labels": labels}
 
 
-def reduce_gradients_across_data_parallel(optimizer: MixedPrecisionOptimizer):
-    """Sum the fp32 main grads over the data-parallel (x context-parallel) group: one all-reduce of the
-    whole grad buffer after the last micro-batch (no bucketing, no overlap with backward)."""
-    comm.all_reduce(optimizer.grad_buffer, parallel_state.get_data_parallel_group(with_context_parallel=True))
+def _schedule_shapes(chunks: list[nn.Module], batches: list[dict]) -> dict:
+    """run_schedule's size arguments: [b, s] of the micro-batches, the model's hidden size and dtype."""
+    micro_batch_size, seq_length = batches[0]["tokens"].shape
+    first_param = next(chunks[0].parameters())
+    return dict(num_micro_batches=len(batches), micro_batch_size=micro_batch_size, seq_length=seq_length,
+                hidden_size=chunks[0].config.hidden_size, dtype=first_param.dtype, device=first_param.device)
 
 
-def finalize_gradients(model: nn.Module, optimizer: MixedPrecisionOptimizer):
-    """Complete the main grads after the last micro-batch's backward, before the norm, clipping and step."""
+def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_global_batch: int,
+                     buffers: DataParallelBuffers | None = None) -> torch.Tensor:
+    """Accumulate the gradient of the global-batch mean loss over `batches` through the pipeline schedule
+    (gradient accumulation alone at pp=1); returns this rank's share of the loss (0 off the last stage).
+    With `buffers` the data-parallel gradient sync is off until the last backward (overlap starts there)."""
+    chunks = model_chunks(model)
+    batches = [as_micro_batch(batch) for batch in batches]
+    if buffers is not None:
+        buffers.disable_grad_sync()
+    losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.sum() / tokens_in_global_batch,
+                          **_schedule_shapes(chunks, batches), scale_loss=optimizer.scale_loss,
+                          before_last_backward=buffers.enable_grad_sync if buffers is not None else None)
+    if buffers is not None:
+        buffers.enable_grad_sync()
+    if losses:
+        return torch.stack(losses).sum()
+    return torch.zeros((), dtype=torch.float32, device=next(chunks[0].parameters()).device)
+
+
+def finalize_gradients(model: nn.Module, optimizer, buffers: DataParallelBuffers | None = None):
+    """Complete the main grads after the last micro-batch's backward, before the norm, clipping and step: the
+    data-parallel sum (bucketed by `buffers`, else one all-reduce of the optimizer's buffer), the sequence-parallel
+    partial grads summed over tensor ranks, the tied embedding's two copies summed over the first and last stage."""
+    if buffers is not None:
+        buffers.finish_grad_sync()
+    else:
+        comm.all_reduce(optimizer.grad_buffer, parallel_state.get_data_parallel_group(with_context_parallel=True))
     allreduce_sequence_parallel_grads(model)  # norm weights saw only this rank's sequence shard
-    reduce_gradients_across_data_parallel(optimizer)
+    allreduce_tied_embedding_grads(model_chunks(model))
 
 
-def reduce_loss_across_data_parallel(loss: torch.Tensor) -> torch.Tensor:
-    """Sum the data-parallel ranks' shares of the global-batch mean loss (in place; returned)."""
+def reduce_loss_across_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """The last stage's loss copied to every stage, then the data-parallel shares summed (in place; returned)."""
+    broadcast_from_last_stage(loss)
     return comm.all_reduce(loss, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
 
-def train_step(model: nn.Module, optimizer: MixedPrecisionOptimizer,
-               batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float,
-               tokens_in_global_batch: int) -> tuple[float, StepOutcome]:
+def train_step(model: nn.Module, optimizer, batches: Iterable, lr: float, tokens_in_global_batch: int,
+               buffers: DataParallelBuffers | None = None) -> tuple[float, StepOutcome]:
     """One optimizer update: zero grads, accumulate over the micro-batches, finalize grads, step.
-    Returns (global-batch mean loss, outcome)."""
+    Returns (global-batch mean loss, outcome), equal on every rank."""
     optimizer.zero_grad()
-    loss = forward_backward(model, optimizer, batches, tokens_in_global_batch)
-    finalize_gradients(model, optimizer)
-    loss = reduce_loss_across_data_parallel(loss)
+    loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers)
+    finalize_gradients(model, optimizer, buffers)
+    loss = reduce_loss_across_ranks(loss)
     outcome = optimizer.step(lr)
     return float(loss), outcome
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def evaluate(model: nn.Module, batches: Iterable) -> float:
     """Mean per-token loss over `batches` (each data-parallel rank's own), taken over all data-parallel ranks."""
+    chunks = model_chunks(model)
+    batches = [as_micro_batch(batch) for batch in batches]
     was_training = model.training
     model.eval()
-    loss_sum, token_count = None, 0
-    for tokens, labels in batches:
-        batch_sum = model(tokens, labels).double().sum()
-        loss_sum = batch_sum if loss_sum is None else loss_sum + batch_sum
-        token_count += labels.numel()
+    losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.double().sum(),
+                          **_schedule_shapes(chunks, batches), forward_only=True)
     model.train(was_training)
-    totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=loss_sum.device)])
-    reduce_loss_across_data_parallel(totals)
+    device = next(chunks[0].parameters()).device
+    loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float64, device=device)
+    token_count = sum(batch["labels"].numel() for batch in batches)
+    totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=device)])
+    broadcast_from_last_stage(totals[:1])
+    comm.all_reduce(totals, parallel_state.get_data_parallel_group(with_context_parallel=True))
     return float(totals[0] / totals[1])
 
 
@@ -204,7 +234,7 @@ def train(model: nn.Module, optimizer: MixedPrecisionOptimizer, schedule: Learni
         iteration = state.iteration + 1
         step_batches = [next(batches) for _ in range(setup.num_micro_batches)]
         lr = schedule.lr_at(iteration)
-        loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch)
+        loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers)
         if _diverged(loss, outcome, optimizer):
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
                                    f"finite; training stopped without saving, the last checkpoint is intact "

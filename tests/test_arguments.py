@@ -85,7 +85,15 @@ def test_metrics_path_defaults_to_the_save_directory_else_the_tensorboard_direct
     ("--hidden-size 30", "--hidden-size 30 is not divisible by --num-attention-heads 4"),
     ("--bf16 --fp16", "--bf16 and --fp16 were both given; choose one"),
     ("--tensor-model-parallel-size 2", "world size 1 is not divisible by --tensor-model-parallel-size 2"),
-    ("--pipeline-model-parallel-size 2", "--pipeline-model-parallel-size 2 is not supported yet"),
+    ("--pipeline-model-parallel-size 2", "world size 1 is not divisible by --tensor-model-parallel-size 1 x "
+                                         "--pipeline-model-parallel-size 2 = 2"),
+    ("--overlap-param-gather", "--overlap-param-gather overlaps the all-gather of the distributed optimizer's "
+                               "updated params; add --use-distributed-optimizer"),
+    ("--recompute-method uniform", "--recompute-method apply to --recompute-granularity full only (got None)"),
+    ("--recompute-granularity selective --recompute-num-layers 2",
+     "--recompute-num-layers apply to --recompute-granularity full only (got selective)"),
+    ("--recompute-granularity full", "--recompute-granularity full needs --recompute-method uniform"),
+    ("--ddp-bucket-size 0", "--ddp-bucket-size must be positive, got 0"),
     ("--max-position-embeddings 8", "--seq-length 16 exceeds --max-position-embeddings 8"),
     ("--min-lr 0.1", "--min-lr 0.1 must lie between 0 and --lr 0.001"),
     ("--lr-warmup-iters 4", "--lr-warmup-iters 4 must be below --lr-decay-iters 4"),

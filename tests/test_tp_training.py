@@ -120,7 +120,10 @@ LAYOUT_BASE = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 96 --num-atten
      "--seq-length 15 is not divisible by --tensor-model-parallel-size 2"),
     (4, "--tensor-model-parallel-size 2 --global-batch-size 6",
      "global batch 6 is not divisible by micro-batch 2 x data-parallel 2 = 4; use a multiple of 4"),
-    (2, "--pipeline-model-parallel-size 2", "--pipeline-model-parallel-size 2 is not supported yet"),
+    (4, "--pipeline-model-parallel-size 4", "--num-layers 2 is not divisible by --pipeline-model-parallel-size 4"),
+    (2, "--pipeline-model-parallel-size 2 --num-layers 4 --num-layers-per-virtual-pipeline-stage 1 "
+        "--global-batch-size 6", "needs the number of micro-batches (global batch / (micro batch x data-parallel "
+                                 "size) = 3) to be a multiple of --pipeline-model-parallel-size 2"),
 ])
 def test_bad_parallel_layout_fails_before_anything_starts_with_the_numbers(monkeypatch, world_size, extra, message):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))

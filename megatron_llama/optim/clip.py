@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def global_grad_norm(grads: list[torch.Tensor], norm_group=None) -> torch.Tensor:
@@ -25,3 +26,13 @@ def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Te
     """Scale `grads` in place so their global norm is at most `max_norm` (no sync with the host)."""
     coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     torch._foreach_mul_(grads, coefficient)
+
+
+def counts_in_grad_norm(param: nn.Parameter, tensor_parallel_rank: int) -> bool:
+    """Whether this rank adds `param`'s gradient to the global norm, so every gradient counts exactly once:
+    a parameter replicated on the tensor ranks (norm weights, sequence-parallel ones included) counts on tensor
+    rank 0 only; the tied embedding, held by the first and the last pipeline stage, counts on the first only
+    (parallel/stages.py marks the last stage's copy `is_tied_embedding_copy`)."""
+    if getattr(param, "tensor_parallel_dim", None) is None and tensor_parallel_rank != 0:
+        return False
+    return not getattr(param, "is_tied_embedding_copy", False)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_llama.optim.clip import clip_grads_, global_grad_norm
+from megatron_llama.optim.clip import clip_grads_, counts_in_grad_norm, global_grad_norm  # noqa: F401 (re-exported)
 from megatron_llama.optim.mixed_precision import StepOutcome
 from megatron_llama.optim.optimizer import build_adamw, excluded_from_weight_decay
 from megatron_llama.parallel import state as parallel_state
@@ -67,16 +67,6 @@ def shard_pieces(buffers: DataParallelBuffers, rank: int) -> list[ShardPiece]:
             if low < high:
                 pieces.append(ShardPiece(name, low - start, high - start, bucket.index, low))
     return pieces
-
-
-def counts_in_grad_norm(param: nn.Parameter, tensor_parallel_rank: int) -> bool:
-    """Whether this rank adds `param`'s gradient to the global norm, so every gradient counts exactly once:
-    a parameter replicated on the tensor ranks (norm weights, sequence-parallel ones included) counts on tensor
-    rank 0 only; the tied embedding, held by the first and the last pipeline stage, counts on the first only
-    (parallel/stages.py marks the last stage's copy `is_tied_embedding_copy`)."""
-    if getattr(param, "tensor_parallel_dim", None) is None and tensor_parallel_rank != 0:
-        return False
-    return not getattr(param, "is_tied_embedding_copy", False)
 
 
 class DistributedOptimizer:

@@ -6,7 +6,9 @@
              params whose .grad is the main grad -> copy master params back into the model params
 
 Every main grad is a view into one contiguous fp32 buffer (`grad_buffer`), so zeroing is one fill and
-a data-parallel reduction can work on whole buffers. For an fp32 model the master params are the
+a data-parallel reduction can work on whole buffers. With `grad_buffers` (parallel/data_parallel.py's
+DataParallelBuffers, which owns the buffer, the hooks and the bucketed reduction) the optimizer uses
+that buffer instead of its own. For an fp32 model the master params are the
 model params themselves (nothing is copied). Usage:
 
     optimizer, description = build_optimizer(model, lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -21,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from megatron_llama.optim.clip import clip_grads_, global_grad_norm
+from megatron_llama.optim.clip import clip_grads_, counts_in_grad_norm, global_grad_norm
 from megatron_llama.optim.optimizer import build_adamw, weight_decay_groups
 from megatron_llama.parallel import state as parallel_state
 
@@ -37,27 +39,32 @@ class MixedPrecisionOptimizer:
 
     def __init__(self, model: nn.Module, build: Callable[[list[dict]], torch.optim.Optimizer], *,
                  weight_decay: float, clip_grad: float, loss_scaler=None, norm_group=None,
-                 tensor_parallel_rank: int = 0):
+                 tensor_parallel_rank: int = 0, grad_buffers=None):
         self.named_model_params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         self.clip_grad = clip_grad
         self.loss_scaler = loss_scaler
         self.norm_group = norm_group
         self.tensor_parallel_rank = tensor_parallel_rank
-        device = self.named_model_params[0][1].device
-        total = sum(param.numel() for _, param in self.named_model_params)
-        self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        self.grad_buffers = grad_buffers
         self.master_params: dict[str, torch.Tensor] = {}
         self._hooks = []
-        offset = 0
+        if grad_buffers is None:
+            device = self.named_model_params[0][1].device
+            total = sum(param.numel() for _, param in self.named_model_params)
+            self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
+            offset = 0
+            for _, param in self.named_model_params:
+                param.main_grad = self.grad_buffer[offset:offset + param.numel()].view_as(param)
+                offset += param.numel()
+                self._hooks.append(param.register_post_accumulate_grad_hook(_accumulate_into_main_grad))
+        else:
+            self.grad_buffer = grad_buffers.grad_buffer
         for name, param in self.named_model_params:
-            param.main_grad = self.grad_buffer[offset:offset + param.numel()].view_as(param)
-            offset += param.numel()
             if param.dtype == torch.float32:
                 master = param  # an fp32 model is its own master copy
             else:
                 master = nn.Parameter(param.detach().float().clone())
             self.master_params[name] = master
-            self._hooks.append(param.register_post_accumulate_grad_hook(_accumulate_into_main_grad))
         master_named = [(name, self.master_params[name]) for name, _ in self.named_model_params]
         self.optimizer = build(weight_decay_groups(master_named, weight_decay))
 
@@ -69,14 +76,18 @@ class MixedPrecisionOptimizer:
         return loss * self.loss_scale if self.loss_scaler is not None else loss
 
     def zero_grad(self):
+        if self.grad_buffers is not None:
+            self.grad_buffers.zero_grad()
+            return
         self.grad_buffer.zero_()
         for _, param in self.named_model_params:
             param.grad = None
 
     def grads_for_norm(self) -> list[torch.Tensor]:
-        """Main grads this rank counts in the global norm (tensor-replicated params only on tp rank 0)."""
+        """Main grads this rank counts in the global norm (clip.counts_in_grad_norm: tensor-replicated params on tp
+        rank 0 only, the last stage's tied embedding copy never)."""
         return [param.main_grad for _, param in self.named_model_params
-                if getattr(param, "tensor_parallel_dim", None) is not None or self.tensor_parallel_rank == 0]
+                if counts_in_grad_norm(param, self.tensor_parallel_rank)]
 
     @torch.no_grad()
     def step(self, lr: float) -> StepOutcome:
@@ -135,7 +146,7 @@ def _accumulate_into_main_grad(param: torch.Tensor):
 
 
 def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                    clip_grad: float, loss_scaler=None) -> tuple[MixedPrecisionOptimizer, str]:
+                    clip_grad: float, loss_scaler=None, grad_buffers=None) -> tuple[MixedPrecisionOptimizer, str]:
     """AdamW (optim/optimizer.py) under mixed precision for `model`, and a log line naming the implementation.
     The gradient norm spans this rank's model-parallel group (parallel.state; none before it is initialised)."""
     device = next(model.parameters()).device
@@ -148,5 +159,6 @@ def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], 
 
     optimizer = MixedPrecisionOptimizer(model, build_inner, weight_decay=weight_decay, clip_grad=clip_grad,
                                         loss_scaler=loss_scaler, norm_group=parallel_state.get_model_parallel_group(),
-                                        tensor_parallel_rank=parallel_state.get_tensor_model_parallel_rank())
+                                        tensor_parallel_rank=parallel_state.get_tensor_model_parallel_rank(),
+                                        grad_buffers=grad_buffers)
     return optimizer, descriptions[0]

@@ -40,7 +40,8 @@ Loss and gradients. On the last stage `loss_fn(output, micro_batch)` returns the
 back-propagated (e.g. sum of per-token losses / tokens in the global batch, so that the
 micro-batches add up to the global-batch mean); its detached value is returned per micro-batch,
 only there. `scale_loss` (e.g. the fp16 loss scaler) multiplies it before backward.
-`after_last_backward` runs once the rank's last backward is done and its gradient sent on, so a
+`before_last_backward` runs right before the rank's last backward (a data-parallel reduction
+that overlaps backward turns its gradient sync on there); `after_last_backward` runs once the rank's last backward is done and its gradient sent on, so a
 data-parallel gradient reduction starts only once every micro-batch has added its gradient.
 """
 from __future__ import annotations
@@ -319,6 +320,7 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | 
                  device: torch.device | None = None, forward_only: bool = False,
                  forward_step: Callable = llama_forward_step,
                  scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 before_last_backward: Callable[[], None] | None = None,
                  after_last_backward: Callable[[], None] | None = None,
                  stats: ScheduleStats | None = None) -> list[torch.Tensor]:
     """Forward (and, unless forward_only, backward) `num_micro_batches` micro-batches through the pipeline.
@@ -356,6 +358,8 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | 
             if step.action.kind == FORWARD:
                 produced = runner.forward(step.action)
             else:
+                if index == last_backward and before_last_backward is not None:
+                    before_last_backward()
                 produced = runner.backward(step.action)
         runner.exchange(step, produced, shape, dtype, device)
         if index == last_backward and after_last_backward is not None:

@@ -28,6 +28,10 @@ Usage:
     chunks = build_model_chunks(config, seed, split)   # this rank's model chunks, in schedule order
     ... run_schedule(chunks, ...) ...                  # parallel/pipeline.py
     allreduce_tied_embedding_grads(chunks)             # before the optimizer step
+
+`StageModel(chunks)` presents a rank's chunks as one module for the data-parallel buffers, the
+optimizer and checkpoints: its parameter and state-dict names are the chunks' own global names
+(`layers.5.mlp.up.weight`, never `chunks.1.layers.5...`), unique because the chunks hold disjoint blocks.
 """
 from __future__ import annotations
 
@@ -150,6 +154,38 @@ def build_model_chunks(config: ModelConfig, seed: int, split: StageSplit, *, pip
             model.embedding.weight.is_tied_embedding_copy = True
         chunks.append(model)
     return chunks
+
+
+class StageModel(nn.Module):
+    """This rank's model chunks as one module whose names are the chunks' (global) names; not callable:
+    parallel/pipeline.py runs the chunks one by one."""
+
+    def __init__(self, chunks: list[nn.Module]):
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for chunk in self.chunks:
+            yield from chunk.named_parameters(prefix, recurse, remove_duplicate)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        merged = {}
+        for chunk in self.chunks:
+            merged.update(chunk.state_dict(*args, **kwargs))
+        return merged
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        for chunk in self.chunks:
+            own = {name: state_dict[name] for name in chunk.state_dict() if name in state_dict}
+            chunk.load_state_dict(own, strict=strict, assign=assign)
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("a StageModel is not called: run its chunks through parallel.pipeline.run_schedule")
+
+
+def model_chunks(model: nn.Module) -> list[nn.Module]:
+    """The chunks of a StageModel, or [model] for a plain (whole or one-stage) model."""
+    return list(model.chunks) if isinstance(model, StageModel) else [model]
 
 
 def tied_embedding_weight(model_chunks: list[nn.Module]) -> nn.Parameter | None:
