@@ -233,7 +233,8 @@ def stage_parameter_names(config: ModelConfig, split) -> list[set[str]]:
     for rank in range(split.pipeline_size):
         held = set()
         for chunk in range(split.num_chunks):
-            model = _meta_model(config, pre_process=split.is_first(rank, chunk), post_process=split.is_last(rank, chunk),
+            model = _meta_model(config, pre_process=split.is_first(rank, chunk),
+                                post_process=split.is_last(rank, chunk),
                                 layer_range=split.layer_range(rank, chunk))
             held |= set(model.state_dict().keys())
         names.append(held)
@@ -460,6 +461,12 @@ class ResumeState:
     loss_scaler: dict | None
 
 
+def _saved_split_ranges(saved_args: dict):
+    from megatron_llama.arguments import stage_split
+
+    return stage_split(saved_args).ranges
+
+
 def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config: ModelConfig,
                     ranks: ParallelRanks = ParallelRanks(), finetune: bool = False,
                     split=None) -> tuple[ResumeState, str]:
@@ -479,7 +486,8 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
     saved_layout = parallel_sizes(saved_args)
     this_layout = (ranks.tensor_size, ranks.pipeline_size, ranks.data_size)
     shard = shard_dir(folder, ranks.tensor_rank, ranks.pipeline_rank)
-    if saved_layout[:2] == this_layout[:2]:
+    same_split = split is None or _saved_split_ranges(saved_args) == split.ranges
+    if saved_layout[:2] == this_layout[:2] and same_split:
         model_state = load_tensor_file(os.path.join(shard, MODEL_FILENAME))
     elif weights_only:
         saved_config = model_config_from_args(saved_args, os.path.join(folder, ARGS_FILENAME))

@@ -241,7 +241,8 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
         seq_length=args.seq_length, flops_per_token=config.flops_per_token(args.seq_length), device=device,
         log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         save_interval=args.save_interval, exit_interval=args.exit_interval, world_size=args.world_size,
-        data_parallel_rank=ranks.data_rank, data_parallel_size=ranks.data_size, buffers=buffers, save=save if args.save else None,
+        data_parallel_rank=ranks.data_rank, data_parallel_size=ranks.data_size, buffers=buffers,
+        save=save if args.save else None,
         stop_requested=stop_flag if args.exit_signal_handler else None)
     try:
         train(model, optimizer, schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)

@@ -12,14 +12,21 @@ step is skipped and the loss scale halved instead; only an overflow at the minim
 stops the run.)
 
 Parallel layouts (pretrain.py builds the process groups before the model). Each data-parallel rank
-takes its own micro-batches of the global batch (data_loader.PretrainingSampler); the tensor ranks of
-one data-parallel rank read identical micro-batches. One step:
+takes its own micro-batches of the global batch (data_loader.PretrainingSampler); the tensor and pipeline
+ranks of one data-parallel rank read identical micro-batches. `model` is this rank's StageModel (its
+pipeline chunks; parallel/stages.py) or a plain LlamaModel. One step:
 
-    forward_backward          micro-batches of this rank -> its share of the loss, grads in main_grad
-    finalize_gradients        sequence-parallel partial grads summed over tensor ranks, then the main
-                              grads summed over data-parallel ranks (reduce_gradients_across_data_parallel)
-    reduce_loss_across_data_parallel   the shares summed: the global-batch mean loss, equal on every rank
-    optimizer.step            norm over the model-parallel group, clip, AdamW
+    forward_backward     the micro-batches through parallel/pipeline.run_schedule (plain gradient
+                         accumulation at pp=1, 1F1B or interleaved 1F1B otherwise); with DataParallelBuffers
+                         the data-parallel sync is off until the last backward, whose complete buckets
+                         start reducing at once under --overlap-grad-reduce
+    finalize_gradients   finish the data-parallel reduction (all-reduce, or reduce-scatter for the
+                         distributed optimizer), sum sequence-parallel partial grads over tensor ranks, sum
+                         the tied embedding's two copies over the first and last stage
+    reduce_loss_across_ranks   the last stage's loss copied to every stage, then summed over data-parallel
+                         ranks: the global-batch mean loss, equal on every rank (any rank may log it)
+    optimizer.step       norm over the model-parallel group (every rank with the distributed optimizer; the
+                         tied copy skipped), clip, AdamW (on this rank's shard, then all-gather)
 
 Every rank's contribution is already divided by the GLOBAL token count, so the data-parallel
 reductions are sums, not averages. A loop stop (SIGTERM) is agreed by all ranks before it is acted on.

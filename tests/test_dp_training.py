@@ -5,7 +5,6 @@ distributed-optimizer checkpoint saved at dp=2 resumes at dp=1 and dp=4 as if un
 
 Forks of 2, 4 and 8 gloo ranks run the layouts of their size in turn; single-process runs happen here.
 """
-import json
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
+from trainer_runs import metrics, run_in_process
 from megatron_llama.checkpointing import read_model_checkpoint
 from megatron_llama.pretrain import main
 
@@ -62,21 +62,11 @@ def runs(tmp_path_factory):
         count = sum(processes == world_size for processes, _ in LAYOUTS.values()) + extra[world_size]
         statuses = run_distributed(run_layouts, world_size=world_size, args=(root, world_size), timeout_s=300)
         assert statuses == [[0] * count] * world_size
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name, flags in (("one", []), ("one_tied", TIED)):
-            assert main(BASE + flags + ["--save", os.path.join(root, name)]) == 0
-        assert main(BASE + ["--use-distributed-optimizer", "--save", os.path.join(root, "dp1_resumed"),
-                            "--load", os.path.join(root, "dp2_distributed_stopped")]) == 0
-    finally:
-        torch.set_num_threads(previous)
+    run_in_process([BASE + ["--save", os.path.join(root, "one")],
+                    BASE + TIED + ["--save", os.path.join(root, "one_tied")],
+                    BASE + ["--use-distributed-optimizer", "--save", os.path.join(root, "dp1_resumed"),
+                            "--load", os.path.join(root, "dp2_distributed_stopped")]])
     return Path(root)
-
-
-def metrics(save) -> list[dict]:
-    with open(os.path.join(save, "metrics.jsonl")) as handle:
-        return [json.loads(line) for line in handle]
 
 
 def assert_same_records(ours: list[dict], reference: list[dict], rel: float):

@@ -6,7 +6,6 @@ One fork of 2 ranks and one of 4 run every layout in turn (each main() builds an
 the single-process references run in this process.
 """
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
+from trainer_runs import metrics, run_in_process
 from megatron_llama.arguments import ArgumentsError, parse_args
 from megatron_llama.checkpointing import read_model_checkpoint
 from megatron_llama.model.llama import LlamaModel
@@ -56,19 +56,9 @@ def runs(tmp_path_factory):
         count = sum(processes == world_size for processes, _, _ in LAYOUTS.values()) + 2 * (world_size == 2)
         statuses = run_distributed(run_layouts, world_size=world_size, args=(root, world_size), timeout_s=300)
         assert statuses == [[0] * count] * world_size
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name, flags in (("one", []), ("one_tied", TIED)):
-            assert main(BASE + flags + ["--save", os.path.join(root, name)]) == 0
-    finally:
-        torch.set_num_threads(previous)
+    run_in_process([BASE + ["--save", os.path.join(root, "one")],
+                    BASE + TIED + ["--save", os.path.join(root, "one_tied")]])
     return Path(root)
-
-
-def metrics(save) -> list[dict]:
-    with open(os.path.join(save, "metrics.jsonl")) as handle:
-        return [json.loads(line) for line in handle]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -41,8 +41,9 @@ back-propagated (e.g. sum of per-token losses / tokens in the global batch, so t
 micro-batches add up to the global-batch mean); its detached value is returned per micro-batch,
 only there. `scale_loss` (e.g. the fp16 loss scaler) multiplies it before backward.
 `before_last_backward` runs right before the rank's last backward (a data-parallel reduction
-that overlaps backward turns its gradient sync on there); `after_last_backward` runs once the rank's last backward is done and its gradient sent on, so a
-data-parallel gradient reduction starts only once every micro-batch has added its gradient.
+that overlaps backward turns its gradient sync on there); `after_last_backward` runs once the
+rank's last backward is done and its gradient sent on, so a data-parallel gradient reduction
+started there begins only once every micro-batch has added its gradient.
 """
 from __future__ import annotations
 
