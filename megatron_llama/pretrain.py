@@ -129,9 +129,14 @@ def is_logging_rank() -> bool:
             and parallel_state.is_pipeline_last_stage(ignore_virtual=True))
 
 
-def full_parameter_count(model: torch.nn.Module) -> int:
-    """Parameters of the whole (unsplit) model: tensor-parallel layers know their full shape."""
-    return sum(math.prod(getattr(param, "full_shape", param.shape)) for param in model.parameters())
+def full_parameter_count(config) -> int:
+    """Parameters of the whole model, whatever this rank holds: every stage built on the meta device (no memory),
+    tensor-parallel layers knowing their full shape."""
+    from megatron_llama.model.llama import LlamaModel
+
+    with torch.device("meta"):
+        whole = LlamaModel(config)
+    return sum(math.prod(getattr(param, "full_shape", param.shape)) for param in whole.parameters())
 
 
 class SignalFlag:
@@ -204,7 +209,7 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
     if ranks.pipeline_size > 1:
         logger.print(f"pipeline: {schedule_name(split.pipeline_size, split.num_chunks)}, "
                      f"{args.num_micro_batches} micro-batches per step\n{split.describe()}")
-    logger.print(f"model: {full_parameter_count(model):,} parameters "
+    logger.print(f"model: {full_parameter_count(config):,} parameters "
                  f"({sum(param.numel() for param in model.parameters()):,} on this rank), {config.num_layers} "
                  f"layers, hidden {config.hidden_size}, vocabulary {config.vocab_size} padded to "
                  f"{config.padded_vocab_size(ranks.tensor_size)}, {str(args.params_dtype).replace('torch.', '')} "
