@@ -9,7 +9,9 @@
 
 `parse_args(argv)` returns an argparse.Namespace with the flags plus derived values:
 `model_config` (ModelConfig), `device`, `params_dtype`, `world_size`, `data_parallel_size`,
-`num_micro_batches`, `lr_decay_iters`, `metrics_path` and `notes` (messages for the log). Every check
+`num_micro_batches`, `virtual_pipeline_model_parallel_size` (model chunks per rank, None without
+interleaving), `lr_decay_iters`, `metrics_path` and `notes` (messages for the log); `stage_split(args)` gives
+the pipeline split of a namespace or of a checkpoint's args.json. Every check
 runs here, before any model, dataset or process group is built; a failure raises ArgumentsError
 whose message names the flag and the numbers and says what to change.
 
