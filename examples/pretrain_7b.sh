@@ -22,6 +22,7 @@ MICRO_BATCH=${MICRO_BATCH:-2}
 GLOBAL_BATCH=${GLOBAL_BATCH:-512}   # sequences of SEQ_LENGTH tokens per optimizer step
 SEQ_LENGTH=${SEQ_LENGTH:-2048}
 TRAIN_ITERS=${TRAIN_ITERS:-250000}
+WARMUP_ITERS=${WARMUP_ITERS:-2000}
 RECOMPUTE=${RECOMPUTE:-selective}   # selective | full | none
 
 DATA_PATH=${DATA_PATH:-"0.5 data/pile_text_document 0.5 data/wudao_title_content_document"}
@@ -45,14 +46,14 @@ else
         --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
 fi
 
-mkdir -p "$OUTPUT_DIR"
+mkdir -p "$OUTPUT_DIR/checkpoints"  # --load of the empty --save folder starts fresh, later runs resume
 exec torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m megatron_llama.pretrain --model-preset openllama-7b \
   "${parallel[@]}" "${data[@]}" \
   --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH" \
   --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
-  --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2000 \
+  --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS" \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 \
   --save "$OUTPUT_DIR/checkpoints" --load "$OUTPUT_DIR/checkpoints" --save-interval "${SAVE_INTERVAL:-1000}" \
   --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters 10 --log-interval "${LOG_INTERVAL:-1}" \
