@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_llama.optim.clip import clip_grads_, counts_in_grad_norm, global_grad_norm  # noqa: F401 (re-exported)
-from megatron_llama.optim.mixed_precision import StepOutcome
+from megatron_llama.optim.mixed_precision import LossScaledOptimizer, StepOutcome
 from megatron_llama.optim.optimizer import build_adamw, excluded_from_weight_decay
 from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
@@ -69,7 +69,7 @@ def shard_pieces(buffers: DataParallelBuffers, rank: int) -> list[ShardPiece]:
     return pieces
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(LossScaledOptimizer):
     """Same interface as MixedPrecisionOptimizer (zero_grad, scale_loss, step, state_dict, load_state_dict,
     set_master_params), over this data-parallel rank's shard of the parameters."""
 
@@ -110,13 +110,6 @@ class DistributedOptimizer:
                 groups.append({"params": [master for _, master in members], "names": [name for name, _ in members],
                                "weight_decay": decay})
         return groups
-
-    @property
-    def loss_scale(self) -> float:
-        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.loss_scale if self.loss_scaler is not None else loss
 
     def zero_grad(self):
         self.buffers.zero_grad()

@@ -34,7 +34,20 @@ class StepOutcome:
     skipped: bool  # True when the update was not applied (fp16 overflow, or a non-finite norm)
 
 
-class MixedPrecisionOptimizer:
+class LossScaledOptimizer:
+    """What every optimizer of ours shares: the loss scale (1.0 without a loss scaler) and loss scaling."""
+
+    loss_scaler = None
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scale if self.loss_scaler is not None else loss
+
+
+class MixedPrecisionOptimizer(LossScaledOptimizer):
     """Owns the fp32 main grads and master params of `model` and the inner optimizer over them."""
 
     def __init__(self, model: nn.Module, build: Callable[[list[dict]], torch.optim.Optimizer], *,
@@ -67,13 +80,6 @@ class MixedPrecisionOptimizer:
             self.master_params[name] = master
         master_named = [(name, self.master_params[name]) for name, _ in self.named_model_params]
         self.optimizer = build(weight_decay_groups(master_named, weight_decay))
-
-    @property
-    def loss_scale(self) -> float:
-        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.loss_scale if self.loss_scaler is not None else loss
 
     def zero_grad(self):
         if self.grad_buffers is not None:
