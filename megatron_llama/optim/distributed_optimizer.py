@@ -125,10 +125,7 @@ class DistributedOptimizer(LossScaledOptimizer):
             torch._foreach_mul_(self.grad_pieces, 1.0 / self.loss_scaler.scale)
         zero = torch.zeros(1, device=self.buffers.grad_buffer.device)
         norm = global_grad_norm(self.norm_grads or [zero], self.norm_group)
-        grad_norm = float(norm)  # the one host sync of the step: overflow and NaN checks need it
-        finite = grad_norm == grad_norm and grad_norm not in (float("inf"), float("-inf"))
-        if self.loss_scaler is not None:
-            self.loss_scaler.update(found_overflow=not finite)
+        grad_norm, finite = self.read_grad_norm(norm)
         if not finite:
             return StepOutcome(grad_norm, skipped=True)
         if self.clip_grad > 0 and self.grad_pieces:

@@ -17,6 +17,7 @@ model params themselves (nothing is copied). Usage:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,15 @@ class LossScaledOptimizer:
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.loss_scale if self.loss_scaler is not None else loss
+
+    def read_grad_norm(self, norm: torch.Tensor) -> tuple[float, bool]:
+        """The global grad norm on the host (the step's one sync) and whether it is finite; an overflow or
+        NaN tells the loss scaler, which then lowers its scale."""
+        grad_norm = float(norm)
+        finite = math.isfinite(grad_norm)
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(found_overflow=not finite)
+        return grad_norm, finite
 
 
 class MixedPrecisionOptimizer(LossScaledOptimizer):
@@ -101,10 +111,7 @@ class MixedPrecisionOptimizer(LossScaledOptimizer):
         if self.loss_scaler is not None:
             self.grad_buffer.mul_(1.0 / self.loss_scaler.scale)
         norm = global_grad_norm(self.grads_for_norm(), self.norm_group)
-        grad_norm = float(norm)  # the one host sync of the step: overflow and NaN checks need it
-        finite = grad_norm == grad_norm and grad_norm not in (float("inf"), float("-inf"))
-        if self.loss_scaler is not None:
-            self.loss_scaler.update(found_overflow=not finite)
+        grad_norm, finite = self.read_grad_norm(norm)
         if not finite:
             return StepOutcome(grad_norm, skipped=True)
         if self.clip_grad > 0:
