@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test-data-path", nargs="*")
     data.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
     data.add_argument("--data-cache-path", help="where index files are cached (default: beside the data)")
+    data.add_argument("--sft", action="store_true",
+                      help="instruction tuning: --train-data-path (and --valid-data-path) name one jsonl file of "
+                           "{prompt, response} or {messages} records; the loss covers response tokens only")
     data.add_argument("--mock-data", action="store_true", help="random tokens instead of a corpus (smoke tests)")
     data.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
     data.add_argument("--tokenizer-model")
@@ -432,6 +435,9 @@ def _check_data(args):
     sources = {flag: getattr(args, flag[2:].replace("-", "_"))
                for flag in ("--data-path", "--train-data-path", "--valid-data-path", "--test-data-path")}
     given = {flag: values for flag, values in sources.items() if values}
+    if args.sft:
+        _check_sft_data(args, given)
+        return
     if args.mock_data:
         if given:
             raise ArgumentsError(f"--mock-data and {', '.join(given)} were both given; choose one")
@@ -452,6 +458,23 @@ def _check_data(args):
         parse_split(args.split)
     except (ValueError, FileNotFoundError) as error:
         raise ArgumentsError(str(error)) from None
+
+
+def _check_sft_data(args, given: dict):
+    """--sft reads one jsonl file per split with the run's tokenizer (data/sft_dataset.py)."""
+    if args.mock_data or "--data-path" in given or "--test-data-path" in given:
+        raise ArgumentsError("--sft takes --train-data-path FILE.jsonl (and --valid-data-path FILE.jsonl) only; "
+                             "drop --mock-data, --data-path and --test-data-path")
+    if "--train-data-path" not in given:
+        raise ArgumentsError("--sft needs --train-data-path FILE.jsonl")
+    for flag in ("--train-data-path", "--valid-data-path"):
+        files = given.get(flag, [])
+        if len(files) > 1:
+            raise ArgumentsError(f"--sft reads one file per split but {flag} names {len(files)}; merge them")
+        if files and not os.path.isfile(files[0]):
+            raise ArgumentsError(f"{flag} {files[0]} does not exist")
+    if args.tokenizer is None:
+        raise ArgumentsError("--sft tokenizes the records: give --tokenizer-type and --tokenizer-model")
 
 
 def _check_checkpointing(args):

@@ -9,7 +9,8 @@ micro-batch m as the indices
 
 so resuming at `consumed_samples` continues exactly where the previous run stopped, replaying and
 skipping nothing. A sample is {"text": int64 array of seq_length + 1 tokens}; the model's input is
-text[:-1] and its labels are text[1:].
+text[:-1] and its labels are text[1:]. An SFT sample (data/sft_dataset.py) adds "loss_mask" [seq_length + 1];
+labels whose mask is 0 become IGNORE_INDEX (-100), which the cross entropy skips.
 
 MockGPTDataset (--mock-data) gives random tokens that depend only on (seed, index), for smoke tests
 and benchmarks without a corpus.
@@ -20,6 +21,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 
 
 class PretrainingSampler:
@@ -46,9 +49,13 @@ class PretrainingSampler:
 
 
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[{"text": [s + 1]}] * b -> (tokens [b, s], labels [b, s]), int64."""
+    """[{"text": [s + 1], optional "loss_mask": [s + 1]}] * b -> (tokens [b, s], labels [b, s]), int64."""
     text = torch.from_numpy(np.stack([np.asarray(sample["text"], dtype=np.int64) for sample in samples]))
-    return text[:, :-1].contiguous(), text[:, 1:].contiguous()  # [b, s + 1] -> 2 x [b, s]
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()  # [b, s + 1] -> 2 x [b, s]
+    if "loss_mask" in samples[0]:
+        mask = torch.from_numpy(np.stack([np.asarray(sample["loss_mask"]) for sample in samples]))[:, 1:]  # [b, s]
+        labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+    return tokens, labels
 
 
 def micro_batches(dataset, sampler: PretrainingSampler, device: torch.device

@@ -66,6 +66,11 @@ def build_datasets(args: argparse.Namespace):
     """(train, valid, test) datasets holding at least the samples this run asks of each."""
     train_samples = args.train_iters * args.global_batch_size
     eval_samples = args.eval_iters * args.global_batch_size
+    if args.sft:
+        from megatron_llama.data.sft_dataset import build_sft_datasets
+
+        return build_sft_datasets(args.train_data_path[0], args.valid_data_path[0] if args.valid_data_path else None,
+                                  args.tokenizer, args.seq_length, (train_samples, eval_samples), args.seed)
     if args.mock_data:
         vocab = args.model_config.vocab_size
         return (MockGPTDataset(train_samples, args.seq_length, vocab, args.seed),
@@ -248,7 +253,7 @@ def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
         save_interval=args.save_interval, exit_interval=args.exit_interval, world_size=args.world_size,
         data_parallel_rank=ranks.data_rank, data_parallel_size=ranks.data_size, buffers=buffers,
         save=save if args.save else None,
-        stop_requested=stop_flag if args.exit_signal_handler else None)
+        stop_requested=stop_flag if args.exit_signal_handler else None, count_loss_tokens=args.sft)
     try:
         train(model, optimizer, schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:

@@ -4,6 +4,9 @@ One iteration is one optimizer update over a global batch of G sequences, made o
 G / (micro_batch_size x dp) micro-batches whose gradients accumulate in fp32 main grads. The
 loss is the mean over every token of the global batch: each micro-batch contributes
 sum(per-token loss) / (G x seq_length), so accumulation gives the gradient of one big batch.
+With SFT (--sft) labels outside the responses are -100 and contribute nothing; the divisor is then the
+count of the other labels over the global batch (loss_token_count), so the loss is the mean over
+response tokens: sum(loss x mask) / sum(mask).
 
 Stops: after --train-iters; at --exit-interval or on SIGTERM with --exit-signal-handler (both save
 first when --save is set); on a NaN/Inf loss or gradient norm, with TrainingDiverged naming the
@@ -50,6 +53,7 @@ from megatron_llama.optim.grad_scaler import DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer, StepOutcome
 from megatron_llama.parallel import comm, state as parallel_state
+from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.layers import allreduce_sequence_parallel_grads
 from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
@@ -89,6 +93,7 @@ class TrainingSetup:
     buffers: DataParallelBuffers | None = None  # bucketed data-parallel gradient sync (else one all-reduce)
     save: Callable[[TrainingState], None] | None = None  # writes a checkpoint of the current state
     stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
+    count_loss_tokens: bool = False  # SFT: divide by the labels that are not IGNORE_INDEX, not by G x seq_length
 
 
 def as_micro_batch(batch) -> dict:
@@ -124,6 +129,16 @@ def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_g
     if losses:
         return torch.stack(losses).sum()
     return torch.zeros((), dtype=torch.float32, device=next(chunks[0].parameters()).device)
+
+
+def loss_token_count(batches: Iterable, device: torch.device) -> int:
+    """Labels that are not IGNORE_INDEX in the global batch: this rank's micro-batches, summed over data-parallel
+    ranks (every tensor and pipeline rank holds the labels, so each computes the same count)."""
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    for batch in batches:
+        count += (as_micro_batch(batch)["labels"] != IGNORE_INDEX).sum().to(device)  # summed on the device: one sync
+    comm.all_reduce(count, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return int(count.item())
 
 
 def finalize_gradients(model: nn.Module, optimizer, buffers: DataParallelBuffers | None = None):
@@ -168,7 +183,7 @@ def evaluate(model: nn.Module, batches: Iterable) -> float:
     model.train(was_training)
     device = next(chunks[0].parameters()).device
     loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float64, device=device)
-    token_count = sum(batch["labels"].numel() for batch in batches)
+    token_count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
     totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=device)])
     broadcast_from_last_stage(totals[:1])
     comm.all_reduce(totals, parallel_state.get_data_parallel_group(with_context_parallel=True))
@@ -241,6 +256,8 @@ def train(model: nn.Module, optimizer: MixedPrecisionOptimizer, schedule: Learni
         iteration = state.iteration + 1
         step_batches = [next(batches) for _ in range(setup.num_micro_batches)]
         lr = schedule.lr_at(iteration)
+        if setup.count_loss_tokens:
+            tokens_in_global_batch = loss_token_count(step_batches, setup.device)
         loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers)
         if _diverged(loss, outcome, optimizer):
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Instruction tuning (SFT): fine-tune a pretrained checkpoint on prompt/response pairs, then export it.
+#
+#   bash examples/quickstart.sh && bash examples/sft.sh        # the quickstart's tiny model, ~1 minute on CPU
+#   GPUS_PER_NODE=8 LOAD=runs/openllama-7b/checkpoints TOKENIZER_MODEL=tokenizer/llama_zh_en.model \
+#     MODEL_ARGS="--model-preset openllama-7b --bf16" SEQ_LENGTH=2048 DATA=my_sft.jsonl bash examples/sft.sh
+#
+# DATA is a jsonl file of {"prompt": ..., "response": ...} or {"messages": [{"role", "content"}, ...]} records
+# (examples/sft_sample.jsonl shows both). Each record is tokenized as BOS prompt response EOD; only the
+# response tokens and the EOD are learned (megatron_llama/data/sft_dataset.py). --finetune loads the weights
+# of LOAD and starts a new run at iteration 0 with a fresh optimizer; the result goes to OUT.
+# Every variable below can be set from the environment; extra arguments are passed to the trainer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+LOAD=${LOAD:-runs/quickstart/checkpoints}          # the pretrained checkpoint
+TOKENIZER_MODEL=${TOKENIZER_MODEL:-runs/quickstart/tokenizer.model}
+MODEL_ARGS=${MODEL_ARGS:-"--model-preset tiny --num-layers 4 --hidden-size 128 --ffn-hidden-size 352 \
+--num-attention-heads 4 --num-query-groups 2 --max-position-embeddings 128"}   # must match LOAD's model
+DATA=${DATA:-examples/sft_sample.jsonl}
+VALID_DATA=${VALID_DATA:-}                         # optional held-out jsonl; empty: no evaluation
+OUT=${OUT:-runs/sft}
+SEQ_LENGTH=${SEQ_LENGTH:-128}                      # longer records are truncated
+MICRO_BATCH=${MICRO_BATCH:-4}
+GLOBAL_BATCH=${GLOBAL_BATCH:-8}                    # a multiple of MICRO_BATCH x data-parallel size
+TRAIN_ITERS=${TRAIN_ITERS:-40}
+LR=${LR:-1e-3}
+TP=${TP:-1}
+PP=${PP:-1}
+
+evaluation=(--eval-iters 0)
+[ -n "$VALID_DATA" ] && evaluation=(--valid-data-path "$VALID_DATA" --eval-iters 1 --eval-interval 10)
+
+mkdir -p "$OUT"
+echo "== 1/2 fine-tune $LOAD on $DATA"
+# shellcheck disable=SC2086  # MODEL_ARGS is a list of flags on purpose
+torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  -m megatron_llama.pretrain $MODEL_ARGS \
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+  --sft --train-data-path "$DATA" "${evaluation[@]}" \
+  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
+  --load "$LOAD" --finetune --save "$OUT/checkpoints" --save-interval "$TRAIN_ITERS" \
+  --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" \
+  --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$(awk "BEGIN { print $LR / 10 }")" --lr-decay-style cosine \
+  --lr-warmup-iters 4 --weight-decay 0.0 --clip-grad 1.0 --log-interval 5 --seed 1234 "$@"
+
+if [ "$NODE_RANK" -eq 0 ]; then
+  echo "== 2/2 export to Hugging Face format"
+  "$PYTHON" tools/convert_to_hf.py --load "$OUT/checkpoints" --save "$OUT/hf"
+fi

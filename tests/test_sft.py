@@ -1,0 +1,175 @@
+"""Instruction tuning: response-only loss masks, masked-mean loss, record errors, and a short --sft run."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed import run_distributed  # tests/ is on sys.path under pytest
+from trainer_runs import metrics, run_in_process
+from megatron_llama.config import ModelConfig
+from megatron_llama.data.sft_dataset import SFTDataError, SFTDataset
+from megatron_llama.data.tokenizer import build_tokenizer
+from megatron_llama.data_loader import collate
+from megatron_llama.model.llama import build_model
+from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.pretrain import main
+from megatron_llama.training import loss_token_count, train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "examples", "sft_sample.jsonl")  # outside examples/data, which the quickstart reads whole
+SEQ_LENGTH = 48
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """A SentencePiece model (bos 1, eos 2, no pad) trained on the sample's text, as the quickstart's would be."""
+    import sentencepiece
+
+    texts = []
+    with open(SAMPLE, encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line)
+            texts += [record["prompt"], record["response"]] if "prompt" in record else [
+                message["content"] for message in record["messages"]]
+    prefix = tmp_path_factory.mktemp("sft_tokenizer") / "tokenizer"
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=400, model_type="bpe",
+        character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    return f"{prefix}.model"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_path):
+    return build_tokenizer("SentencePieceTokenizer", tokenizer_path)
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as out:
+        for record in records:
+            out.write((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n")
+    return str(path)
+
+
+def test_mask_is_zero_exactly_on_bos_prompt_and_padding_and_labels_are_minus_100_there(tmp_path, tokenizer):
+    prompt, response = "What does len() return?", "The number of items."
+    path = write_jsonl(tmp_path / "one.jsonl", [{"prompt": prompt, "response": response}])
+    sample = SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=1, seed=0)[0]
+    prompt_ids, response_ids = tokenizer.tokenize(prompt), tokenizer.tokenize(response)
+    used = 1 + len(prompt_ids) + len(response_ids) + 1
+    assert used < SEQ_LENGTH + 1  # the sample must hold padding for this test to mean anything
+    assert sample["text"][:used].tolist() == [tokenizer.bos] + prompt_ids + response_ids + [tokenizer.eod]
+    expected_mask = [0] * (1 + len(prompt_ids)) + [1] * (len(response_ids) + 1) + [0] * (SEQ_LENGTH + 1 - used)
+    assert sample["loss_mask"].tolist() == expected_mask
+
+    tokens, labels = collate([sample])
+    assert tokens[0].tolist() == sample["text"][:-1].tolist()
+    kept = labels[0] != -100
+    assert kept.tolist() == [bool(m) for m in expected_mask[1:]]
+    assert labels[0][kept].tolist() == response_ids + [tokenizer.eod]
+
+
+def test_messages_record_learns_only_the_assistant_turns(tmp_path, tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    sample = SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=1, seed=0)[0]
+    pieces = [tokenizer.tokenize(message["content"]) for message in messages]
+    expected = [0] + [0] * len(pieces[0]) + [1] * len(pieces[1]) + [0] * len(pieces[2]) + [1] * (len(pieces[3]) + 1)
+    assert sample["loss_mask"][:len(expected)].tolist() == expected
+    assert not sample["loss_mask"][len(expected):].any()
+
+
+def test_long_record_is_truncated_to_seq_length_plus_one(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi", "response": "moon light " * 100}])
+    sample = SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=3, seed=0)[2]
+    assert sample["text"].shape == sample["loss_mask"].shape == (SEQ_LENGTH + 1,)
+    assert sample["loss_mask"][-1] == 1 and tokenizer.eod not in sample["text"].tolist()
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"prompt": "q"}), "response"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "assistant"),
+    (json.dumps({"prompt": "word " * 200, "response": "a"}), "--seq-length"),
+])
+def test_bad_record_error_names_file_and_line(tmp_path, tokenizer, bad_line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, "", bad_line])
+    with pytest.raises(SFTDataError, match=f"bad.jsonl line 3: .*{message}"):
+        SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=1, seed=0)
+
+
+def test_train_step_loss_is_the_masked_mean_cross_entropy_over_the_global_batch(tokenizer):
+    dataset = SFTDataset(SAMPLE, tokenizer, SEQ_LENGTH, num_samples=4, seed=3)
+    tokens, labels = collate([dataset[index] for index in range(4)])
+    config = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                         vocab_size=tokenizer.vocab_size)
+    model = build_model(config, seed=7)
+    optimizer, _ = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad=0.0)
+    batches = [(tokens[:2], labels[:2]), (tokens[2:], labels[2:])]  # two micro-batches of unequal response counts
+    count = loss_token_count(batches, torch.device("cpu"))
+    assert count == int((labels != -100).sum()) < labels.numel()
+    loss, _ = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=count)
+
+    with torch.no_grad():
+        logits = build_model(config, seed=7)(tokens).float()[..., :tokenizer.vocab_size]  # [b, s, V]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    mask = labels != -100
+    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [b, s]
+    by_hand = float(-(picked * mask).sum() / mask.sum())
+    assert loss == pytest.approx(by_hand, rel=1e-5)
+    assert by_hand == pytest.approx(float(F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)),
+                                    rel=1e-5)
+
+
+def test_sft_run_from_the_command_line_lowers_the_response_loss(tmp_path, tokenizer_path):
+    metrics = tmp_path / "metrics.jsonl"
+    argv = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --device cpu "
+            f"--seq-length {SEQ_LENGTH} --micro-batch-size 4 --global-batch-size 8 --train-iters 40 --lr 1e-2 --min-lr 3e-3 "
+            "--lr-warmup-iters 3 --log-interval 1 --eval-iters 1 --eval-interval 40 --seed 5").split() + [
+        "--sft", "--train-data-path", SAMPLE, "--valid-data-path", SAMPLE, "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", tokenizer_path, "--metrics-path", str(metrics)]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in open(metrics)]
+    train = [row["loss"] for row in rows if row["kind"] == "train"]
+    valid = [row["loss"] for row in rows if row["kind"] == "valid"]
+    assert len(train) == 40 and len(valid) == 1
+    assert sum(train[-3:]) / 3 < 0.5 * sum(train[:3]) / 3
+    assert valid[0] < 0.5 * train[0]  # the validation file is the training file: its responses were learned
+
+
+def sft_layout_flags(tokenizer_path, save, *layout):
+    return ("--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --device cpu "
+            f"--seq-length {SEQ_LENGTH} --micro-batch-size 2 --global-batch-size 8 --train-iters 3 --lr 1e-2 "
+            "--log-interval 1 --eval-iters 1 --eval-interval 3 --seed 5").split() + [
+        "--sft", "--train-data-path", SAMPLE, "--valid-data-path", SAMPLE, "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", tokenizer_path, "--save", save, *layout]
+
+
+def test_sft_losses_with_data_and_pipeline_parallelism_equal_one_process(tmp_path, tokenizer_path):
+    """The response-token count is summed over data-parallel ranks and known on every pipeline stage."""
+    layouts = {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"]}
+
+    def run_layouts():
+        return [main(sft_layout_flags(tokenizer_path, str(tmp_path / name), *flags)) for name, flags in layouts.items()]
+
+    run_in_process([sft_layout_flags(tokenizer_path, str(tmp_path / "one"))])
+    assert run_distributed(run_layouts, world_size=2) == [[0, 0], [0, 0]]
+    reference = [(row["kind"], row["loss"]) for row in metrics(tmp_path / "one")]
+    assert len(reference) == 4
+    for name in layouts:
+        losses = [(row["kind"], row["loss"]) for row in metrics(tmp_path / name)]
+        assert [kind for kind, _ in losses] == [kind for kind, _ in reference]
+        assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference], rel=1e-5), name
+
+
+def test_sft_flag_rejects_a_binary_corpus_and_a_missing_file(tmp_path, tokenizer_path, capsys):
+    base = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 1 "
+            "--train-iters 1 --lr 1e-3 --device cpu --sft --tokenizer-type SentencePieceTokenizer").split() + [
+        "--tokenizer-model", tokenizer_path]
+    assert main(base + ["--data-path", str(tmp_path / "corpus_text_document")]) == 2
+    assert "--sft takes --train-data-path" in capsys.readouterr().err
+    assert main(base + ["--train-data-path", str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl does not exist" in capsys.readouterr().err
