@@ -3,7 +3,7 @@
 The step is exactly the trainer's (megatron_llama.training.train_step): bf16 model weights, fp32
 main grads accumulated over the micro-batches, fp32 master params in AdamW (apex FusedAdam when it
 imports, else torch's fused AdamW), global-norm clipping, on random tokens. MFU = tokens/s/GPU x
-ModelConfig.flops_per_token(seq) / 989e12 (DESIGN.md). The RESULT line has the fields of
+ModelConfig.flops_per_token(seq) / 989e12 (docs/performance.md). The RESULT line has the fields of
 shared/bench/hf_baseline.py, so run both in one command on one GPU and compare:
 
     python benchmarks/bench_train_step.py --layers 8 --seq 2048 --mbs 4 --accum 4      # ours

@@ -3,8 +3,8 @@
 On-disk layout (one folder per saved iteration, one shard file per rank):
 
     {save}/iter_{iteration:07d}/
-        args.json                                  the run's arguments, "model": ModelConfig.to_dict(),
-                                                   tensor/pipeline/data-parallel sizes
+        config.json                                the run's configuration (config.RunConfig.to_dict(): model,
+                                                   parallel layout with the sizes saved at, training, data, ...)
         meta.json                                  iteration, consumed_train_samples, scheduler and
                                                    loss-scaler state, "model_only"
         mp_rank_{tp:02d}_{pp:03d}/model.pt               model state-dict shard (plain tensors)
@@ -18,7 +18,7 @@ tracker never sees a half-written checkpoint. Loading uses torch.load(weights_on
 checkpoint holds tensors and plain Python values only and can never run code.
 
 Pipeline shards: rank r's shard holds the state dicts of all its model chunks merged (names are global);
-which blocks a rank holds is parallel/stages.split_layers of the recorded flags (arguments.stage_split).
+which blocks a rank holds is the recorded configuration's stage split (RunConfig.stage_split).
 The data-parallel size may change between save and resume (load_checkpoint).
 
 Tensor-parallel shards of a parameter are slices along its `tensor_parallel_dim` (set by
@@ -26,9 +26,12 @@ parallel/layers.py), learnt by building the model on the meta device. The embedd
 carry vocabulary padding that depends on tp (ModelConfig.padded_vocab_size): read_model_checkpoint
 returns them with the tp=1 padding, write_model_checkpoint accepts any number of rows >= vocab_size.
 
-Converters use:
-    config, state_dict, args = read_model_checkpoint(load_dir, iteration=None)
-    write_model_checkpoint(save_dir, iteration, config, state_dict, args=None,
+Checkpoints written before config.json hold args.json instead (every flag by name, the model under "model");
+they load as they are: open_checkpoint converts that record (RunConfig.from_flat_arguments).
+
+Converters and tools use:
+    model_config, state_dict, run_config = read_model_checkpoint(load_dir, iteration=None)
+    write_model_checkpoint(save_dir, iteration, model_config, state_dict, run_config=None,
                            tensor_parallel_size=1, pipeline_parallel_size=1)
 """
 from __future__ import annotations
@@ -42,10 +45,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_llama.config import ModelConfig
+from megatron_llama.arguments import tensor_parallel_misfit
+from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
+from megatron_llama.model.llama import LlamaModel
+from megatron_llama.parallel.random import get_rng_tracker
+from megatron_llama.parallel.stages import split_layers
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-ARGS_FILENAME = "args.json"
+CONFIG_FILENAME = "config.json"
+LEGACY_ARGS_FILENAME = "args.json"  # the flat argument record of checkpoints written before config.json
 META_FILENAME = "meta.json"
 MODEL_FILENAME = "model.pt"
 VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
@@ -153,16 +161,30 @@ def _read_json(path: str, what: str) -> dict:
         return json.load(handle)
 
 
-def parallel_sizes(args: dict) -> tuple[int, int, int]:
-    """(tensor, pipeline, data) parallel sizes recorded in a checkpoint's args.json."""
-    return (int(args.get("tensor_model_parallel_size", 1)), int(args.get("pipeline_model_parallel_size", 1)),
-            int(args.get("data_parallel_size", 1)))
+def parallel_sizes(parallel: ParallelConfig) -> tuple[int, int, int]:
+    """(tensor, pipeline, data) parallel sizes of a layout."""
+    return (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, parallel.data_parallel_size)
 
 
-def checkpoint_files(iter_dir: str, args: dict, model_only: bool) -> list[str]:
-    """Every file a complete checkpoint of this layout holds."""
-    tp, pp, dp = parallel_sizes(args)
-    files = [os.path.join(iter_dir, ARGS_FILENAME), os.path.join(iter_dir, META_FILENAME)]
+def read_run_config(iter_dir: str) -> RunConfig:
+    """The configuration a checkpoint was saved with: config.json, else the args.json of older checkpoints."""
+    path = os.path.join(iter_dir, CONFIG_FILENAME)
+    legacy = os.path.join(iter_dir, LEGACY_ARGS_FILENAME)
+    try:
+        if os.path.isfile(path) or not os.path.isfile(legacy):
+            return RunConfig.from_dict(_read_json(path, "configuration file"), path)
+        values = _read_json(legacy, "arguments file")
+        if "model" not in values:
+            raise CheckpointError(f"{legacy} has no 'model' entry (the model configuration)")
+        return RunConfig.from_flat_arguments(values, legacy)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def checkpoint_files(iter_dir: str, config: RunConfig, model_only: bool) -> list[str]:
+    """Every shard file a complete checkpoint of this layout holds, and its metadata."""
+    tp, pp, dp = parallel_sizes(config.parallel)
+    files = [os.path.join(iter_dir, META_FILENAME)]
     for pipeline_rank in range(pp):
         for tensor_rank in range(tp):
             shard = shard_dir(iter_dir, tensor_rank, pipeline_rank)
@@ -174,8 +196,9 @@ def checkpoint_files(iter_dir: str, args: dict, model_only: bool) -> list[str]:
     return files
 
 
-def open_checkpoint(checkpoint_dir: str, iteration: int | None = None) -> tuple[str, dict, dict]:
-    """Locate a complete checkpoint: returns (iteration folder, args, meta) or raises CheckpointError."""
+def open_checkpoint(checkpoint_dir: str, iteration: int | None = None) -> tuple[str, RunConfig, dict]:
+    """Locate a complete checkpoint: returns (iteration folder, its run configuration, meta) or raises
+    CheckpointError."""
     if iteration is None:
         iteration = read_tracker(checkpoint_dir)
         source = f"{tracker_path(checkpoint_dir)} names iteration {iteration}, but"
@@ -186,33 +209,20 @@ def open_checkpoint(checkpoint_dir: str, iteration: int | None = None) -> tuple[
     folder = iteration_dir(checkpoint_dir, iteration)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{source} {folder} does not exist; the checkpoint was deleted or moved")
-    args = _read_json(os.path.join(folder, ARGS_FILENAME), "arguments file")
+    config = read_run_config(folder)
     meta = _read_json(os.path.join(folder, META_FILENAME), "metadata file")
-    missing = [path for path in checkpoint_files(folder, args, bool(meta.get("model_only")))
+    missing = [path for path in checkpoint_files(folder, config, bool(meta.get("model_only")))
                if not os.path.isfile(path)]
     if missing:
         shown = ", ".join(os.path.relpath(path, folder) for path in missing[:4])
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         raise CheckpointError(f"{source} {folder} is incomplete: missing {shown}{more}")
-    if "model" not in args:
-        raise CheckpointError(f"{os.path.join(folder, ARGS_FILENAME)} has no 'model' entry (the model configuration)")
-    return folder, args, meta
-
-
-def model_config_from_args(args: dict, where: str) -> ModelConfig:
-    known = {field.name for field in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(args["model"]) - known)
-    if unknown:
-        raise CheckpointError(f"{where} describes the model with fields this version does not know: "
-                              f"{', '.join(unknown)}; it was written by a newer megatron_llama")
-    return ModelConfig(**args["model"])
+    return folder, config, meta
 
 
 # --------------------------------------------------------------------- splitting and merging tp/pp shards
 
 def _meta_model(config: ModelConfig, **stage):
-    from megatron_llama.model.llama import LlamaModel  # the model is only needed when shards are split/merged
-
     with torch.device("meta"):
         return LlamaModel(config, **stage)
 
@@ -257,9 +267,6 @@ def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size
                      pipeline_parallel_size: int, split=None) -> dict[tuple[int, int], dict]:
     """A full state dict -> {(tp_rank, pp_rank): shard state dict}; `split` (a StageSplit) defaults to the even
     split of the blocks over `pipeline_parallel_size` stages."""
-    from megatron_llama.arguments import tensor_parallel_misfit
-    from megatron_llama.parallel.stages import split_layers
-
     misfit = tensor_parallel_misfit(config, tensor_parallel_size, "tensor-parallel size")
     if misfit:
         raise CheckpointError(misfit)
@@ -318,36 +325,39 @@ def merge_shards(config: ModelConfig, shards: dict[tuple[int, int], dict], tenso
 # -------------------------------------------------------------------------- model-only API (converters)
 
 def write_model_checkpoint(save_dir: str, iteration: int, config: ModelConfig, state_dict: dict,
-                           args: dict | None = None, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1):
-    """Write a model-only checkpoint that the trainer can --load (it starts from iteration 0 with a fresh optimizer)."""
+                           run_config: RunConfig | None = None, tensor_parallel_size: int = 1,
+                           pipeline_parallel_size: int = 1):
+    """Write a model-only checkpoint that the trainer can --load (it starts from iteration 0 with a fresh optimizer);
+    `run_config` records what else is known (e.g. the tokenizer), its model and layout replaced by these."""
     shards = split_state_dict(config, state_dict, tensor_parallel_size, pipeline_parallel_size)
     folder = iteration_dir(save_dir, iteration)
     for (tensor_rank, pipeline_rank), shard in shards.items():
         directory = shard_dir(folder, tensor_rank, pipeline_rank)
         os.makedirs(directory, exist_ok=True)
         atomic_torch_save(shard, os.path.join(directory, MODEL_FILENAME))
-    recorded = dict(args or {})
-    recorded.update(model=config.to_dict(), tensor_model_parallel_size=tensor_parallel_size,
-                    pipeline_model_parallel_size=pipeline_parallel_size, data_parallel_size=1)
-    atomic_write_json(os.path.join(folder, ARGS_FILENAME), recorded)
+    layout = ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
+                            pipeline_model_parallel_size=pipeline_parallel_size)
+    recorded = dataclasses.replace(run_config or RunConfig(), model=config, parallel=layout)
+    atomic_write_json(os.path.join(folder, CONFIG_FILENAME), recorded.to_dict())
     atomic_write_json(os.path.join(folder, META_FILENAME),
                       dict(iteration=iteration, consumed_train_samples=0, model_only=True))
     write_tracker(save_dir, iteration)
 
 
-def read_model_shards(folder: str, args: dict) -> dict[tuple[int, int], dict]:
-    tp, pp, _ = parallel_sizes(args)
+def read_model_shards(folder: str, config: RunConfig) -> dict[tuple[int, int], dict]:
+    tp, pp, _ = parallel_sizes(config.parallel)
     return {(tensor_rank, pipeline_rank):
             load_tensor_file(os.path.join(shard_dir(folder, tensor_rank, pipeline_rank), MODEL_FILENAME))
             for pipeline_rank in range(pp) for tensor_rank in range(tp)}
 
 
-def read_model_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[ModelConfig, dict, dict]:
-    """(ModelConfig, full state dict as a tp=1 model holds it, args dict) of a saved checkpoint."""
-    folder, args, _ = open_checkpoint(load_dir, iteration)
-    config = model_config_from_args(args, os.path.join(folder, ARGS_FILENAME))
-    tensor_parallel_size, _, _ = parallel_sizes(args)
-    return config, merge_shards(config, read_model_shards(folder, args), tensor_parallel_size), args
+def read_model_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[ModelConfig, dict, RunConfig]:
+    """(ModelConfig, full state dict as a tp=1 model holds it, the run's configuration) of a saved checkpoint."""
+    folder, run_config, _ = open_checkpoint(load_dir, iteration)
+    config = run_config.model
+    state_dict = merge_shards(config, read_model_shards(folder, run_config),
+                              run_config.parallel.tensor_model_parallel_size)
+    return config, state_dict, run_config
 
 
 # ------------------------------------------------------------------------------- trainer save and load
@@ -355,8 +365,6 @@ def read_model_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[
 def capture_rng_state() -> dict:
     """Every random generator this rank draws from: python, numpy, torch CPU, this rank's CUDA device, and
     the tensor-parallel tracker's named states (parallel/random.py)."""
-    from megatron_llama.parallel.random import get_rng_tracker
-
     version, python_state, gauss = random.getstate()
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {"python": {"version": version, "state": list(python_state), "gauss": gauss},
@@ -370,8 +378,6 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict):
-    from megatron_llama.parallel.random import get_rng_tracker
-
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     numpy_state = state["numpy"]
@@ -407,10 +413,10 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone()
 
 
-def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, args: dict,
+def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
                     consumed_train_samples: int, schedule_state: dict, loss_scaler_state: dict | None,
                     ranks: ParallelRanks = ParallelRanks(), barrier=None):
-    """Write this rank's shards, then (rank 0, after every rank is done) args, meta and the tracker."""
+    """Write this rank's shards, then (rank 0, after every rank is done) the configuration, meta and the tracker."""
     folder = iteration_dir(save_dir, iteration)
     directory = shard_dir(folder, ranks.tensor_rank, ranks.pipeline_rank)
     os.makedirs(directory, exist_ok=True)
@@ -422,10 +428,7 @@ def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, op
     if barrier is not None:
         barrier()
     if ranks.tensor_rank == ranks.pipeline_rank == ranks.data_rank == 0:
-        recorded = dict(args)
-        recorded.update(tensor_model_parallel_size=ranks.tensor_size, pipeline_model_parallel_size=ranks.pipeline_size,
-                        data_parallel_size=ranks.data_size)
-        atomic_write_json(os.path.join(folder, ARGS_FILENAME), recorded)
+        atomic_write_json(os.path.join(folder, CONFIG_FILENAME), config.to_dict())
         atomic_write_json(os.path.join(folder, META_FILENAME),
                           dict(iteration=iteration, consumed_train_samples=consumed_train_samples, model_only=False,
                                schedule=schedule_state, loss_scaler=loss_scaler_state))
@@ -461,48 +464,71 @@ class ResumeState:
     loss_scaler: dict | None
 
 
-def _saved_split_ranges(saved_args: dict):
-    from megatron_llama.arguments import stage_split
+MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                      "vocab_size", "make_vocab_size_divisible_by", "untie_embeddings_and_output_weights",
+                      "use_stable_embedding")
 
-    return stage_split(saved_args).ranges
+
+def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: bool = False):
+    """CheckpointError unless `run` can load the checkpoint in `folder` (saved with `saved`): the same model shape
+    always; for a full resume (not --finetune, not a model-only checkpoint) also the same tensor and pipeline
+    layout and optimizer format, since per-rank optimizer and RNG states are restored (the data-parallel size may
+    change)."""
+    differences = [f"{name}: checkpoint {getattr(saved.model, name)!r}, this run {getattr(run.model, name)!r}"
+                   for name in MODEL_SHAPE_FIELDS if getattr(saved.model, name) != getattr(run.model, name)]
+    if differences:
+        raise CheckpointError(f"--load {folder} holds a different model ({'; '.join(differences)}); "
+                              f"change the model flags to match the checkpoint, or load another checkpoint")
+    if run.checkpoint.finetune or model_only:
+        return
+    saved_sizes, run_sizes = parallel_sizes(saved.parallel), parallel_sizes(run.parallel)
+    if saved_sizes[:2] != run_sizes[:2]:
+        raise CheckpointError(f"--load {folder} was saved with tensor/pipeline/data-parallel sizes {saved_sizes} but "
+                              f"this run has {run_sizes}; resume with the same tensor and pipeline sizes (the "
+                              f"data-parallel size may change), or pass --finetune to load only the weights into "
+                              f"the new layout")
+    if saved.parallel.use_distributed_optimizer != run.parallel.use_distributed_optimizer:
+        used = "with" if saved.parallel.use_distributed_optimizer else "without"
+        raise CheckpointError(f"--load {folder} was saved {used} --use-distributed-optimizer, whose optimizer state "
+                              f"has another format; resume {used} it, or pass --finetune to load only the weights")
+    saved_split, run_split = saved.stage_split().ranges, run.stage_split().ranges
+    if saved_split != run_split:
+        raise CheckpointError(f"--load {folder} splits the blocks over pipeline ranks as {saved_split} but this run "
+                              f"as {run_split}; use the checkpoint's --num-layers-per-virtual-pipeline-stage / "
+                              f"--decoder-first/last-pipeline-num-layers, or pass --finetune")
 
 
-def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config: ModelConfig,
-                    ranks: ParallelRanks = ParallelRanks(), finetune: bool = False,
-                    split=None) -> tuple[ResumeState, str]:
+def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config: RunConfig,
+                    ranks: ParallelRanks = ParallelRanks()) -> tuple[ResumeState, str]:
     """Load the newest checkpoint of `load_dir` into `model` and `optimizer`; returns its state and a log line.
 
     A full checkpoint restores weights, master params, Adam states, every RNG and the sample count.
     A model-only checkpoint (write_model_checkpoint), or --finetune, restores the weights only and
-    starts at iteration 0 with a fresh optimizer. `split` (parallel/stages.StageSplit) is this run's stage split,
-    needed when weights are re-split for another layout.
+    starts at iteration 0 with a fresh optimizer; the weights are re-split when the checkpoint's tensor or
+    pipeline layout differs from this run's (`config`, the run's configuration).
 
     The data-parallel size may differ from the saved one: the distributed optimizer reshards the shards of every
     saved data-parallel rank; a replicated optimizer state is the same on every data-parallel rank, so the first
     one's is read. Each rank takes the RNG state of its own data-parallel rank, else of rank 0.
     """
-    folder, saved_args, meta = open_checkpoint(load_dir)
-    weights_only = finetune or bool(meta.get("model_only"))
-    saved_layout = parallel_sizes(saved_args)
-    this_layout = (ranks.tensor_size, ranks.pipeline_size, ranks.data_size)
+    folder, saved, meta = open_checkpoint(load_dir)
+    weights_only = config.checkpoint.finetune or bool(meta.get("model_only"))
+    check_resumable(folder, saved, config, bool(meta.get("model_only")))
+    saved_layout = parallel_sizes(saved.parallel)
     shard = shard_dir(folder, ranks.tensor_rank, ranks.pipeline_rank)
-    same_split = split is None or _saved_split_ranges(saved_args) == split.ranges
-    if saved_layout[:2] == this_layout[:2] and same_split:
+    same_layout = (saved_layout[:2] == (ranks.tensor_size, ranks.pipeline_size)
+                   and saved.stage_split().ranges == config.stage_split().ranges)
+    if same_layout:
         model_state = load_tensor_file(os.path.join(shard, MODEL_FILENAME))
-    elif weights_only:
-        saved_config = model_config_from_args(saved_args, os.path.join(folder, ARGS_FILENAME))
-        full = merge_shards(saved_config, read_model_shards(folder, saved_args), saved_layout[0])
-        model_state = split_state_dict(config, full, ranks.tensor_size, ranks.pipeline_size, split)[
-            (ranks.tensor_rank, ranks.pipeline_rank)]
     else:
-        raise CheckpointError(f"{folder} was saved with tensor/pipeline/data-parallel sizes {saved_layout} but this "
-                              f"run has {this_layout}; resume with the same layout, or pass --finetune to load "
-                              f"only the weights")
+        full = merge_shards(saved.model, read_model_shards(folder, saved), saved_layout[0])
+        model_state = split_state_dict(config.model, full, ranks.tensor_size, ranks.pipeline_size,
+                                       config.stage_split())[(ranks.tensor_rank, ranks.pipeline_rank)]
     check_state_dict_fits(model_state, model, os.path.join(shard, MODEL_FILENAME))
     model.load_state_dict(model_state)
     if weights_only:
         optimizer.set_master_params(model_state)
-        reason = "--finetune" if finetune else "a model-only checkpoint"
+        reason = "--finetune" if config.checkpoint.finetune else "a model-only checkpoint"
         return ResumeState(0, 0, None), f"loaded the weights of {folder} ({reason}); starting at iteration 0"
     if hasattr(optimizer, "buffers"):  # the distributed optimizer: every saved data-parallel shard, resharded
         shards = [load_tensor_file(os.path.join(shard, optimizer_filename(rank)), mmap=True)
@@ -512,7 +538,7 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
         except ValueError as error:
             raise CheckpointError(f"{shard}: {error}") from None
     else:
-        saved_rank = ranks.data_rank if saved_layout[2] == this_layout[2] else 0
+        saved_rank = ranks.data_rank if saved_layout[2] == ranks.data_size else 0
         optimizer.load_state_dict(load_tensor_file(os.path.join(shard, optimizer_filename(saved_rank))), model_state)
     rng_rank = ranks.data_rank if ranks.data_rank < saved_layout[2] else 0
     restore_rng_state(load_tensor_file(os.path.join(shard, rng_filename(rng_rank))))

@@ -1,14 +1,27 @@
-"""Model configuration and named presets.
+"""The run's typed configuration: the model and its named presets, the parallel layout, training, data,
+checkpointing and logging.
 
 `ModelConfig` holds every number that shapes the network; `PRESETS` maps a preset name
 (`--model-preset` on the command line) to the values of a published model. Open-Llama's
 sizes follow its configs (shared input-output embedding, stable embedding LayerNorm);
 Llama-2 and Llama-3 follow Meta's released configs.
+
+`RunConfig` gathers one dataclass per concern (`ParallelConfig`, `TrainingConfig`, `DataConfig`,
+`CheckpointConfig`, `LoggingConfig`), each field named after its Megatron-LM flag and documented where it is
+declared. arguments.py fills it from the command line; checkpoints store `to_dict()` as config.json
+(docs/formats.md) and tools rebuild from `RunConfig.from_dict` without argparse:
+
+    config = RunConfig.from_dict(json.load(open("ckpt/iter_0000100/config.json")))
+    model = LlamaModel(config.model)
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+import torch
+
+from megatron_llama.parallel.stages import StageSplit, split_layers
 
 
 @dataclass
@@ -42,7 +55,7 @@ class ModelConfig:
         return -(-self.vocab_size // multiple) * multiple
 
     def matmul_params(self) -> int:
-        """Weights of all matmuls, output head included (N of DESIGN.md's FLOPs formula)."""
+        """Weights of all matmuls, output head included (N of the FLOPs formula in docs/performance.md)."""
         h, kv = self.hidden_size, self.kv_heads * self.head_dim
         per_layer = h * h + 2 * h * kv + h * h + 3 * h * self.ffn_hidden_size
         return self.num_layers * per_layer + h * self.padded_vocab_size()
@@ -84,3 +97,226 @@ def model_config_from_preset(name: str, **overrides) -> ModelConfig:
     values = dict(PRESETS[name])
     values.update({key: value for key, value in overrides.items() if value is not None})
     return ModelConfig(**values)
+
+
+# ------------------------------------------------------------------------------------- the run's configuration
+# One dataclass per concern; arguments.py maps Megatron-LM's flag names onto them (each field is named after its
+# flag), checkpoints store RunConfig.to_dict() as config.json, and tools rebuild a model from it without argparse.
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ParallelConfig:
+    """How the run is split over processes: world = tensor x pipeline x data (parallel/state.py's formula)."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split every weight matrix (Megatron's column/row-parallel layers)."""
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the blocks into consecutive stages."""
+    data_parallel_size: int = 1
+    """Replicas of the model: the launched world size / (tensor x pipeline); derived, recorded for resumes."""
+    sequence_parallel: bool = False
+    """Norms and residuals on sequence shards across tensor ranks (Korthikanti et al. 2022)."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """Blocks per model chunk; each pipeline rank then holds several chunks (interleaved 1F1B). None: one chunk."""
+    decoder_first_pipeline_num_layers: int | None = None
+    """Blocks on the first pipeline stage of an uneven split (None: an even share)."""
+    decoder_last_pipeline_num_layers: int | None = None
+    """Blocks on the last pipeline stage of an uneven split (None: an even share)."""
+    ddp_bucket_size: int = 40_000_000
+    """Gradient elements per data-parallel bucket (one collective each)."""
+    overlap_grad_reduce: bool = False
+    """Start each bucket's data-parallel reduction as soon as its gradients are complete."""
+    use_distributed_optimizer: bool = False
+    """Shard the fp32 master params and Adam states over data-parallel ranks (ZeRO stage 1)."""
+    overlap_param_gather: bool = False
+    """All-gather the updated parameters behind the next forward (distributed optimizer only)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.data_parallel_size
+
+
+@dataclass
+class TrainingConfig:
+    """Batches, optimizer, learning-rate schedule, precision and activation recompute of a run."""
+
+    micro_batch_size: int = 1
+    """Sequences per forward/backward pass on one data-parallel rank."""
+    global_batch_size: int = 1
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    train_iters: int = 0
+    """Optimizer steps of the whole run."""
+    seq_length: int = 2048
+    """Tokens per training sequence."""
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of the warm-up."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_decay_style: str = "cosine"
+    """Shape of the decay (optim/lr_schedule.DECAY_STYLES)."""
+    lr_warmup_iters: int = 0
+    """Steps of linear warm-up from lr_warmup_init to lr."""
+    lr_warmup_init: float = 0.0
+    """Learning rate at step 0 of the warm-up."""
+    lr_decay_iters: int | None = None
+    """Steps until min_lr is reached (None: train_iters)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to norms and biases)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm limit; 0 turns clipping off."""
+    adam_beta1: float = 0.9
+    """AdamW's first-moment decay."""
+    adam_beta2: float = 0.999
+    """AdamW's second-moment decay."""
+    adam_eps: float = 1e-8
+    """AdamW's denominator epsilon."""
+    precision: str = "fp32"
+    """Model weights' dtype: fp32, bf16 or fp16; main grads and master params are fp32 in every case."""
+    loss_scale: float | None = None
+    """A constant fp16 loss scale instead of a dynamic one."""
+    initial_loss_scale: float = 2.0**32
+    """First dynamic fp16 loss scale."""
+    min_loss_scale: float = 1.0
+    """Floor of the dynamic fp16 loss scale; an overflow there stops the run."""
+    loss_scale_window: int = 1000
+    """Clean fp16 steps before the dynamic loss scale doubles."""
+    hysteresis: int = 2
+    """fp16 overflows tolerated before the dynamic loss scale halves."""
+    seed: int = 1234
+    """Seed of the weights' initialisation, the data order and dropout-free randomness."""
+    device: str = "cpu"
+    """cpu or cuda (resolved from --device auto when the arguments are parsed)."""
+    recompute_granularity: str | None = None
+    """full: recompute whole blocks in backward; selective: only the attention core; None: keep activations."""
+    recompute_method: str | None = None
+    """With full recompute: uniform (every block, in groups) or block (the first recompute_num_layers blocks)."""
+    recompute_num_layers: int | None = None
+    """Blocks per recompute group (uniform) or blocks recomputed (block)."""
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and which tokenizer made them."""
+
+    data_path: list[str] | None = None
+    """PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (blended), split into train/valid/test by `split`."""
+    train_data_path: list[str] | None = None
+    """Training data with its own prefixes (instead of data_path); SFT: one jsonl file."""
+    valid_data_path: list[str] | None = None
+    """Validation data with its own prefixes; SFT: one jsonl file."""
+    test_data_path: list[str] | None = None
+    """Test data with its own prefixes."""
+    split: str = "969,30,1"
+    """train,valid,test proportions of data_path's documents."""
+    data_cache_path: str | None = None
+    """Folder of the cached sample indices (None: beside the data)."""
+    sft: bool = False
+    """Instruction tuning on {prompt, response} / {messages} jsonl records; the loss covers responses only."""
+    mock_data: bool = False
+    """Random tokens instead of a corpus (smoke tests and benchmarks)."""
+    tokenizer_type: str | None = None
+    """SentencePieceTokenizer or HuggingFaceTokenizer."""
+    tokenizer_model: str | None = None
+    """The tokenizer's file (tokenizer.model, or tokenizer.json / its folder)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints are written and read, and when."""
+
+    save: str | None = None
+    """Checkpoint folder written by this run."""
+    load: str | None = None
+    """Checkpoint folder to resume from (its newest published iteration)."""
+    finetune: bool = False
+    """Load only the model weights from `load` and start at iteration 0 (any layout)."""
+    save_interval: int | None = None
+    """Save every N iterations (and at the end)."""
+    exit_interval: int | None = None
+    """Save and exit when the iteration is a multiple of N."""
+    exit_signal_handler: bool = False
+    """On SIGTERM, save after the current iteration and exit."""
+
+
+@dataclass
+class LoggingConfig:
+    """What is logged and evaluated, and where it goes."""
+
+    log_interval: int = 100
+    """Iterations per training log line / metrics record."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event folder (None: no events)."""
+    metrics_path: str | None = None
+    """JSON-lines metrics file (resolved to metrics.jsonl in `save`, else in tensorboard_dir)."""
+    eval_interval: int = 1000
+    """Iterations between evaluations on the validation set."""
+    eval_iters: int = 100
+    """Global batches per evaluation; 0: no evaluation."""
+
+
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run was started with; checkpoints hold it as JSON (`to_dict` / `from_dict`)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches per step on each data-parallel rank: global batch / (micro-batch x data-parallel size)."""
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.parallel.data_parallel_size)
+
+    def stage_split(self) -> StageSplit:
+        """Which blocks each pipeline rank and model chunk holds (parallel/stages.split_layers of the flags)."""
+        parallel = self.parallel
+        return split_layers(self.model.num_layers, parallel.pipeline_model_parallel_size,
+                            layers_per_virtual_stage=parallel.num_layers_per_virtual_pipeline_stage,
+                            first_stage_layers=parallel.decoder_first_pipeline_num_layers,
+                            last_stage_layers=parallel.decoder_last_pipeline_num_layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "the configuration") -> "RunConfig":
+        """The inverse of to_dict; a section or field this version does not know raises ValueError naming it."""
+        unknown = sorted(set(values) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"{where} has sections this version does not know: {', '.join(unknown)}; it was "
+                             f"written by a newer megatron_llama")
+        sections = {}
+        for name, section in SECTIONS.items():
+            given = dict(values.get(name) or {})
+            extra = sorted(set(given) - {field.name for field in dataclasses.fields(section)})
+            if extra:
+                raise ValueError(f"{where} describes '{name}' with fields this version does not know: "
+                                 f"{', '.join(extra)}; it was written by a newer megatron_llama")
+            sections[name] = section(**given)
+        return cls(**sections)
+
+    @classmethod
+    def from_flat_arguments(cls, values: dict, where: str = "the arguments") -> "RunConfig":
+        """A RunConfig from the flat argument record of checkpoints written before config.json (args.json: every
+        flag by name, the model under "model"); flags that no longer exist are dropped."""
+        sections = {"model": dict(values["model"])}
+        for name, section in SECTIONS.items():
+            if name != "model":
+                fields = {field.name for field in dataclasses.fields(section)}
+                sections[name] = {key: value for key, value in values.items() if key in fields}
+        dtype = str(values.get("params_dtype", "float32"))
+        sections["training"]["precision"] = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
+        return cls.from_dict(sections, where)

@@ -8,7 +8,7 @@ script. TensorBoard
 importable the logger says so once and carries on without it.
 
 Train records hold: iteration, consumed_samples, loss, lr, grad_norm, loss_scale, skipped_iterations,
-step_time_s, tokens_per_s_per_gpu, mfu (model FLOPs per token x tokens/s/GPU / 989e12, DESIGN.md),
+step_time_s, tokens_per_s_per_gpu, mfu (model FLOPs per token x tokens/s/GPU / 989e12, docs/performance.md),
 peak_mem_gib (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory).
 Eval records hold: iteration, loss, perplexity. A NaN or Inf value is written to JSON as null.
 """
@@ -26,7 +26,7 @@ H100_BF16_PEAK_FLOPS = 989e12
 
 
 def model_flops_utilization(flops_per_token: int, tokens_per_s_per_gpu: float) -> float:
-    """MFU against an H100 SXM's dense bf16 peak, whatever the device (DESIGN.md's yardstick)."""
+    """MFU against an H100 SXM's dense bf16 peak, whatever the device (docs/performance.md)."""
     return flops_per_token * tokens_per_s_per_gpu / H100_BF16_PEAK_FLOPS
 
 

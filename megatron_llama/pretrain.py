@@ -10,7 +10,9 @@ Several processes (one per GPU, or CPU processes on gloo) are launched by torchr
     torchrun --nproc_per_node 2 -m megatron_llama.pretrain --tensor-model-parallel-size 2 \\
         --sequence-parallel ...        # same flags; data-parallel size = processes / (tp x pp)
 
-Order of start-up: arguments are checked (nothing started yet) -> the default process group from
+Order of start-up: arguments are checked and mapped onto the typed configuration (arguments.py: no I/O) -> the
+tokenizer is opened (it gives the vocabulary size) and the --load checkpoint found and checked against the run
+(nothing started yet) -> the default process group from
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK; cuda.set_device(LOCAL_RANK) first; nccl on GPU,
 gloo on CPU) -> the tensor/data/pipeline groups (parallel.state) -> seeds (parallel.random) -> model
 -> optimizer -> checkpoint -> data -> training loop. Logs and metrics come from the rank that holds
@@ -27,7 +29,7 @@ also inside an already started default process group (it then builds only the mo
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -36,8 +38,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_llama.arguments import ArgumentsError, parse_args, stage_split
-from megatron_llama.checkpointing import CheckpointError, ParallelRanks, load_checkpoint, save_checkpoint
+from megatron_llama.arguments import UNKNOWN_VOCABULARY, ArgumentsError, parse_args
+from megatron_llama.checkpointing import (CheckpointError, ParallelRanks, check_resumable, load_checkpoint,
+                                          open_checkpoint, save_checkpoint)
+from megatron_llama.config import RunConfig
+from megatron_llama.data.blended_dataset import build_train_valid_test_datasets
+from megatron_llama.data.sft_dataset import build_sft_datasets
+from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
@@ -48,66 +55,96 @@ from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
+from megatron_llama.model.llama import LlamaModel
+from megatron_llama.model.recompute import apply_recompute
 from megatron_llama.parallel.stages import StageModel, build_model_chunks
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingState, train
 
-NOT_SAVED_ARGUMENTS = ("tokenizer", "model_config", "notes", "params_dtype", "resume_from")
 
-
-def arguments_record(args: argparse.Namespace) -> dict:
-    """The run's arguments as JSON values for args.json (the model config under "model")."""
-    record = {key: value for key, value in vars(args).items() if key not in NOT_SAVED_ARGUMENTS}
-    record["params_dtype"] = str(args.params_dtype).replace("torch.", "")
-    record["model"] = args.model_config.to_dict()
-    return record
-
-
-def build_datasets(args: argparse.Namespace):
-    """(train, valid, test) datasets holding at least the samples this run asks of each."""
-    train_samples = args.train_iters * args.global_batch_size
-    eval_samples = args.eval_iters * args.global_batch_size
-    if args.sft:
-        from megatron_llama.data.sft_dataset import build_sft_datasets
-
-        return build_sft_datasets(args.train_data_path[0], args.valid_data_path[0] if args.valid_data_path else None,
-                                  args.tokenizer, args.seq_length, (train_samples, eval_samples), args.seed)
-    if args.mock_data:
-        vocab = args.model_config.vocab_size
-        return (MockGPTDataset(train_samples, args.seq_length, vocab, args.seed),
-                MockGPTDataset(eval_samples, args.seq_length, vocab, args.seed + 1) if eval_samples else None,
-                None)
-    from megatron_llama.data.blended_dataset import build_train_valid_test_datasets
-
-    return build_train_valid_test_datasets(
-        data_path=args.data_path or None, split=args.split, seq_length=args.seq_length, seed=args.seed,
-        num_samples=(train_samples, eval_samples, eval_samples), cache_path=args.data_cache_path,
-        train_data_path=args.train_data_path, valid_data_path=args.valid_data_path,
-        test_data_path=args.test_data_path)
-
-
-def build_loss_scaler(args: argparse.Namespace):
-    if args.params_dtype != torch.float16:
+def open_tokenizer(config: RunConfig):
+    """The run's tokenizer (None without --tokenizer-type); the model's vocabulary size becomes the tokenizer's.
+    ArgumentsError when the tokenizer cannot be read or --vocab-size disagrees with it."""
+    data = config.data
+    if data.tokenizer_type is None:
         return None
-    if args.loss_scale is not None:
-        return ConstantLossScaler(args.loss_scale)
-    return DynamicLossScaler(initial_scale=args.initial_loss_scale, min_scale=args.min_loss_scale,
-                             growth_interval=args.loss_scale_window, hysteresis=args.hysteresis)
+    try:
+        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+    except TokenizerError as error:
+        raise ArgumentsError(f"--tokenizer-model {data.tokenizer_model}: {error}") from None
+    given = config.model.vocab_size
+    if given != UNKNOWN_VOCABULARY and given != tokenizer.vocab_size:
+        raise ArgumentsError(f"--vocab-size {given} disagrees with the tokenizer {data.tokenizer_model} "
+                             f"({tokenizer.vocab_size} entries); drop --vocab-size")
+    config.model = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+    return tokenizer
 
 
-def initialize_distributed(args: argparse.Namespace) -> bool:
+def find_resume_checkpoint(config: RunConfig, notes: list[str]) -> str | None:
+    """The iteration folder of --load this run starts from (checked against the run: checkpointing.check_resumable),
+    or None. An empty --load folder that is also the --save folder means "resume in place": the first run starts
+    at iteration 0."""
+    load, save = config.checkpoint.load, config.checkpoint.save
+    if load is None:
+        return None
+    empty = not any(name.startswith("iter_") or name.endswith(".txt") for name in os.listdir(load))
+    if empty and save is not None and os.path.abspath(save) == os.path.abspath(load):
+        notes.append(f"no checkpoint in {load} yet: starting from iteration 0")
+        return None
+    try:
+        folder, saved, meta = open_checkpoint(load)
+    except CheckpointError as error:
+        raise CheckpointError(f"--load {load}: {error}") from None
+    check_resumable(folder, saved, config, bool(meta.get("model_only")))
+    return folder
+
+
+def build_datasets(config: RunConfig, tokenizer):
+    """(train, valid, test) datasets holding at least the samples this run asks of each."""
+    training, data = config.training, config.data
+    train_samples = training.train_iters * training.global_batch_size
+    eval_samples = config.logging.eval_iters * training.global_batch_size
+    if data.sft:
+        return build_sft_datasets(data.train_data_path[0], data.valid_data_path[0] if data.valid_data_path else None,
+                                  tokenizer, training.seq_length, (train_samples, eval_samples), training.seed)
+    if data.mock_data:
+        vocab = config.model.vocab_size
+        return (MockGPTDataset(train_samples, training.seq_length, vocab, training.seed),
+                MockGPTDataset(eval_samples, training.seq_length, vocab, training.seed + 1) if eval_samples else None,
+                None)
+    return build_train_valid_test_datasets(
+        data_path=data.data_path or None, split=data.split, seq_length=training.seq_length, seed=training.seed,
+        num_samples=(train_samples, eval_samples, eval_samples), cache_path=data.data_cache_path,
+        train_data_path=data.train_data_path, valid_data_path=data.valid_data_path,
+        test_data_path=data.test_data_path)
+
+
+def build_loss_scaler(config: RunConfig):
+    training = config.training
+    if training.precision != "fp16":
+        return None
+    if training.loss_scale is not None:
+        return ConstantLossScaler(training.loss_scale)
+    return DynamicLossScaler(initial_scale=training.initial_loss_scale, min_scale=training.min_loss_scale,
+                             growth_interval=training.loss_scale_window, hysteresis=training.hysteresis)
+
+
+def initialize_distributed(config: RunConfig) -> bool:
     """Start the default process group (unless one exists or the run is one process) and build the
     model-parallel groups on it. Returns True when the default group was started here."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "cuda":
+    device = config.training.device
+    if device == "cuda":
         torch.cuda.set_device(local_rank)  # before any NCCL call, so each rank's communicator is on its GPU
     started = False
-    if args.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    if config.parallel.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
         started = True
     if dist.is_initialized():
-        parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                                 args.virtual_pipeline_model_parallel_size,
-                                                 sequence_parallel=args.sequence_parallel)
+        split = config.stage_split()
+        parallel_state.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
+                                                 config.parallel.pipeline_model_parallel_size,
+                                                 split.num_chunks if split.num_chunks > 1 else None,
+                                                 sequence_parallel=config.parallel.sequence_parallel)
     return started
 
 
@@ -137,8 +174,6 @@ def is_logging_rank() -> bool:
 def full_parameter_count(config) -> int:
     """Parameters of the whole model, whatever this rank holds: every stage built on the meta device (no memory),
     tensor-parallel layers knowing their full shape."""
-    from megatron_llama.model.llama import LlamaModel
-
     with torch.device("meta"):
         whole = LlamaModel(config)
     return sum(math.prod(getattr(param, "full_shape", param.shape)) for param in whole.parameters())
@@ -167,113 +202,124 @@ class SignalFlag:
             self.previous = None
 
 
-def build_stage_model(args: argparse.Namespace, device: torch.device):
-    """This rank's model chunks (stage split of the flags), with activation recompute applied to each, as one
+def build_stage_model(config: RunConfig, device: torch.device):
+    """This rank's model chunks (the configuration's stage split), with activation recompute applied to each, as one
     StageModel; and the split. Order: parallel layers (built sharded) -> recompute (wraps block forwards) ->
     data-parallel buffers and optimizer (they take the parameters as they finally are)."""
-    from megatron_llama.model.recompute import apply_recompute
-
-    split = stage_split(args)
-    chunks = build_model_chunks(args.model_config, args.seed, split, device=device, dtype=args.params_dtype)
+    training = config.training
+    split = config.stage_split()
+    chunks = build_model_chunks(config.model, training.seed, split, device=device, dtype=training.params_dtype)
     for chunk in chunks:
-        apply_recompute(chunk, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+        apply_recompute(chunk, training.recompute_granularity, training.recompute_method,
+                        training.recompute_num_layers)
     return StageModel(chunks), split
 
 
-def build_optimizer_and_buffers(args: argparse.Namespace, model: StageModel):
+def build_optimizer_and_buffers(config: RunConfig, model: StageModel):
     """The data-parallel gradient buffers and the optimizer over them (distributed or replicated); a log line."""
+    parallel, training = config.parallel, config.training
     names = {name for name, _ in model.named_parameters()}
-    tied_split = (not args.model_config.untie_embeddings_and_output_weights and args.pipeline_model_parallel_size > 1
-                  and args.use_distributed_optimizer and "embedding.weight" in names)
+    tied_split = (not config.model.untie_embeddings_and_output_weights and parallel.pipeline_model_parallel_size > 1
+                  and parallel.use_distributed_optimizer and "embedding.weight" in names)
     buffers = DataParallelBuffers(model, parallel_state.get_data_parallel_group(with_context_parallel=True),
-                                  bucket_size=args.ddp_bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,
-                                  use_distributed_optimizer=args.use_distributed_optimizer,
-                                  overlap_param_gather=args.overlap_param_gather, reduction="sum",
+                                  bucket_size=parallel.ddp_bucket_size, overlap_grad_reduce=parallel.overlap_grad_reduce,
+                                  use_distributed_optimizer=parallel.use_distributed_optimizer,
+                                  overlap_param_gather=parallel.overlap_param_gather, reduction="sum",
                                   separate_bucket_names=["embedding.weight"] if tied_split else [])
-    settings = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                    weight_decay=args.weight_decay, clip_grad=args.clip_grad, loss_scaler=build_loss_scaler(args))
-    if args.use_distributed_optimizer:
+    settings = dict(lr=training.lr, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps,
+                    weight_decay=training.weight_decay, clip_grad=training.clip_grad,
+                    loss_scaler=build_loss_scaler(config))
+    if parallel.use_distributed_optimizer:
         optimizer, description = build_distributed_optimizer(model, buffers, **settings)
     else:
         optimizer, description = build_optimizer(model, grad_buffers=buffers, **settings)
     return optimizer, buffers, (f"{description}; {len(buffers.buckets)} gradient bucket(s)"
-                                f"{', overlapped reduction' if args.overlap_grad_reduce else ''}")
+                                f"{', overlapped reduction' if parallel.overlap_grad_reduce else ''}")
 
 
-def run(args: argparse.Namespace, logger: MetricsLogger) -> int:
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    for note in args.notes:
+def run(config: RunConfig, notes: list[str], tokenizer, resume_from: str | None, logger: MetricsLogger) -> int:
+    """Build the model, optimizer and data of `config` on the started layout, resume, and train."""
+    training, checkpoint, logging = config.training, config.checkpoint, config.logging
+    device = torch.device("cuda", torch.cuda.current_device()) if training.device == "cuda" else torch.device("cpu")
+    for note in notes:
         logger.print(note)
     ranks = parallel_ranks()
-    logger.print(f"layout: {args.world_size} processes = tensor {ranks.tensor_size} x pipeline "
+    logger.print(f"layout: {config.parallel.world_size} processes = tensor {ranks.tensor_size} x pipeline "
                  f"{ranks.pipeline_size} x data {ranks.data_size}"
                  f"{', sequence parallel' if parallel_state.get_sequence_parallel() else ''}")
-    set_random_seeds(args.seed)
-    config = args.model_config
-    model, split = build_stage_model(args, device)
+    set_random_seeds(training.seed)
+    model_config = config.model
+    model, split = build_stage_model(config, device)
     if ranks.pipeline_size > 1:
         logger.print(f"pipeline: {schedule_name(split.pipeline_size, split.num_chunks)}, "
-                     f"{args.num_micro_batches} micro-batches per step\n{split.describe()}")
-    logger.print(f"model: {full_parameter_count(config):,} parameters "
-                 f"({sum(param.numel() for param in model.parameters()):,} on this rank), {config.num_layers} "
-                 f"layers, hidden {config.hidden_size}, vocabulary {config.vocab_size} padded to "
-                 f"{config.padded_vocab_size(ranks.tensor_size)}, {str(args.params_dtype).replace('torch.', '')} "
-                 f"weights on {device}, attention {config.attention_backend}")
-    optimizer, buffers, description = build_optimizer_and_buffers(args, model)
+                     f"{config.num_micro_batches} micro-batches per step\n{split.describe()}")
+    logger.print(f"model: {full_parameter_count(model_config):,} parameters "
+                 f"({sum(param.numel() for param in model.parameters()):,} on this rank), {model_config.num_layers} "
+                 f"layers, hidden {model_config.hidden_size}, vocabulary {model_config.vocab_size} padded to "
+                 f"{model_config.padded_vocab_size(ranks.tensor_size)}, {training.precision} weights on {device}, "
+                 f"attention {model_config.attention_backend}")
+    optimizer, buffers, description = build_optimizer_and_buffers(config, model)
     logger.print(description)
-    schedule = LearningRateSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
-                                    decay_iters=args.lr_decay_iters, decay_style=args.lr_decay_style,
-                                    warmup_init=args.lr_warmup_init)
+    lr_schedule = LearningRateSchedule(max_lr=training.lr, min_lr=training.min_lr,
+                                       warmup_iters=training.lr_warmup_iters, decay_iters=training.lr_decay_iters,
+                                       decay_style=training.lr_decay_style, warmup_init=training.lr_warmup_init)
     state = TrainingState()
-    if args.resume_from is not None:
-        resumed, message = load_checkpoint(args.load, model=model, optimizer=optimizer, config=config,
-                                           ranks=ranks, finetune=args.finetune, split=split)
+    if resume_from is not None:
+        resumed, message = load_checkpoint(checkpoint.load, model=model, optimizer=optimizer, config=config,
+                                           ranks=ranks)
         state = TrainingState(resumed.iteration, resumed.consumed_train_samples)
         if resumed.loss_scaler is not None and optimizer.loss_scaler is not None:
             optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
         logger.print(message)
-    train_dataset, valid_dataset, test_dataset = build_datasets(args)
-    record = arguments_record(args)
+    train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer)
 
     def save(current: TrainingState):
-        if args.use_distributed_optimizer:
+        if config.parallel.use_distributed_optimizer:
             buffers.finish_param_sync()  # an overlapped all-gather of the updated params may still be in flight
-        save_checkpoint(args.save, current.iteration, model=model, optimizer=optimizer, args=record,
-                        consumed_train_samples=current.consumed_train_samples, schedule_state=schedule.state_dict(),
+        save_checkpoint(checkpoint.save, current.iteration, model=model, optimizer=optimizer, config=config,
+                        consumed_train_samples=current.consumed_train_samples,
+                        schedule_state=lr_schedule.state_dict(),
                         loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
-                        ranks=ranks, barrier=dist.barrier if args.world_size > 1 else None)
-        logger.print(f"saved checkpoint of iteration {current.iteration} to {args.save}")
+                        ranks=ranks, barrier=dist.barrier if config.parallel.world_size > 1 else None)
+        logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save}")
 
-    stop_flag = SignalFlag(args.exit_signal_handler, logger)
+    stop_flag = SignalFlag(checkpoint.exit_signal_handler, logger)
     setup = TrainingSetup(
-        train_iters=args.train_iters, global_batch_size=args.global_batch_size,
-        micro_batch_size=args.micro_batch_size, num_micro_batches=args.num_micro_batches,
-        seq_length=args.seq_length, flops_per_token=config.flops_per_token(args.seq_length), device=device,
-        log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-        save_interval=args.save_interval, exit_interval=args.exit_interval, world_size=args.world_size,
-        data_parallel_rank=ranks.data_rank, data_parallel_size=ranks.data_size, buffers=buffers,
-        save=save if args.save else None,
-        stop_requested=stop_flag if args.exit_signal_handler else None, count_loss_tokens=args.sft)
+        train_iters=training.train_iters, global_batch_size=training.global_batch_size,
+        micro_batch_size=training.micro_batch_size, num_micro_batches=config.num_micro_batches,
+        seq_length=training.seq_length, flops_per_token=model_config.flops_per_token(training.seq_length),
+        device=device, log_interval=logging.log_interval, eval_interval=logging.eval_interval,
+        eval_iters=logging.eval_iters, save_interval=checkpoint.save_interval, exit_interval=checkpoint.exit_interval,
+        world_size=config.parallel.world_size, data_parallel_rank=ranks.data_rank,
+        data_parallel_size=ranks.data_size, buffers=buffers, save=save if checkpoint.save else None,
+        stop_requested=stop_flag if checkpoint.exit_signal_handler else None, count_loss_tokens=config.data.sft)
     try:
-        train(model, optimizer, schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)
+        train(model, optimizer, lr_schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:
         stop_flag.restore()
     return 0
 
 
+def _print_on_first_rank(message: str):
+    """Every rank fails alike before the layout starts; one message is enough."""
+    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0:
+        print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run pretraining with command-line `argv`; returns the process exit status."""
     try:
-        args = parse_args(argv)
-    except ArgumentsError as error:
-        if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0:
-            print(f"error: {error}", file=sys.stderr)  # every rank fails alike; one message is enough
+        config, notes = parse_args(argv)
+        tokenizer = open_tokenizer(config)
+        resume_from = find_resume_checkpoint(config, notes)
+    except (ArgumentsError, CheckpointError) as error:
+        _print_on_first_rank(str(error))
         return 2
-    started = initialize_distributed(args)
-    logger = MetricsLogger(jsonl_path=args.metrics_path, tensorboard_dir=args.tensorboard_dir,
+    started = initialize_distributed(config)
+    logger = MetricsLogger(jsonl_path=config.logging.metrics_path, tensorboard_dir=config.logging.tensorboard_dir,
                            enabled=is_logging_rank())
     try:
-        return run(args, logger)
+        return run(config, notes, tokenizer, resume_from, logger)
     except TrainingDiverged as error:
         if logger.enabled:  # the loss and gradient norm are agreed by every rank
             print(f"error: training diverged at {error}", file=sys.stderr)

@@ -1,12 +1,15 @@
-"""Command-line parsing: presets and overrides, derived values, and every bad combination's message."""
+"""Command-line parsing onto the typed run configuration: presets and overrides, derived values, every bad
+combination's message; and the setup's checks that need files (tokenizer vocabulary, the --load checkpoint)."""
 import os
 
 import pytest
 import torch
 
 from megatron_llama.arguments import ArgumentsError, default_ffn_hidden_size, parse_args
-from megatron_llama.checkpointing import write_model_checkpoint
-from megatron_llama.config import ModelConfig
+from megatron_llama.checkpointing import CheckpointError, write_model_checkpoint
+from megatron_llama.config import ModelConfig, RunConfig
+from megatron_llama.model.llama import build_model
+from megatron_llama.pretrain import find_resume_checkpoint, open_tokenizer
 
 BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --vocab-size 128 --seq-length 16 "
         "--micro-batch-size 2 --train-iters 4 --lr 1e-3 --mock-data --device cpu").split()
@@ -25,8 +28,12 @@ def without(*flags: str) -> list[str]:
     return kept
 
 
-def parse(*extra: str, base=BASE):
+def parse_with_notes(*extra: str, base=BASE) -> tuple[RunConfig, list[str]]:
     return parse_args(list(base) + [word for item in extra for word in item.split()])
+
+
+def parse(*extra: str, base=BASE) -> RunConfig:
+    return parse_with_notes(*extra, base=base)[0]
 
 
 def error_of(*extra: str, base=BASE) -> str:
@@ -36,46 +43,47 @@ def error_of(*extra: str, base=BASE) -> str:
 
 
 def test_preset_gives_the_model_and_explicit_flags_override_it():
-    args = parse_args("--model-preset llama2-7b --num-layers 3 --seq-length 64 --micro-batch-size 1 "
-                      "--train-iters 1 --lr 1e-4 --mock-data --device cpu".split())
-    config = args.model_config
+    config = parse_args("--model-preset llama2-7b --num-layers 3 --seq-length 64 --micro-batch-size 1 "
+                        "--train-iters 1 --lr 1e-4 --mock-data --device cpu".split())[0].model
     assert (config.num_layers, config.hidden_size, config.ffn_hidden_size, config.vocab_size) == (3, 4096, 11008, 32000)
     assert config.untie_embeddings_and_output_weights and not config.use_stable_embedding
 
 
 def test_open_llama_preset_ties_the_head_unless_untie_is_given():
     common = "--seq-length 64 --micro-batch-size 1 --train-iters 1 --lr 1e-4 --mock-data --device cpu".split()
-    tied = parse_args(["--model-preset", "openllama-7b"] + common).model_config
+    tied = parse_args(["--model-preset", "openllama-7b"] + common)[0].model
     assert not tied.untie_embeddings_and_output_weights and tied.use_stable_embedding
-    untied = parse_args(["--model-preset", "openllama-7b", "--untie-embeddings-and-output-weights"] + common)
-    assert untied.model_config.untie_embeddings_and_output_weights
+    untied = parse_args(["--model-preset", "openllama-7b", "--untie-embeddings-and-output-weights"] + common)[0]
+    assert untied.model.untie_embeddings_and_output_weights
 
 
 def test_derived_values_global_batch_micro_batches_decay_iters_and_ffn():
-    args = parse("--global-batch-size 8")
-    assert args.num_micro_batches == 4 and args.lr_decay_iters == 4 and args.data_parallel_size == 1
-    assert parse().global_batch_size == 2
+    config = parse("--global-batch-size 8")
+    assert config.num_micro_batches == 4 and config.training.lr_decay_iters == 4
+    assert config.parallel.data_parallel_size == 1
+    assert parse().training.global_batch_size == 2
     assert default_ffn_hidden_size(4096) == 11008
-    assert args.model_config.ffn_hidden_size == default_ffn_hidden_size(32)
-    assert args.model_config.max_position_embeddings == 16
+    assert config.model.ffn_hidden_size == default_ffn_hidden_size(32)
+    assert config.model.max_position_embeddings == 16
 
 
 def test_num_query_groups_turns_on_grouped_query_attention():
-    assert parse("--num-query-groups 2").model_config.kv_heads == 2
-    assert parse("--group-query-attention").model_config.kv_heads == 1
-    assert parse().model_config.kv_heads == 4
+    assert parse("--num-query-groups 2").model.kv_heads == 2
+    assert parse("--group-query-attention").model.kv_heads == 1
+    assert parse().model.kv_heads == 4
 
 
 def test_bf16_on_cpu_trains_in_fp32_and_says_so():
-    args = parse("--bf16")
-    assert args.params_dtype == torch.float32
-    assert any("--bf16 ignored" in note and "fp32" in note for note in args.notes)
+    config, notes = parse_with_notes("--bf16")
+    assert config.training.params_dtype == torch.float32 and config.training.precision == "fp32"
+    assert any("--bf16 ignored" in note and "fp32" in note for note in notes)
 
 
 def test_metrics_path_defaults_to_the_save_directory_else_the_tensorboard_directory(tmp_path):
-    assert parse(f"--save {tmp_path}").metrics_path == os.path.join(str(tmp_path), "metrics.jsonl")
-    assert parse(f"--tensorboard-dir {tmp_path}/tb").metrics_path == os.path.join(f"{tmp_path}/tb", "metrics.jsonl")
-    assert parse().metrics_path is None
+    assert parse(f"--save {tmp_path}").logging.metrics_path == os.path.join(str(tmp_path), "metrics.jsonl")
+    assert parse(f"--tensorboard-dir {tmp_path}/tb").logging.metrics_path == \
+        os.path.join(f"{tmp_path}/tb", "metrics.jsonl")
+    assert parse().logging.metrics_path is None
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -134,11 +142,19 @@ def test_data_path_with_missing_files_names_the_prefix(tmp_path, hf_tokenizer):
     assert f"{tmp_path}/absent" in message and ".bin" in message
 
 
-def test_vocab_size_comes_from_the_tokenizer_and_a_disagreeing_flag_is_an_error(hf_tokenizer):
+def test_parsing_opens_no_file_and_the_setup_takes_the_vocabulary_from_the_tokenizer(hf_tokenizer, monkeypatch):
     base = without("--vocab-size")
     tokenizer = f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {hf_tokenizer}"
-    assert parse(tokenizer, base=base).model_config.vocab_size == 102
-    assert "--vocab-size 128 disagrees with the tokenizer" in error_of(tokenizer)
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("parse_args opened a file")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("builtins.open", no_open)
+        config = parse(tokenizer, base=base)
+    assert open_tokenizer(config).vocab_size == 102 and config.model.vocab_size == 102
+    with pytest.raises(ArgumentsError, match="--vocab-size 128 disagrees with the tokenizer"):
+        open_tokenizer(parse(tokenizer))
 
 
 def test_cuda_device_without_a_gpu_is_an_error(monkeypatch):
@@ -149,19 +165,20 @@ def test_cuda_device_without_a_gpu_is_an_error(monkeypatch):
 
 def test_load_of_a_checkpoint_of_another_model_shape_names_the_differences(tmp_path):
     config = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=96, num_attention_heads=4, vocab_size=128)
-    from megatron_llama.model.llama import build_model
-
     write_model_checkpoint(str(tmp_path), 0, config, build_model(config, seed=1).state_dict())
-    message = error_of(f"--load {tmp_path} --ffn-hidden-size 64")
-    assert "ffn_hidden_size: checkpoint 96, this run 64" in message
+    with pytest.raises(CheckpointError) as caught:
+        find_resume_checkpoint(parse(f"--load {tmp_path} --ffn-hidden-size 64"), [])
+    assert "ffn_hidden_size: checkpoint 96, this run 64" in str(caught.value)
 
 
 def test_load_of_an_empty_save_directory_starts_fresh_but_elsewhere_is_an_error(tmp_path):
-    args = parse(f"--load {tmp_path} --save {tmp_path}")
-    assert args.resume_from is None and any("starting from iteration 0" in note for note in args.notes)
+    notes = []
+    assert find_resume_checkpoint(parse(f"--load {tmp_path} --save {tmp_path}"), notes) is None
+    assert any("starting from iteration 0" in note for note in notes)
     other = tmp_path / "other"
     other.mkdir()
-    assert "holds no checkpoint at all" in error_of(f"--load {tmp_path} --save {other}")
+    with pytest.raises(CheckpointError, match="holds no checkpoint at all"):
+        find_resume_checkpoint(parse(f"--load {tmp_path} --save {other}"), [])
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ import torch
 from megatron_llama import checkpointing
 from megatron_llama.checkpointing import (CheckpointError, load_checkpoint, open_checkpoint, read_model_checkpoint,
                                           write_model_checkpoint)
-from megatron_llama.config import ModelConfig
+from megatron_llama.config import DataConfig, ModelConfig, RunConfig
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.mixed_precision import build_optimizer
 from megatron_llama.pretrain import main
+from trainer_runs import metrics
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
                      vocab_size=100, make_vocab_size_divisible_by=64)
@@ -38,9 +39,10 @@ def copy_of(trained, tmp_path) -> str:
 def test_model_checkpoint_round_trip_keeps_weights_and_config(tmp_path):
     state = build_model(CONFIG, seed=3).state_dict()
     assert state["embedding.weight"].shape[0] == 128  # vocab 100 padded to a multiple of 64
-    write_model_checkpoint(str(tmp_path), 7, CONFIG, state, args={"note": "from a test"})
-    config, loaded, args = read_model_checkpoint(str(tmp_path))
-    assert config == CONFIG and args["note"] == "from a test" and args["tensor_model_parallel_size"] == 1
+    write_model_checkpoint(str(tmp_path), 7, CONFIG, state, RunConfig(data=DataConfig(tokenizer_model="tok.model")))
+    config, loaded, saved = read_model_checkpoint(str(tmp_path))
+    assert config == CONFIG and saved.data.tokenizer_model == "tok.model"
+    assert saved.parallel.tensor_model_parallel_size == 1
     assert set(loaded) == set(state) and all(torch.equal(loaded[name], state[name]) for name in state)
 
 
@@ -71,9 +73,9 @@ def test_tp2_pp2_checkpoint_holds_half_shards_per_stage_and_merges_back(tmp_path
 
 
 def test_trainer_checkpoint_holds_every_part_and_loads_with_weights_only(trained):
-    folder, args, meta = open_checkpoint(trained)
+    folder, saved, meta = open_checkpoint(trained)
     assert folder.endswith("iter_0000002") and meta["iteration"] == 2 and meta["consumed_train_samples"] == 4
-    assert args["model"]["hidden_size"] == 32 and args["train_iters"] == 2
+    assert saved.model.hidden_size == 32 and saved.training.train_iters == 2
     assert meta["schedule"]["max_lr"] == 1e-3 and not meta["model_only"]
     shard = os.path.join(folder, "mp_rank_00_000")
     optimizer_state = torch.load(os.path.join(shard, "optim_dp_000.pt"), weights_only=True)
@@ -139,14 +141,13 @@ def test_load_with_a_garbled_tracker_says_what_it_holds(trained, tmp_path, capsy
     expect_load_error(save, capsys, "should hold an iteration number but holds 'two'")
 
 
-def test_load_into_a_model_of_another_shape_names_the_parameter_and_both_shapes(trained):
+def test_load_into_a_model_of_another_shape_names_the_differing_values(trained):
     other = ModelConfig(**{**CONFIG.to_dict(), "ffn_hidden_size": 48})
     model = build_model(other, seed=1)
     optimizer, _ = build_optimizer(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_grad=0.0)
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(trained, model=model, optimizer=optimizer, config=other)
-    assert "parameter layers.0.mlp.down.weight has shape [32, 64] in the checkpoint but [32, 48] in this model" \
-        in str(caught.value)
+        load_checkpoint(trained, model=model, optimizer=optimizer, config=RunConfig(model=other))
+    assert "holds a different model (ffn_hidden_size: checkpoint 64, this run 48)" in str(caught.value)
 
 
 def test_trainer_starts_a_model_only_checkpoint_at_iteration_zero_with_its_weights(tmp_path, capsys):
@@ -162,3 +163,21 @@ def test_trainer_starts_a_model_only_checkpoint_at_iteration_zero_with_its_weigh
                                atol=1e-6, rtol=0)
     meta = json.load(open(os.path.join(save, "iter_0000001", "meta.json")))
     assert meta["consumed_train_samples"] == 2
+
+
+LEGACY_ARGS = os.path.join(os.path.dirname(__file__), "data", "legacy_args.json")  # written by the version before
+# config.json for TRAIN + --train-iters 2 --save-interval 1 (its flat record of every flag, the model under "model")
+
+
+def test_a_checkpoint_written_before_config_json_resumes_from_its_args_json_as_from_config_json(trained, tmp_path):
+    current = copy_of(trained, tmp_path / "current")
+    legacy = copy_of(trained, tmp_path / "legacy")
+    folder = os.path.join(legacy, "iter_0000002")
+    os.remove(os.path.join(folder, "config.json"))
+    shutil.copy(LEGACY_ARGS, os.path.join(folder, "args.json"))
+    converted, recorded = open_checkpoint(legacy)[1], open_checkpoint(current)[1]
+    for section in ("model", "parallel", "training", "data"):  # checkpoint and logging name other folders
+        assert getattr(converted, section) == getattr(recorded, section), section
+    for save in (current, legacy):
+        assert main(TRAIN + ["--train-iters", "3", "--load", save, "--save", save]) == 0
+    assert metrics(legacy)[-1]["iteration"] == 3 and metrics(legacy)[-1]["loss"] == metrics(current)[-1]["loss"]

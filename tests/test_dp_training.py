@@ -93,10 +93,10 @@ def test_distributed_optimizer_writes_one_state_shard_per_data_parallel_rank_hal
 
 def test_tp2_pp2_dp2_losses_and_weights_equal_one_process(runs):
     assert_same_records(metrics(runs / "tp2_pp2_dp2_tied"), metrics(runs / "one_tied"), rel=1e-5)
-    _, weights, args = read_model_checkpoint(str(runs / "tp2_pp2_dp2_tied"))
+    _, weights, saved = read_model_checkpoint(str(runs / "tp2_pp2_dp2_tied"))
     _, reference, _ = read_model_checkpoint(str(runs / "one_tied"))
-    assert (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"],
-            args["data_parallel_size"]) == (2, 2, 2)
+    assert (saved.parallel.tensor_model_parallel_size, saved.parallel.pipeline_model_parallel_size,
+            saved.parallel.data_parallel_size) == (2, 2, 2)
     for key in reference:  # atol: Adam turns float-rounding-sized gradients of an element into lr-sized steps
         torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
 

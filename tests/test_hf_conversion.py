@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from megatron_llama.checkpointing import read_model_checkpoint, write_model_checkpoint
-from megatron_llama.config import ModelConfig
+from megatron_llama.config import DataConfig, ModelConfig, RunConfig
 from megatron_llama.hf_conversion import (ConversionError, load_hf_checkpoint, load_hf_weights, model_config_from_hf,
                                           save_hf_checkpoint)
 from megatron_llama.model.llama import LlamaModel, build_model
@@ -167,8 +167,8 @@ def test_convert_to_hf_cli_exports_a_parallel_checkpoint_with_its_tokenizer(tmp_
     config = config_for(tied=False, groups=2)
     model = sharpen_(build_model(config, seed=7))
     tokenizer_folder = write_tokenizer(tmp_path / "tokenizer")
-    args = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tokenizer_folder)}
-    write_model_checkpoint(str(tmp_path / "ckpt"), 5, config, model.state_dict(), args,
+    recorded = RunConfig(data=DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tokenizer_folder)))
+    write_model_checkpoint(str(tmp_path / "ckpt"), 5, config, model.state_dict(), recorded,
                            tensor_parallel_size=2, pipeline_parallel_size=2)
     load_tool("convert_to_hf").main(["--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "hf")])
     x = tokens(seq=16, vocab=VOCAB)
@@ -198,8 +198,8 @@ def test_convert_from_hf_cli_writes_a_tp2_checkpoint_with_transformers_logits(tm
         (tmp_path / "hf" / name).write_bytes((tmp_path / "tok" / name).read_bytes())
     load_tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "ckpt"),
                                        "--target-tensor-parallel-size", "2"])
-    config, state_dict, args = read_model_checkpoint(str(tmp_path / "ckpt"))
-    assert args["tensor_model_parallel_size"] == 2 and args["tokenizer_type"] == "HuggingFaceTokenizer"
+    config, state_dict, saved = read_model_checkpoint(str(tmp_path / "ckpt"))
+    assert saved.parallel.tensor_model_parallel_size == 2 and saved.data.tokenizer_type == "HuggingFaceTokenizer"
     model = LlamaModel(config)
     model.load_state_dict(state_dict)
     x = tokens(seq=16, vocab=VOCAB)

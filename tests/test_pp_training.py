@@ -75,12 +75,12 @@ def test_pipeline_layout_losses_and_grad_norms_equal_single_process(runs, name):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_pipeline_checkpoint_merges_to_the_single_process_weights(runs, name):
-    _, weights, args = read_model_checkpoint(str(runs / name))
+    _, weights, saved = read_model_checkpoint(str(runs / name))
     _, reference, _ = read_model_checkpoint(str(runs / ("one_tied" if LAYOUTS[name][2] else "one")))
     assert sorted(weights) == sorted(reference)
     for key in reference:  # atol: Adam turns float-rounding-sized gradients of an element into lr-sized steps
         torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert args["pipeline_model_parallel_size"] == 2
+    assert saved.parallel.pipeline_model_parallel_size == 2
 
 
 def test_interleaved_shard_holds_both_chunks_of_its_rank_and_the_tied_copy(runs):

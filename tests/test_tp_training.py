@@ -69,17 +69,17 @@ def test_two_rank_layout_losses_and_grad_norms_equal_single_process(runs, name):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_two_rank_layout_ends_with_the_single_process_weights(runs, name):
-    config, weights, args = read_model_checkpoint(runs[name])
+    config, weights, saved = read_model_checkpoint(runs[name])
     _, reference, _ = read_model_checkpoint(runs[reference_of(name)])
     assert sorted(weights) == sorted(reference)
     for key in reference:
         torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=1e-6, msg=key)
-    assert args["world_size"] == 2 and config.vocab_size == 100
+    assert saved.parallel.world_size == 2 and config.vocab_size == 100
 
 
 def test_tp2_checkpoint_holds_one_shard_per_tensor_rank_and_dp2_one_optimizer_file_per_data_rank(runs):
     tp_iteration = os.path.join(runs["tp2"], f"iter_{ITERATIONS:07d}")
-    assert sorted(os.listdir(tp_iteration)) == ["args.json", "meta.json", "mp_rank_00_000", "mp_rank_01_000"]
+    assert sorted(os.listdir(tp_iteration)) == ["config.json", "meta.json", "mp_rank_00_000", "mp_rank_01_000"]
     shards = [torch.load(os.path.join(tp_iteration, f"mp_rank_{rank:02d}_000", "model.pt"), weights_only=True)
               for rank in (0, 1)]
     assert shards[0]["embedding.weight"].shape == (128, 32)  # 100 padded to 128 x tp = 256 rows, half each
@@ -93,11 +93,11 @@ def test_tp2_checkpoint_holds_one_shard_per_tensor_rank_and_dp2_one_optimizer_fi
                                             "rng_dp_001.pt"]
 
 
-def test_checkpoint_args_record_sequence_parallel_and_the_layout(runs):
-    with open(os.path.join(runs["tp2_sp_tied"], f"iter_{ITERATIONS:07d}", "args.json")) as handle:
-        args = json.load(handle)
-    assert args["sequence_parallel"] is True
-    assert (args["tensor_model_parallel_size"], args["data_parallel_size"]) == (2, 1)
+def test_checkpoint_config_records_sequence_parallel_and_the_layout(runs):
+    with open(os.path.join(runs["tp2_sp_tied"], f"iter_{ITERATIONS:07d}", "config.json")) as handle:
+        parallel = json.load(handle)["parallel"]
+    assert parallel["sequence_parallel"] is True
+    assert (parallel["tensor_model_parallel_size"], parallel["data_parallel_size"]) == (2, 1)
 
 
 # ------------------------------------------------------------------------------------------ bad layouts
@@ -134,5 +134,5 @@ def test_bad_parallel_layout_fails_before_anything_starts_with_the_numbers(monke
 
 def test_data_parallel_size_is_the_world_over_tensor_parallel_and_sets_the_micro_batch_count(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
-    args = parse_args(LAYOUT_BASE + "--tensor-model-parallel-size 2 --global-batch-size 32".split())
-    assert (args.world_size, args.data_parallel_size, args.num_micro_batches) == (8, 4, 4)
+    config, _ = parse_args(LAYOUT_BASE + "--tensor-model-parallel-size 2 --global-batch-size 32".split())
+    assert (config.parallel.world_size, config.parallel.data_parallel_size, config.num_micro_batches) == (8, 4, 4)

@@ -20,6 +20,7 @@ import sys
 
 from megatron_llama.arguments import tensor_parallel_misfit
 from megatron_llama.checkpointing import CheckpointError, tracker_path, write_model_checkpoint
+from megatron_llama.config import DataConfig, RunConfig
 from megatron_llama.hf_conversion import ConversionError, load_hf_checkpoint, read_hf_config
 
 
@@ -46,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ConversionError(f"{args.load}: {misfit}")
         config, state_dict, _ = load_hf_checkpoint(args.load,
                                                    make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-        checkpoint_args = {"converted_from": os.path.abspath(args.load)}
+        data = DataConfig()
         if os.path.isfile(os.path.join(args.load, "tokenizer.json")):
-            checkpoint_args.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.abspath(args.load))
-        write_model_checkpoint(args.save, 0, config, state_dict, checkpoint_args,
+            data = DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.abspath(args.load))
+        write_model_checkpoint(args.save, 0, config, state_dict, RunConfig(data=data),
                                tensor_parallel_size=args.target_tensor_parallel_size,
                                pipeline_parallel_size=args.target_pipeline_parallel_size)
     except (CheckpointError, ConversionError) as error:

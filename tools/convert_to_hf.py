@@ -20,6 +20,7 @@ import sys
 import torch
 
 from megatron_llama.checkpointing import CheckpointError, read_model_checkpoint
+from megatron_llama.config import DataConfig
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_llama.hf_conversion import DEFAULT_MAX_SHARD_SIZE, ConversionError, check_exportable, save_hf_checkpoint
 
@@ -36,15 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors file, e.g. 5GB or 500MiB; larger models are sharded with an index")
     parser.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
-                        help="overrides the tokenizer recorded in the checkpoint's args.json")
+                        help="overrides the tokenizer recorded in the checkpoint's configuration")
     parser.add_argument("--tokenizer-model", help="tokenizer file or folder (with --tokenizer-type)")
     return parser.parse_args(argv)
 
 
-def load_tokenizer(args: argparse.Namespace, checkpoint_args: dict, vocab_size: int):
-    """The tokenizer named on the command line, else the one in the checkpoint's args, else None."""
-    tokenizer_type = args.tokenizer_type or checkpoint_args.get("tokenizer_type")
-    tokenizer_model = args.tokenizer_model or checkpoint_args.get("tokenizer_model")
+def load_tokenizer(args: argparse.Namespace, recorded: DataConfig, vocab_size: int):
+    """The tokenizer named on the command line, else the one the checkpoint's configuration records, else None."""
+    tokenizer_type = args.tokenizer_type or recorded.tokenizer_type
+    tokenizer_model = args.tokenizer_model or recorded.tokenizer_model
     if tokenizer_type is None or tokenizer_model is None:
         print("convert_to_hf: the checkpoint names no tokenizer; exporting the model without tokenizer files "
               "(give --tokenizer-type and --tokenizer-model to include them)")
@@ -62,9 +63,9 @@ def load_tokenizer(args: argparse.Namespace, checkpoint_args: dict, vocab_size: 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        config, state_dict, checkpoint_args = read_model_checkpoint(args.load, args.iteration)
+        config, state_dict, run_config = read_model_checkpoint(args.load, args.iteration)
         check_exportable(config)  # before the tokenizer is loaded: fail fast and say why
-        tokenizer = load_tokenizer(args, checkpoint_args, config.vocab_size)
+        tokenizer = load_tokenizer(args, run_config.data, config.vocab_size)
         dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
         save_hf_checkpoint(args.save, config, state_dict, dtype=dtype, max_shard_size=args.max_shard_size,
                            tokenizer=tokenizer)

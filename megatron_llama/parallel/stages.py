@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatron_llama.config import ModelConfig
+
 from megatron_llama.parallel import comm, state
 
 
@@ -137,7 +137,7 @@ def _interleaved_ranges(num_layers: int, pipeline_size: int, per_chunk: int) -> 
                  for rank in range(pipeline_size))
 
 
-def build_model_chunks(config: ModelConfig, seed: int, split: StageSplit, *, pipeline_rank: int | None = None,
+def build_model_chunks(config, seed: int, split: StageSplit, *, pipeline_rank: int | None = None,
                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[nn.Module]:
     """This rank's model chunks, chunk 0 first (LlamaModel via build_model); marks a tied head's embedding copy."""
     from megatron_llama.model.llama import build_model  # the model imports parallel/, not the other way round
