@@ -106,7 +106,6 @@ def initialize_distributed(args: argparse.Namespace) -> bool:
         started = True
     if dist.is_initialized():
         parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                                 args.virtual_pipeline_model_parallel_size,
                                                  sequence_parallel=args.sequence_parallel)
     return started
 
@@ -122,16 +121,15 @@ def parallel_ranks() -> ParallelRanks:
     return ParallelRanks(
         tensor_rank=parallel_state.get_tensor_model_parallel_rank(),
         pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        data_rank=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+        data_rank=parallel_state.get_data_parallel_rank(),
         tensor_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        data_size=parallel_state.get_data_parallel_world_size(with_context_parallel=True))
+        data_size=parallel_state.get_data_parallel_world_size())
 
 
 def is_logging_rank() -> bool:
     """The rank that holds the loss and writes logs and metrics: tensor rank 0, data rank 0, last stage."""
-    return (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-            and parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+    return parallel_state.current_layout().is_logging_rank
 
 
 def full_parameter_count(config) -> int:
@@ -185,7 +183,7 @@ def build_optimizer_and_buffers(args: argparse.Namespace, model: StageModel):
     names = {name for name, _ in model.named_parameters()}
     tied_split = (not args.model_config.untie_embeddings_and_output_weights and args.pipeline_model_parallel_size > 1
                   and args.use_distributed_optimizer and "embedding.weight" in names)
-    buffers = DataParallelBuffers(model, parallel_state.get_data_parallel_group(with_context_parallel=True),
+    buffers = DataParallelBuffers(model, parallel_state.get_data_parallel_group(),
                                   bucket_size=args.ddp_bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,
                                   use_distributed_optimizer=args.use_distributed_optimizer,
                                   overlap_param_gather=args.overlap_param_gather, reduction="sum",
