@@ -32,8 +32,8 @@ default process group started by torchrun and `torch.distributed.init_process_gr
 The installed layout, `current_layout()`, is the only state of this module. Until one is
 installed it is `ParallelLayout.single_process()`: every size 1, every rank 0, every group None,
 so one plain process runs the model with no collective issued. The parallel layers read it when
-they are built, through Megatron-LM's getter names (`get_tensor_model_parallel_rank()`, ...),
-each a one-line read of `current_layout()`.
+they are built (mappings and schedules when they run), through Megatron-LM's getter names
+(`get_tensor_model_parallel_rank()`, ...), each a one-line read of the installed layout.
 
 Sequence parallelism (Korthikanti et al. 2022) is a field of the layout: it splits the activations
 between layers along the sequence across the tensor group, so it needs tensor size > 1.
