@@ -49,6 +49,7 @@ from megatron_llama.arguments import tensor_parallel_misfit
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.parallel.random import get_rng_tracker
+from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.parallel.stages import split_layers
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -393,18 +394,6 @@ def restore_rng_state(state: dict):
         get_rng_tracker().set_states(state["tracker"])
 
 
-@dataclass(frozen=True)
-class ParallelRanks:
-    """This process's place in the layout and the layout's sizes (all 1 / 0 for a one-process run)."""
-
-    tensor_rank: int = 0
-    pipeline_rank: int = 0
-    data_rank: int = 0
-    tensor_size: int = 1
-    pipeline_size: int = 1
-    data_size: int = 1
-
-
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor that is a view into a larger buffer (the distributed optimizer's parameter buckets) copied out,
     so the file holds the tensor alone and not the whole buffer."""
@@ -415,19 +404,19 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
                     consumed_train_samples: int, schedule_state: dict, loss_scaler_state: dict | None,
-                    ranks: ParallelRanks = ParallelRanks(), barrier=None):
+                    layout: ParallelLayout = ParallelLayout.single_process(), barrier=None):
     """Write this rank's shards, then (rank 0, after every rank is done) the configuration, meta and the tracker."""
     folder = iteration_dir(save_dir, iteration)
-    directory = shard_dir(folder, ranks.tensor_rank, ranks.pipeline_rank)
+    directory = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
     os.makedirs(directory, exist_ok=True)
-    if ranks.data_rank == 0:
+    if layout.data_rank == 0:
         atomic_torch_save({name: _own_storage(value) for name, value in model.state_dict().items()},
                           os.path.join(directory, MODEL_FILENAME))
-    atomic_torch_save(optimizer.state_dict(), os.path.join(directory, optimizer_filename(ranks.data_rank)))
-    atomic_torch_save(capture_rng_state(), os.path.join(directory, rng_filename(ranks.data_rank)))
+    atomic_torch_save(optimizer.state_dict(), os.path.join(directory, optimizer_filename(layout.data_rank)))
+    atomic_torch_save(capture_rng_state(), os.path.join(directory, rng_filename(layout.data_rank)))
     if barrier is not None:
         barrier()
-    if ranks.tensor_rank == ranks.pipeline_rank == ranks.data_rank == 0:
+    if layout.tensor_rank == layout.pipeline_rank == layout.data_rank == 0:
         atomic_write_json(os.path.join(folder, CONFIG_FILENAME), config.to_dict())
         atomic_write_json(os.path.join(folder, META_FILENAME),
                           dict(iteration=iteration, consumed_train_samples=consumed_train_samples, model_only=False,
@@ -499,7 +488,7 @@ def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: b
 
 
 def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config: RunConfig,
-                    ranks: ParallelRanks = ParallelRanks()) -> tuple[ResumeState, str]:
+                    layout: ParallelLayout = ParallelLayout.single_process()) -> tuple[ResumeState, str]:
     """Load the newest checkpoint of `load_dir` into `model` and `optimizer`; returns its state and a log line.
 
     A full checkpoint restores weights, master params, Adam states, every RNG and the sample count.
@@ -515,15 +504,15 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
     weights_only = config.checkpoint.finetune or bool(meta.get("model_only"))
     check_resumable(folder, saved, config, bool(meta.get("model_only")))
     saved_layout = parallel_sizes(saved.parallel)
-    shard = shard_dir(folder, ranks.tensor_rank, ranks.pipeline_rank)
-    same_layout = (saved_layout[:2] == (ranks.tensor_size, ranks.pipeline_size)
+    shard = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
+    same_layout = (saved_layout[:2] == (layout.tensor_size, layout.pipeline_size)
                    and saved.stage_split().ranges == config.stage_split().ranges)
     if same_layout:
         model_state = load_tensor_file(os.path.join(shard, MODEL_FILENAME))
     else:
         full = merge_shards(saved.model, read_model_shards(folder, saved), saved_layout[0])
-        model_state = split_state_dict(config.model, full, ranks.tensor_size, ranks.pipeline_size,
-                                       config.stage_split())[(ranks.tensor_rank, ranks.pipeline_rank)]
+        model_state = split_state_dict(config.model, full, layout.tensor_size, layout.pipeline_size,
+                                       config.stage_split())[(layout.tensor_rank, layout.pipeline_rank)]
     check_state_dict_fits(model_state, model, os.path.join(shard, MODEL_FILENAME))
     model.load_state_dict(model_state)
     if weights_only:
@@ -538,9 +527,9 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
         except ValueError as error:
             raise CheckpointError(f"{shard}: {error}") from None
     else:
-        saved_rank = ranks.data_rank if saved_layout[2] == ranks.data_size else 0
+        saved_rank = layout.data_rank if saved_layout[2] == layout.data_size else 0
         optimizer.load_state_dict(load_tensor_file(os.path.join(shard, optimizer_filename(saved_rank))), model_state)
-    rng_rank = ranks.data_rank if ranks.data_rank < saved_layout[2] else 0
+    rng_rank = layout.data_rank if layout.data_rank < saved_layout[2] else 0
     restore_rng_state(load_tensor_file(os.path.join(shard, rng_filename(rng_rank))))
     state = ResumeState(int(meta["iteration"]), int(meta["consumed_train_samples"]), meta.get("loss_scaler"))
     return state, (f"resumed from {folder}: iteration {state.iteration}, "

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_llama.arguments import UNKNOWN_VOCABULARY, ArgumentsError, parse_args
-from megatron_llama.checkpointing import (CheckpointError, ParallelRanks, check_resumable, load_checkpoint,
+from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint,
                                           open_checkpoint, save_checkpoint)
 from megatron_llama.config import RunConfig
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets
@@ -55,6 +55,7 @@ from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
+from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.model.recompute import apply_recompute
 from megatron_llama.parallel.stages import StageModel, build_model_chunks
@@ -128,9 +129,9 @@ def build_loss_scaler(config: RunConfig):
                              growth_interval=training.loss_scale_window, hysteresis=training.hysteresis)
 
 
-def initialize_distributed(config: RunConfig) -> bool:
+def initialize_distributed(config: RunConfig) -> tuple[ParallelLayout, bool]:
     """Start the default process group (unless one exists or the run is one process) and build the
-    model-parallel groups on it. Returns True when the default group was started here."""
+    model-parallel groups on it: the run's layout, and True when the default group was started here."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = config.training.device
     if device == "cuda":
@@ -139,36 +140,17 @@ def initialize_distributed(config: RunConfig) -> bool:
     if config.parallel.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         started = True
-    if dist.is_initialized():
-        split = config.stage_split()
-        parallel_state.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
-                                                 config.parallel.pipeline_model_parallel_size,
-                                                 split.num_chunks if split.num_chunks > 1 else None,
-                                                 sequence_parallel=config.parallel.sequence_parallel)
-    return started
+    if not dist.is_initialized():
+        return parallel_state.current_layout(), started
+    return parallel_state.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
+                                                    config.parallel.pipeline_model_parallel_size,
+                                                    sequence_parallel=config.parallel.sequence_parallel), started
 
 
 def shutdown_distributed(started: bool):
     parallel_state.destroy_model_parallel()
     if started and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def parallel_ranks() -> ParallelRanks:
-    """This process's (tensor, pipeline, data) ranks and the layout's sizes, for checkpoint file names."""
-    return ParallelRanks(
-        tensor_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        data_rank=parallel_state.get_data_parallel_rank(with_context_parallel=True),
-        tensor_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        data_size=parallel_state.get_data_parallel_world_size(with_context_parallel=True))
-
-
-def is_logging_rank() -> bool:
-    """The rank that holds the loss and writes logs and metrics: tensor rank 0, data rank 0, last stage."""
-    return (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-            and parallel_state.is_pipeline_last_stage(ignore_virtual=True))
 
 
 def full_parameter_count(config) -> int:
@@ -221,7 +203,7 @@ def build_optimizer_and_buffers(config: RunConfig, model: StageModel):
     names = {name for name, _ in model.named_parameters()}
     tied_split = (not config.model.untie_embeddings_and_output_weights and parallel.pipeline_model_parallel_size > 1
                   and parallel.use_distributed_optimizer and "embedding.weight" in names)
-    buffers = DataParallelBuffers(model, parallel_state.get_data_parallel_group(with_context_parallel=True),
+    buffers = DataParallelBuffers(model, parallel_state.get_data_parallel_group(),
                                   bucket_size=parallel.ddp_bucket_size, overlap_grad_reduce=parallel.overlap_grad_reduce,
                                   use_distributed_optimizer=parallel.use_distributed_optimizer,
                                   overlap_param_gather=parallel.overlap_param_gather, reduction="sum",
@@ -237,26 +219,26 @@ def build_optimizer_and_buffers(config: RunConfig, model: StageModel):
                                 f"{', overlapped reduction' if parallel.overlap_grad_reduce else ''}")
 
 
-def run(config: RunConfig, notes: list[str], tokenizer, resume_from: str | None, logger: MetricsLogger) -> int:
-    """Build the model, optimizer and data of `config` on the started layout, resume, and train."""
+def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, resume_from: str | None,
+        logger: MetricsLogger) -> int:
+    """Build the model, optimizer and data of `config` on this rank's `layout`, resume, and train."""
     training, checkpoint, logging = config.training, config.checkpoint, config.logging
     device = torch.device("cuda", torch.cuda.current_device()) if training.device == "cuda" else torch.device("cpu")
     for note in notes:
         logger.print(note)
-    ranks = parallel_ranks()
-    logger.print(f"layout: {config.parallel.world_size} processes = tensor {ranks.tensor_size} x pipeline "
-                 f"{ranks.pipeline_size} x data {ranks.data_size}"
-                 f"{', sequence parallel' if parallel_state.get_sequence_parallel() else ''}")
+    logger.print(f"layout: {config.parallel.world_size} processes = tensor {layout.tensor_size} x pipeline "
+                 f"{layout.pipeline_size} x data {layout.data_size}"
+                 f"{', sequence parallel' if layout.sequence_parallel else ''}")
     set_random_seeds(training.seed)
     model_config = config.model
     model, split = build_stage_model(config, device)
-    if ranks.pipeline_size > 1:
+    if layout.pipeline_size > 1:
         logger.print(f"pipeline: {schedule_name(split.pipeline_size, split.num_chunks)}, "
                      f"{config.num_micro_batches} micro-batches per step\n{split.describe()}")
     logger.print(f"model: {full_parameter_count(model_config):,} parameters "
                  f"({sum(param.numel() for param in model.parameters()):,} on this rank), {model_config.num_layers} "
                  f"layers, hidden {model_config.hidden_size}, vocabulary {model_config.vocab_size} padded to "
-                 f"{model_config.padded_vocab_size(ranks.tensor_size)}, {training.precision} weights on {device}, "
+                 f"{model_config.padded_vocab_size(layout.tensor_size)}, {training.precision} weights on {device}, "
                  f"attention {model_config.attention_backend}")
     optimizer, buffers, description = build_optimizer_and_buffers(config, model)
     logger.print(description)
@@ -266,7 +248,7 @@ def run(config: RunConfig, notes: list[str], tokenizer, resume_from: str | None,
     state = TrainingState()
     if resume_from is not None:
         resumed, message = load_checkpoint(checkpoint.load, model=model, optimizer=optimizer, config=config,
-                                           ranks=ranks)
+                                           layout=layout)
         state = TrainingState(resumed.iteration, resumed.consumed_train_samples)
         if resumed.loss_scaler is not None and optimizer.loss_scaler is not None:
             optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
@@ -280,7 +262,7 @@ def run(config: RunConfig, notes: list[str], tokenizer, resume_from: str | None,
                         consumed_train_samples=current.consumed_train_samples,
                         schedule_state=lr_schedule.state_dict(),
                         loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
-                        ranks=ranks, barrier=dist.barrier if config.parallel.world_size > 1 else None)
+                        layout=layout, barrier=dist.barrier if config.parallel.world_size > 1 else None)
         logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save}")
 
     stop_flag = SignalFlag(checkpoint.exit_signal_handler, logger)
@@ -290,8 +272,8 @@ def run(config: RunConfig, notes: list[str], tokenizer, resume_from: str | None,
         seq_length=training.seq_length, flops_per_token=model_config.flops_per_token(training.seq_length),
         device=device, log_interval=logging.log_interval, eval_interval=logging.eval_interval,
         eval_iters=logging.eval_iters, save_interval=checkpoint.save_interval, exit_interval=checkpoint.exit_interval,
-        world_size=config.parallel.world_size, data_parallel_rank=ranks.data_rank,
-        data_parallel_size=ranks.data_size, buffers=buffers, save=save if checkpoint.save else None,
+        world_size=config.parallel.world_size, data_parallel_rank=layout.data_rank,
+        data_parallel_size=layout.data_size, buffers=buffers, save=save if checkpoint.save else None,
         stop_requested=stop_flag if checkpoint.exit_signal_handler else None, count_loss_tokens=config.data.sft)
     try:
         train(model, optimizer, lr_schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)
@@ -315,11 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ArgumentsError, CheckpointError) as error:
         _print_on_first_rank(str(error))
         return 2
-    started = initialize_distributed(config)
+    layout, started = initialize_distributed(config)
     logger = MetricsLogger(jsonl_path=config.logging.metrics_path, tensorboard_dir=config.logging.tensorboard_dir,
-                           enabled=is_logging_rank())
+                           enabled=layout.is_logging_rank)
     try:
-        return run(config, notes, tokenizer, resume_from, logger)
+        return run(config, layout, notes, tokenizer, resume_from, logger)
     except TrainingDiverged as error:
         if logger.enabled:  # the loss and gradient norm are agreed by every rank
             print(f"error: training diverged at {error}", file=sys.stderr)

@@ -137,7 +137,7 @@ def loss_token_count(batches: Iterable, device: torch.device) -> int:
     count = torch.zeros(1, dtype=torch.int64, device=device)
     for batch in batches:
         count += (as_micro_batch(batch)["labels"] != IGNORE_INDEX).sum().to(device)  # summed on the device: one sync
-    comm.all_reduce(count, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    comm.all_reduce(count, parallel_state.get_data_parallel_group())
     return int(count.item())
 
 
@@ -148,7 +148,7 @@ def finalize_gradients(model: nn.Module, optimizer, buffers: DataParallelBuffers
     if buffers is not None:
         buffers.finish_grad_sync()
     else:
-        comm.all_reduce(optimizer.grad_buffer, parallel_state.get_data_parallel_group(with_context_parallel=True))
+        comm.all_reduce(optimizer.grad_buffer, parallel_state.get_data_parallel_group())
     allreduce_sequence_parallel_grads(model)  # norm weights saw only this rank's sequence shard
     allreduce_tied_embedding_grads(model_chunks(model))
 
@@ -156,7 +156,7 @@ def finalize_gradients(model: nn.Module, optimizer, buffers: DataParallelBuffers
 def reduce_loss_across_ranks(loss: torch.Tensor) -> torch.Tensor:
     """The last stage's loss copied to every stage, then the data-parallel shares summed (in place; returned)."""
     broadcast_from_last_stage(loss)
-    return comm.all_reduce(loss, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return comm.all_reduce(loss, parallel_state.get_data_parallel_group())
 
 
 def train_step(model: nn.Module, optimizer, batches: Iterable, lr: float, tokens_in_global_batch: int,
@@ -186,7 +186,7 @@ def evaluate(model: nn.Module, batches: Iterable) -> float:
     token_count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
     totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=device)])
     broadcast_from_last_stage(totals[:1])
-    comm.all_reduce(totals, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    comm.all_reduce(totals, parallel_state.get_data_parallel_group())
     return float(totals[0] / totals[1])
 
 

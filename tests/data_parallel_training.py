@@ -93,16 +93,20 @@ class _AdamOnMainGrads:
         return StepOutcome(float(norm), skipped=False)
 
 
-def parallel_run(layout: Layout, steps: int, *, first_step: int = 0, save_after: int | None = None,
-                 resume: tuple[dict, list[dict]] | None = None) -> dict:
+def parallel_run(layout: Layout, steps: int, **options) -> dict:
+    """_run_on_this_rank inside the layout's process groups (in a gloo process), or as the single process."""
+    if not torch.distributed.is_initialized():
+        return _run_on_this_rank(layout, steps, **options)
+    with state.parallel_layout(layout.tensor_parallel, sequence_parallel=layout.sequence_parallel):
+        return _run_on_this_rank(layout, steps, **options)
+
+
+def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_after: int | None = None,
+                      resume: tuple[dict, list[dict]] | None = None) -> dict:
     """Steps first_step .. steps-1 of the global batches on this rank; `resume` = (full model state, optimizer
     shards of every saved data-parallel rank); `save_after` = step count at which to record both."""
-    if state.model_parallel_is_initialized():
-        state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        state.initialize_model_parallel(layout.tensor_parallel, sequence_parallel=layout.sequence_parallel)
-    dp_group = state.get_data_parallel_group(with_context_parallel=True)
-    dp, dp_rank = state.get_data_parallel_world_size(True), state.get_data_parallel_rank(True)
+    dp_group = state.get_data_parallel_group()
+    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     model = build_model(MODEL, seed=SEED)
     if resume is not None:
         model.load_state_dict(resume[0])

@@ -7,10 +7,10 @@
 
 Each child gets the environment torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port) and, unless
-`init_process_group=False`, a started gloo default group; model-parallel state is destroyed
-and the group torn down when the function returns. Processes are forked (Linux), so the
-function and its arguments need not be picklable and no interpreter start-up is paid;
-return values must be picklable (tensors are fine: they come back by value). Each child uses one intra-op thread.
+`init_process_group=False`, a started gloo default group, torn down with every group built on
+it when the function returns (the child then exits, taking any installed parallel layout with
+it). Processes are forked (Linux), so the function and its arguments need not be picklable and
+no interpreter start-up is paid; return values must be picklable (tensors are fine: they come back by value). Each child uses one intra-op thread.
 """
 from __future__ import annotations
 
@@ -47,8 +47,6 @@ def _child(rank: int, world_size: int, port: int, function, args, kwargs, init_p
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
-        from megatron_llama.parallel import state
-        state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.stdout.flush()

@@ -25,8 +25,11 @@ def _forward_backward(mapping, x, upstream):
 
 
 def _check_every_mapping(tp):
-    state.initialize_model_parallel(tp, 1)
-    rank = state.get_tensor_model_parallel_rank()
+    with state.parallel_layout(tp, 1) as layout:
+        return _compare_every_mapping(tp, layout.tensor_rank)
+
+
+def _compare_every_mapping(tp, rank):
     generator = torch.Generator().manual_seed(7)
     inputs, upstreams = _per_rank(generator, tp), _per_rank(generator, tp)  # x_r and dL/dy_r of every rank
     shared_x, shared_grad = inputs[0], upstreams[0]

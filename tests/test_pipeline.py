@@ -346,7 +346,7 @@ def num_chunks(spec: dict) -> int:
 
 
 def pipeline_rank(spec: dict, rank: int, world_size: int) -> int:
-    return state.rank_coordinates(rank, spec["tp"], 1, world_size // (spec["tp"] * spec["pp"]))["pp"]
+    return state.rank_coordinates(rank, spec["tp"], world_size // (spec["tp"] * spec["pp"]))["pp"]
 
 
 CASES = {
@@ -369,13 +369,11 @@ CASES = {
 def run_cases(cases: list[dict], references: dict) -> dict:
     results = {}
     for spec in cases:
-        virtual_size = num_chunks(spec) if spec["layers_per_virtual_stage"] is not None else None
-        state.initialize_model_parallel(spec["tp"], spec["pp"], virtual_size, sequence_parallel=spec["sp"])
-        result = train_pipelined(spec)
+        with state.parallel_layout(spec["tp"], spec["pp"], sequence_parallel=spec["sp"]):
+            result = train_pipelined(spec)
         result["problems"] = compare(result, references[spec["name"]])
         del result["gradients"]
         results[spec["name"]] = result
-        state.destroy_model_parallel()
     results["extras"] = check_interleaved_error_and_weight_sync()
     return results
 
@@ -384,21 +382,21 @@ def check_interleaved_error_and_weight_sync() -> dict:
     """At pp=2 (dp = world / 2): run_schedule refuses 3 micro-batches for 2 chunks; sync gives the last stage's
     copy the first stage's values."""
     extras = {}
-    state.initialize_model_parallel(1, 2, 2)
-    config = dataclasses.replace(MODEL, untie_embeddings_and_output_weights=False)
-    chunks = build_model_chunks(config, SEED, split_layers(8, 2, layers_per_virtual_stage=2))
-    try:
-        run_schedule(chunks, training_batches(3)[0], global_mean_loss(3), num_micro_batches=3,
-                     micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size, dtype=torch.float32)
-    except ValueError as error:
-        extras["error"] = str(error)
-    weight = chunks[0].embedding.weight if chunks[0].pre_process else chunks[-1].embedding.weight
-    if not chunks[0].pre_process:
-        with torch.no_grad():
-            weight.add_(1.0)
-    sync_tied_embedding_weights(chunks)
-    extras["synced weight"] = weight.detach().clone()
-    state.destroy_model_parallel()
+    with state.parallel_layout(1, 2):
+        config = dataclasses.replace(MODEL, untie_embeddings_and_output_weights=False)
+        chunks = build_model_chunks(config, SEED, split_layers(8, 2, layers_per_virtual_stage=2))
+        try:
+            run_schedule(chunks, training_batches(3)[0], global_mean_loss(3), num_micro_batches=3,
+                         micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
+                         dtype=torch.float32)
+        except ValueError as error:
+            extras["error"] = str(error)
+        weight = chunks[0].embedding.weight if chunks[0].pre_process else chunks[-1].embedding.weight
+        if not chunks[0].pre_process:
+            with torch.no_grad():
+                weight.add_(1.0)
+        sync_tied_embedding_weights(chunks)
+        extras["synced weight"] = weight.detach().clone()
     return extras
 
 

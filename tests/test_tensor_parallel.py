@@ -103,65 +103,66 @@ def _max_diff(a, b) -> float:
 
 def check_layers(tp: int) -> dict[str, float]:
     """Max abs difference to the plain computation, per layer and setting."""
-    rank, diffs = state.get_tensor_model_parallel_rank(), {}
+    layout, diffs = state.current_layout(), {}
+    rank = layout.tensor_rank
     b, s, h_in, h_out, vocab = 2, 8, 8, 12 * tp, 16 * tp
     for sequence_parallel in (False, True):
-        state.set_sequence_parallel(sequence_parallel)
-        generator = torch.Generator().manual_seed(3)
-        x_full = torch.randn(b, s, h_in, generator=generator)
-        upstream_full = torch.randn(b, s, h_out, generator=generator)
-        tag = f" sp={sequence_parallel}"
-        shard = (lambda t: t.chunk(tp, 1)[rank]) if sequence_parallel else (lambda t: t)
+        with state.use_layout(dataclasses.replace(layout, sequence_parallel=sequence_parallel)):
+            generator = torch.Generator().manual_seed(3)
+            x_full = torch.randn(b, s, h_in, generator=generator)
+            upstream_full = torch.randn(b, s, h_out, generator=generator)
+            tag = f" sp={sequence_parallel}"
+            shard = (lambda t: t.chunk(tp, 1)[rank]) if sequence_parallel else (lambda t: t)
 
-        for gather_output in (False, True):
-            weight, local_weight = _full_and_local(generator, (h_out, h_in), 0, tp, rank)
-            bias, local_bias = _full_and_local(generator, (h_out,), 0, tp, rank)
-            reference = _reference_grads(lambda x, w, c: F.linear(x, w, c), x_full, weight, bias, upstream_full)
-            layer = layers.ColumnParallelLinear(h_in, h_out, bias=True, gather_output=gather_output)
+            for gather_output in (False, True):
+                weight, local_weight = _full_and_local(generator, (h_out, h_in), 0, tp, rank)
+                bias, local_bias = _full_and_local(generator, (h_out,), 0, tp, rank)
+                reference = _reference_grads(lambda x, w, c: F.linear(x, w, c), x_full, weight, bias, upstream_full)
+                layer = layers.ColumnParallelLinear(h_in, h_out, bias=True, gather_output=gather_output)
+                layer.weight.data.copy_(local_weight)
+                layer.bias.data.copy_(local_bias)
+                x = shard(x_full).clone().requires_grad_()
+                y = layer(x)
+                upstream = upstream_full if gather_output else upstream_full.chunk(tp, -1)[rank]
+                y.backward(upstream)
+                name = f"column gather_output={gather_output}{tag}"
+                expected_y = reference["y"] if gather_output else reference["y"].chunk(tp, -1)[rank]
+                diffs[name + " output"] = _max_diff(y, expected_y)
+                diffs[name + " input grad"] = _max_diff(x.grad, shard(reference["x"]))
+                diffs[name + " weight grad"] = _max_diff(gather_full(layer.weight.grad, layer.weight), reference["w"])
+                diffs[name + " bias grad"] = _max_diff(gather_full(layer.bias.grad, layer.bias), reference["b"])
+
+            weight, local_weight = _full_and_local(generator, (h_in, h_out), 1, tp, rank)
+            bias = torch.randn(h_in, generator=generator)
+            upstream_row = torch.randn(b, s, h_in, generator=generator)
+            x_row = torch.randn(b, s, h_out, generator=generator)
+            reference = _reference_grads(lambda x, w, c: F.linear(x, w, c), x_row, weight, bias, upstream_row)
+            for input_is_parallel in ((True,) if sequence_parallel else (True, False)):
+                layer = layers.RowParallelLinear(h_out, h_in, bias=True, input_is_parallel=input_is_parallel)
+                layer.weight.data.copy_(local_weight)
+                layer.bias.data.copy_(bias)
+                x = (x_row.chunk(tp, -1)[rank] if input_is_parallel else x_row).clone().requires_grad_()
+                y = layer(x)
+                y.backward(shard(upstream_row))
+                layers.allreduce_sequence_parallel_grads(layer)  # the bias saw only this rank's tokens
+                name = f"row input_is_parallel={input_is_parallel}{tag}"
+                diffs[name + " output"] = _max_diff(y, shard(reference["y"]))
+                expected_x_grad = reference["x"].chunk(tp, -1)[rank] if input_is_parallel else reference["x"]
+                diffs[name + " input grad"] = _max_diff(x.grad, expected_x_grad)
+                diffs[name + " weight grad"] = _max_diff(gather_full(layer.weight.grad, layer.weight), reference["w"])
+                diffs[name + " bias grad"] = _max_diff(layer.bias.grad, reference["b"])
+
+            weight, local_weight = _full_and_local(generator, (vocab, h_in), 0, tp, rank)
+            ids = torch.randint(0, vocab, (b, s), generator=generator)
+            upstream_embedding = torch.randn(b, s, h_in, generator=generator)
+            reference = _reference_grads(lambda i, w, _: F.embedding(i, w), ids, weight, None, upstream_embedding)
+            layer = layers.VocabParallelEmbedding(vocab, h_in)
             layer.weight.data.copy_(local_weight)
-            layer.bias.data.copy_(local_bias)
-            x = shard(x_full).clone().requires_grad_()
-            y = layer(x)
-            upstream = upstream_full if gather_output else upstream_full.chunk(tp, -1)[rank]
-            y.backward(upstream)
-            name = f"column gather_output={gather_output}{tag}"
-            expected_y = reference["y"] if gather_output else reference["y"].chunk(tp, -1)[rank]
-            diffs[name + " output"] = _max_diff(y, expected_y)
-            diffs[name + " input grad"] = _max_diff(x.grad, shard(reference["x"]))
-            diffs[name + " weight grad"] = _max_diff(gather_full(layer.weight.grad, layer.weight), reference["w"])
-            diffs[name + " bias grad"] = _max_diff(gather_full(layer.bias.grad, layer.bias), reference["b"])
-
-        weight, local_weight = _full_and_local(generator, (h_in, h_out), 1, tp, rank)
-        bias = torch.randn(h_in, generator=generator)
-        upstream_row = torch.randn(b, s, h_in, generator=generator)
-        x_row = torch.randn(b, s, h_out, generator=generator)
-        reference = _reference_grads(lambda x, w, c: F.linear(x, w, c), x_row, weight, bias, upstream_row)
-        for input_is_parallel in ((True,) if sequence_parallel else (True, False)):
-            layer = layers.RowParallelLinear(h_out, h_in, bias=True, input_is_parallel=input_is_parallel)
-            layer.weight.data.copy_(local_weight)
-            layer.bias.data.copy_(bias)
-            x = (x_row.chunk(tp, -1)[rank] if input_is_parallel else x_row).clone().requires_grad_()
-            y = layer(x)
-            y.backward(shard(upstream_row))
-            layers.allreduce_sequence_parallel_grads(layer)  # the bias saw only this rank's tokens
-            name = f"row input_is_parallel={input_is_parallel}{tag}"
-            diffs[name + " output"] = _max_diff(y, shard(reference["y"]))
-            expected_x_grad = reference["x"].chunk(tp, -1)[rank] if input_is_parallel else reference["x"]
-            diffs[name + " input grad"] = _max_diff(x.grad, expected_x_grad)
-            diffs[name + " weight grad"] = _max_diff(gather_full(layer.weight.grad, layer.weight), reference["w"])
-            diffs[name + " bias grad"] = _max_diff(layer.bias.grad, reference["b"])
-
-        weight, local_weight = _full_and_local(generator, (vocab, h_in), 0, tp, rank)
-        ids = torch.randint(0, vocab, (b, s), generator=generator)
-        upstream_embedding = torch.randn(b, s, h_in, generator=generator)
-        reference = _reference_grads(lambda i, w, _: F.embedding(i, w), ids, weight, None, upstream_embedding)
-        layer = layers.VocabParallelEmbedding(vocab, h_in)
-        layer.weight.data.copy_(local_weight)
-        y = layer(ids)
-        y.backward(shard(upstream_embedding))
-        diffs["embedding output" + tag] = _max_diff(y, shard(reference["y"]))
-        diffs["embedding weight grad" + tag] = _max_diff(gather_full(layer.weight.grad, layer.weight), reference["w"])
-    state.set_sequence_parallel(False)
+            y = layer(ids)
+            y.backward(shard(upstream_embedding))
+            diffs["embedding output" + tag] = _max_diff(y, shard(reference["y"]))
+            diffs["embedding weight grad" + tag] = _max_diff(gather_full(layer.weight.grad, layer.weight),
+                                                             reference["w"])
     return diffs
 
 
@@ -215,20 +216,19 @@ def run_layout(tp: int, references: dict[str, tuple]) -> dict:
     """Everything checked at this layout; model runs are compared on the rank, only problems return."""
     results = {"training": {}}
     if tp == 2:  # tp=1 inside a process group (two data-parallel copies) must also be the single process
-        state.initialize_model_parallel(1, 1)
-        for case in model_cases(1):
-            results["training"][case["name"]] = compare_to_reference(*train(case["config"], case["optimizer"]),
-                                                                     references[case["name"]])
-        state.destroy_model_parallel()
-    state.initialize_model_parallel(tp, 1)
-    results["layers"] = check_layers(tp)
-    results["cross entropy"] = check_cross_entropy(tp)
-    results["init"] = check_initialisation()
-    results["rng"] = check_random_states()
-    for case in model_cases(tp):
-        state.set_sequence_parallel(case["sequence_parallel"])
-        losses, gradients = train(case["config"], case["optimizer"])
-        results["training"][case["name"]] = compare_to_reference(losses, gradients, references[case["name"]])
+        with state.parallel_layout(1, 1):
+            for case in model_cases(1):
+                results["training"][case["name"]] = compare_to_reference(*train(case["config"], case["optimizer"]),
+                                                                         references[case["name"]])
+    with state.parallel_layout(tp, 1) as layout:
+        results["layers"] = check_layers(tp)
+        results["cross entropy"] = check_cross_entropy(tp)
+        results["init"] = check_initialisation()
+        results["rng"] = check_random_states()
+        for case in model_cases(tp):
+            with state.use_layout(dataclasses.replace(layout, sequence_parallel=case["sequence_parallel"])):
+                losses, gradients = train(case["config"], case["optimizer"])
+            results["training"][case["name"]] = compare_to_reference(losses, gradients, references[case["name"]])
     return results
 
 

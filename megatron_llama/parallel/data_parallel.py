@@ -30,7 +30,7 @@ asynchronously and a forward pre-hook on each module waits only for the buckets 
 
 Usage (once, before building the optimizer; the model is not wrapped, its parameter names stay):
 
-    buffers = DataParallelBuffers(model, state.get_data_parallel_group(with_context_parallel=True),
+    buffers = DataParallelBuffers(model, state.get_data_parallel_group(),
                                   bucket_size=40_000_000, overlap_grad_reduce=True)
     buffers.zero_grad()
     for index, micro_batch in enumerate(micro_batches):

@@ -334,10 +334,7 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | 
     loss_fn value of every micro-batch on the last stage, [] on the others.
     """
     pipeline_size = state.get_pipeline_model_parallel_world_size()
-    virtual_size = state.get_virtual_pipeline_model_parallel_world_size() or 1
-    if len(model_chunks) != virtual_size:
-        raise ValueError(f"{len(model_chunks)} model chunks given but parallel.state has a virtual pipeline size "
-                         f"of {virtual_size}; build the chunks from the same --num-layers-per-virtual-pipeline-stage")
+    virtual_size = len(model_chunks)
     plan = build_plans(pipeline_size, virtual_size, num_micro_batches, forward_only)[
         state.get_pipeline_model_parallel_rank()]
     device = device or next(model_chunks[0].parameters()).device
@@ -354,8 +351,6 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | 
     for index, step in enumerate(plan):
         produced = None  # what this step's action sends on
         if step.action is not None:
-            if virtual_size > 1:
-                state.set_virtual_pipeline_model_parallel_rank(step.action.chunk)
             if step.action.kind == FORWARD:
                 produced = runner.forward(step.action)
             else:
@@ -365,8 +360,6 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | 
         runner.exchange(step, produced, shape, dtype, device)
         if index == last_backward and after_last_backward is not None:
             after_last_backward()  # after the exchange, so the previous stage gets its last gradient first
-    if virtual_size > 1:
-        state.set_virtual_pipeline_model_parallel_rank(0)
     return runner.losses
 
 
@@ -376,6 +369,6 @@ def broadcast_from_last_stage(value: torch.Tensor) -> torch.Tensor:
     Other stages pass a tensor of the same shape and dtype to receive into; sums it over the
     pipeline group with zeros from every stage but the last.
     """
-    if not state.is_pipeline_last_stage(ignore_virtual=True):
+    if not state.is_pipeline_last_stage():
         value.zero_()
     return comm.all_reduce(value, state.get_pipeline_model_parallel_group())

@@ -193,9 +193,9 @@ def tied_embedding_weight(model_chunks: list[nn.Module]) -> nn.Parameter | None:
     if state.get_pipeline_model_parallel_world_size() == 1:
         return None
     ends = []
-    if state.is_pipeline_first_stage(ignore_virtual=True):
+    if state.is_pipeline_first_stage():
         ends.append(model_chunks[0])
-    if state.is_pipeline_last_stage(ignore_virtual=True):
+    if state.is_pipeline_last_stage():
         ends.append(model_chunks[-1])
     for model in ends:
         if getattr(model, "tied_output", False) and hasattr(model, "embedding"):
@@ -229,6 +229,6 @@ def sync_tied_embedding_weights(model_chunks: list[nn.Module]) -> None:
     weight = tied_embedding_weight(model_chunks)
     if weight is None:
         return
-    if not state.is_pipeline_first_stage(ignore_virtual=True):
+    if not state.is_pipeline_first_stage():
         weight.zero_()
     comm.all_reduce(weight.data, state.get_embedding_group())

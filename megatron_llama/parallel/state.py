@@ -1,277 +1,334 @@
-"""Process groups of the 4D layout (tensor, context, data, pipeline) and their getters.
+"""The parallel layout: sizes, this rank's coordinates and its process groups, in one frozen object.
 
-Rank order: tensor ranks vary fastest, then context, then data, then pipeline (Megatron-LM's
-default order), so the ranks of one tensor-parallel group sit on one node:
+Rank order: tensor ranks vary fastest, then data, then pipeline (Megatron-LM's default order), so
+the ranks of one tensor-parallel group sit on one node:
 
-    global = tp_rank + cp_rank * tp + dp_rank * tp * cp + pp_rank * tp * cp * dp
-    dp     = world_size / (tp * cp * pp)
+    global = tp_rank + dp_rank * tp + pp_rank * tp * dp
+    dp     = world_size / (tp * pp)
 
-Worked example: 16 GPUs, tp=2, pp=4 (cp=1, so dp=2):
+Worked example: 16 GPUs, tp=2, pp=4, so dp=2:
 
     tensor          [0, 1] [2, 3] [4, 5] [6, 7] [8, 9] [10, 11] [12, 13] [14, 15]
     data            [0, 2] [1, 3] [4, 6] [5, 7] [8, 10] [9, 11] [12, 14] [13, 15]
     pipeline        [0, 4, 8, 12] [1, 5, 9, 13] [2, 6, 10, 14] [3, 7, 11, 15]
-    model parallel  [0, 1, 4, 5, 8, 9, 12, 13] [2, 3, 6, 7, 10, 11, 14, 15]   (tp x pp, one per dp x cp)
+    model parallel  [0, 1, 4, 5, 8, 9, 12, 13] [2, 3, 6, 7, 10, 11, 14, 15]   (tp x pp, one per dp rank)
     embedding       [0, 12] [1, 13] [2, 14] [3, 15]        (first and last stage of each pipeline)
 
 Rank 6 is tp_rank 0, dp_rank 1, pp_rank 1: 0 + 1*2 + 1*4 = 6.
 
-`compute_rank_groups(world_size, tp, pp, cp)` is the pure function behind the layout (no
-processes needed); `initialize_model_parallel` builds the torch.distributed groups from it
-on a started default process group (torchrun, then `torch.distributed.init_process_group`).
-Before initialisation, or after `destroy_model_parallel`, every size getter answers 1,
-every rank getter 0 and every group getter None, so one plain process runs the model
-with no collective issued.
+`ParallelLayout` holds one rank's view of this: the sizes, its coordinates, its groups and their
+global ranks; it checks itself when built. Building one with groups (every rank calls it, on a
+default process group started by torchrun and `torch.distributed.init_process_group`):
 
-Sequence parallelism (Korthikanti et al. 2022) is a switch on the tensor group, kept here
-so the parallel layers read it at construction: `initialize_model_parallel(...,
-sequence_parallel=True)` or `set_sequence_parallel(True)` before the model is built.
+    layout = initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=4,
+                                       sequence_parallel=True)   # builds the groups, installs the layout
+    ...                                                          # build the model, train
+    destroy_model_parallel()                                     # back to the single-process layout
+
+    with parallel_layout(2, 4) as layout:                        # the same, undone on exit (tests)
+        with use_layout(dataclasses.replace(layout, sequence_parallel=False)):   # same groups, SP off
+            ...
+
+The installed layout, `current_layout()`, is the only state of this module. Until one is
+installed it is `ParallelLayout.single_process()`: every size 1, every rank 0, every group None,
+so one plain process runs the model with no collective issued. The parallel layers read it when
+they are built (mappings and schedules when they run), through Megatron-LM's getter names
+(`get_tensor_model_parallel_rank()`, ...), each a one-line read of the installed layout.
+
+Sequence parallelism (Korthikanti et al. 2022) is a field of the layout: it splits the activations
+between layers along the sequence across the tensor group, so it needs tensor size > 1.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
-class RankGroups:
-    """Global rank lists of every group of one layout; each list of lists partitions the world."""
-
-    tensor: list[list[int]]
-    context: list[list[int]]
-    data: list[list[int]]
-    data_with_context: list[list[int]]  # dp x cp: the ranks that hold identical weights (gradient reduction)
-    pipeline: list[list[int]]
-    model: list[list[int]]  # tp x pp: the ranks that together hold one full copy of the weights
-    embedding: list[list[int]]  # first and last stage of each pipeline (one rank when pp == 1)
-
-
-def global_rank(tp_rank: int, cp_rank: int, dp_rank: int, pp_rank: int, tp: int, cp: int, dp: int) -> int:
+def global_rank(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int:
     """The formula of this module's docstring."""
-    return tp_rank + cp_rank * tp + dp_rank * tp * cp + pp_rank * tp * cp * dp
+    return tp_rank + dp_rank * tp + pp_rank * tp * dp
 
 
-def compute_rank_groups(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
-                        context_parallel_size: int = 1) -> RankGroups:
-    """Every group of the layout, as lists of global ranks (pure: no processes needed)."""
-    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
-    if min(tp, pp, cp, world_size) < 1:
-        raise ValueError(f"parallel sizes must be positive: world {world_size}, tp {tp}, pp {pp}, cp {cp}")
-    dp, remainder = divmod(world_size, tp * pp * cp)
+def rank_coordinates(rank: int, tp: int, dp: int) -> dict[str, int]:
+    """Inverse of global_rank: {"tp": .., "dp": .., "pp": ..} of a global rank."""
+    return {"tp": rank % tp, "dp": rank // tp % dp, "pp": rank // (tp * dp)}
+
+
+def data_parallel_size(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> int:
+    """world_size / (tp x pp); ValueError naming the numbers when the sizes do not fit the world."""
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if min(tp, pp, world_size) < 1:
+        raise ValueError(f"parallel sizes must be positive: world {world_size}, tensor {tp}, pipeline {pp}")
+    dp, remainder = divmod(world_size, tp * pp)
     if remainder:
-        raise ValueError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) x context "
-                         f"({cp}) = {tp * pp * cp}; launch a multiple of {tp * pp * cp} processes or change the "
-                         f"parallel sizes")
-
-    def groups_varying(*varying: str) -> list[list[int]]:
-        """Ranks that agree on every coordinate except `varying`, one list per setting of the others."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for rank in range(world_size):
-            coords = rank_coordinates(rank, tp, cp, dp)
-            key = tuple(value for name, value in coords.items() if name not in varying)
-            groups.setdefault(key, []).append(rank)
-        return sorted(groups.values())
-
-    pipelines = groups_varying("pp")
-    embedding = [[ranks[0], ranks[-1]] if len(ranks) > 1 else [ranks[0]] for ranks in pipelines]
-    return RankGroups(tensor=groups_varying("tp"), context=groups_varying("cp"), data=groups_varying("dp"),
-                      data_with_context=groups_varying("cp", "dp"), pipeline=pipelines,
-                      model=groups_varying("tp", "pp"), embedding=embedding)
+        raise ValueError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) = {tp * pp}; "
+                         f"launch a multiple of {tp * pp} processes or change the parallel sizes")
+    return dp
 
 
-def rank_coordinates(rank: int, tp: int, cp: int, dp: int) -> dict[str, int]:
-    """Inverse of global_rank: {"tp": .., "cp": .., "dp": .., "pp": ..} of a global rank."""
-    return {"tp": rank % tp, "cp": rank // tp % cp, "dp": rank // (tp * cp) % dp, "pp": rank // (tp * cp * dp)}
+@dataclass(frozen=True, kw_only=True)
+class ParallelLayout:
+    """One rank's place in the layout of the module docstring, and its process groups.
+
+    Built by initialize_model_parallel (with groups), `for_rank` (rank math only) or `single_process`.
+    A group is None where this process has none: without torch.distributed, or (embedding) on a middle stage.
+    """
+
+    tensor_size: int
+    pipeline_size: int
+    data_size: int
+    world_size: int
+    rank: int  # global rank of this process
+    tensor_rank: int
+    pipeline_rank: int
+    data_rank: int
+    sequence_parallel: bool = False  # activations between layers are sequence shards [b, s / tp, h]
+    tensor_group: dist.ProcessGroup | None = None
+    data_group: dist.ProcessGroup | None = None  # ranks that hold the same weight shards (gradient reduction)
+    pipeline_group: dist.ProcessGroup | None = None
+    model_group: dist.ProcessGroup | None = None  # tp x pp: one full copy of the weights (gradient norm)
+    embedding_group: dist.ProcessGroup | None = None  # first and last stage: the tied embedding's gradient
+
+    def __post_init__(self):
+        sizes = {"tensor": self.tensor_size, "pipeline": self.pipeline_size, "data": self.data_size,
+                 "world": self.world_size}
+        if min(sizes.values()) < 1:
+            raise ValueError(f"parallel sizes must be positive, got {sizes}")
+        if self.tensor_size * self.pipeline_size * self.data_size != self.world_size:
+            raise ValueError(f"tensor {self.tensor_size} x pipeline {self.pipeline_size} x data {self.data_size} = "
+                             f"{self.tensor_size * self.pipeline_size * self.data_size} is not the world size "
+                             f"{self.world_size}; the data-parallel size must be world / (tensor x pipeline)")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside the world of {self.world_size} processes")
+        expected = rank_coordinates(self.rank, self.tensor_size, self.data_size)
+        given = {"tp": self.tensor_rank, "dp": self.data_rank, "pp": self.pipeline_rank}
+        if given != expected:
+            raise ValueError(f"rank {self.rank} at tensor {self.tensor_size}, data {self.data_size} has the "
+                             f"coordinates {expected} (global = tp_rank + dp_rank * tp + pp_rank * tp * dp), not "
+                             f"{given}; build the layout with ParallelLayout.for_rank")
+        if self.sequence_parallel and self.tensor_size == 1:
+            raise ValueError("sequence parallelism splits the sequence across tensor ranks and needs a tensor size "
+                             "above 1; build the layout with sequence_parallel=False")
+
+    @classmethod
+    def for_rank(cls, rank: int, world_size: int, tensor_size: int = 1, pipeline_size: int = 1, *,
+                 sequence_parallel: bool = False, **groups: dist.ProcessGroup | None) -> ParallelLayout:
+        """The layout of global `rank` (its coordinates by the formula); groups by field name, e.g. tensor_group=."""
+        data_size = data_parallel_size(world_size, tensor_size, pipeline_size)
+        coordinates = rank_coordinates(rank, tensor_size, data_size)
+        return cls(tensor_size=tensor_size, pipeline_size=pipeline_size, data_size=data_size, world_size=world_size,
+                   rank=rank, tensor_rank=coordinates["tp"], pipeline_rank=coordinates["pp"],
+                   data_rank=coordinates["dp"], sequence_parallel=sequence_parallel, **groups)
+
+    @classmethod
+    def single_process(cls) -> ParallelLayout:
+        """One process, no torch.distributed: every size 1, every rank 0, every group None."""
+        return cls.for_rank(0, 1)
+
+    def _global(self, tp_rank: int | None = None, dp_rank: int | None = None, pp_rank: int | None = None) -> int:
+        """Global rank of the coordinates given, this rank's for the others."""
+        return global_rank(self.tensor_rank if tp_rank is None else tp_rank,
+                           self.data_rank if dp_rank is None else dp_rank,
+                           self.pipeline_rank if pp_rank is None else pp_rank, self.tensor_size, self.data_size)
+
+    @property
+    def tensor_ranks(self) -> list[int]:
+        """Global ranks of this rank's tensor group; the first is the one that reads data and broadcasts."""
+        return [self._global(tp_rank=tp_rank) for tp_rank in range(self.tensor_size)]
+
+    @property
+    def data_ranks(self) -> list[int]:
+        return [self._global(dp_rank=dp_rank) for dp_rank in range(self.data_size)]
+
+    @property
+    def pipeline_ranks(self) -> list[int]:
+        """Global ranks of this rank's pipeline, first stage first."""
+        return [self._global(pp_rank=pp_rank) for pp_rank in range(self.pipeline_size)]
+
+    @property
+    def model_ranks(self) -> list[int]:
+        return [self._global(tp_rank=tp_rank, pp_rank=pp_rank)
+                for pp_rank in range(self.pipeline_size) for tp_rank in range(self.tensor_size)]
+
+    @property
+    def embedding_ranks(self) -> list[int]:
+        """First and last stage of this rank's pipeline (one rank when there is one stage)."""
+        pipeline = self.pipeline_ranks
+        return [pipeline[0], pipeline[-1]] if len(pipeline) > 1 else pipeline
+
+    @property
+    def is_first_stage(self) -> bool:
+        """This rank runs the first pipeline stage (it holds the embedding)."""
+        return self.pipeline_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """This rank runs the last pipeline stage (it holds the output head and computes the loss)."""
+        return self.pipeline_rank == self.pipeline_size - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The one rank that writes logs and metrics: tensor rank 0, data rank 0, last stage (it holds the loss)."""
+        return self.tensor_rank == 0 and self.data_rank == 0 and self.is_last_stage
+
+    @property
+    def next_pipeline_rank(self) -> int:
+        """Global rank of the next stage (wrapping around from the last stage to the first)."""
+        return self._global(pp_rank=(self.pipeline_rank + 1) % self.pipeline_size)
+
+    @property
+    def prev_pipeline_rank(self) -> int:
+        """Global rank of the previous stage (wrapping around from the first stage to the last)."""
+        return self._global(pp_rank=(self.pipeline_rank - 1) % self.pipeline_size)
 
 
-# ---- module state: set by initialize_model_parallel, cleared by destroy_model_parallel ----
-
-_GROUPS: dict[str, object] = {}  # group name -> torch.distributed ProcessGroup of this rank
-_RANKS: dict[str, list[int]] = {}  # group name -> global ranks of this rank's group
-_VIRTUAL_PIPELINE_SIZE: int | None = None
-_virtual_pipeline_rank: int | None = None
-_sequence_parallel = False
+GROUP_KINDS = ("tensor", "data", "pipeline", "model", "embedding")
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                              virtual_pipeline_model_parallel_size: int | None = None, context_parallel_size: int = 1,
-                              *, sequence_parallel: bool = False) -> None:
-    """Build every group of the layout on the started default process group (all ranks must call it)."""
-    global _VIRTUAL_PIPELINE_SIZE, _virtual_pipeline_rank
+def compute_rank_groups(world_size: int, tensor_model_parallel_size: int,
+                        pipeline_model_parallel_size: int) -> dict[str, list[list[int]]]:
+    """Every group of the layout by kind (GROUP_KINDS), as sorted lists of global ranks (pure: no processes).
+
+    Each kind but "embedding" partitions the world; "embedding" holds each pipeline's first and last stage.
+    """
+    groups: dict[str, set[tuple[int, ...]]] = {kind: set() for kind in GROUP_KINDS}
+    for rank in range(world_size):
+        layout = ParallelLayout.for_rank(rank, world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
+        for kind in GROUP_KINDS:
+            groups[kind].add(tuple(getattr(layout, f"{kind}_ranks")))
+    return {kind: [list(ranks) for ranks in sorted(lists)] for kind, lists in groups.items()}
+
+
+_current = ParallelLayout.single_process()  # the module's only state: see current_layout
+
+
+def current_layout() -> ParallelLayout:
+    """The installed layout: from initialize_model_parallel or use_layout, else the single-process one."""
+    return _current
+
+
+@contextlib.contextmanager
+def use_layout(layout: ParallelLayout) -> Iterator[ParallelLayout]:
+    """Install `layout` inside the block and the previous one again after it."""
+    global _current
+    previous, _current = _current, layout
+    try:
+        yield layout
+    finally:
+        _current = previous
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, *,
+                              sequence_parallel: bool = False) -> ParallelLayout:
+    """Build every group of the layout on the started default process group (all ranks must call it), install
+    the layout and return it. Sequence parallelism has no effect at tensor size 1 (the layout then has it off)."""
+    global _current
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed.init_process_group() first "
                            "(launch with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)")
-    if _GROUPS:
+    if _current.tensor_group is not None:
         raise RuntimeError("model parallel groups already exist; call destroy_model_parallel() before building "
                            "another layout")
-    if virtual_pipeline_model_parallel_size is not None and pipeline_model_parallel_size < 2:
-        raise ValueError(f"a virtual pipeline size ({virtual_pipeline_model_parallel_size}) needs a pipeline size "
-                         f"of at least 2, got {pipeline_model_parallel_size}; drop --num-layers-per-virtual-pipeline-stage")
-    layout = compute_rank_groups(dist.get_world_size(), tensor_model_parallel_size, pipeline_model_parallel_size,
-                                 context_parallel_size)
-    rank = dist.get_rank()
-    created: dict[tuple[int, ...], object] = {}  # equal rank lists share a group (data, data_with_context at cp=1)
-    for name in ("tensor", "context", "data", "data_with_context", "pipeline", "model", "embedding"):
-        for ranks in getattr(layout, name):
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    created: dict[tuple[int, ...], dist.ProcessGroup] = {}  # equal rank lists share a group (tensor and model at pp 1)
+    mine: dict[str, dist.ProcessGroup] = {}
+    for kind, rank_lists in compute_rank_groups(world_size, tp, pp).items():
+        for ranks in rank_lists:
             if tuple(ranks) not in created:
                 created[tuple(ranks)] = dist.new_group(ranks)  # every rank creates every group, in the same order
             if rank in ranks:
-                _GROUPS[name], _RANKS[name] = created[tuple(ranks)], ranks
-    _VIRTUAL_PIPELINE_SIZE = virtual_pipeline_model_parallel_size
-    _virtual_pipeline_rank = 0 if virtual_pipeline_model_parallel_size is not None else None
-    set_sequence_parallel(sequence_parallel)
+                mine[f"{kind}_group"] = created[tuple(ranks)]
+    _current = ParallelLayout.for_rank(rank, world_size, tp, pp, sequence_parallel=sequence_parallel and tp > 1,
+                                       **mine)
+    return _current
 
 
 def destroy_model_parallel() -> None:
-    """Destroy every model-parallel group and reset the switches, so another layout can be built in this process."""
-    global _VIRTUAL_PIPELINE_SIZE, _virtual_pipeline_rank
+    """Destroy the installed layout's groups and install the single-process layout, so another can be built."""
+    global _current
     if dist.is_initialized():
-        for group in {id(group): group for group in _GROUPS.values()}.values():  # a group may serve two names
+        groups = [getattr(_current, f"{kind}_group") for kind in GROUP_KINDS]
+        for group in {id(group): group for group in groups if group is not None}.values():  # one may serve two kinds
             dist.destroy_process_group(group)
-    _GROUPS.clear()
-    _RANKS.clear()
-    _VIRTUAL_PIPELINE_SIZE = None
-    _virtual_pipeline_rank = None
-    set_sequence_parallel(False)
+    _current = ParallelLayout.single_process()
 
 
-def model_parallel_is_initialized() -> bool:
-    return bool(_GROUPS)
+@contextlib.contextmanager
+def parallel_layout(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, *,
+                    sequence_parallel: bool = False) -> Iterator[ParallelLayout]:
+    """initialize_model_parallel for the block, destroy_model_parallel after it."""
+    try:
+        yield initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size,
+                                        sequence_parallel=sequence_parallel)
+    finally:
+        destroy_model_parallel()
 
 
-def set_sequence_parallel(enabled: bool) -> None:
-    """Switch sequence parallelism for the parallel layers built from now on and allreduce_sequence_parallel_grads."""
-    global _sequence_parallel
-    _sequence_parallel = bool(enabled)
-
+# ---- Megatron-LM's getter names, each a read of the installed layout ----
 
 def get_sequence_parallel() -> bool:
-    """True when sequence parallelism is on and there is more than one tensor rank to shard across."""
-    return _sequence_parallel and get_tensor_model_parallel_world_size() > 1
+    return _current.sequence_parallel
 
 
-def _size(name: str) -> int:
-    return len(_RANKS[name]) if name in _RANKS else 1
-
-
-def _rank(name: str) -> int:
-    return _RANKS[name].index(dist.get_rank()) if name in _RANKS else 0
-
-
-def get_tensor_model_parallel_group():
-    return _GROUPS.get("tensor")
+def get_tensor_model_parallel_group() -> dist.ProcessGroup | None:
+    return _current.tensor_group
 
 
 def get_tensor_model_parallel_world_size() -> int:
-    return _size("tensor")
+    return _current.tensor_size
 
 
 def get_tensor_model_parallel_rank() -> int:
-    return _rank("tensor")
+    return _current.tensor_rank
 
 
-def get_tensor_model_parallel_src_rank() -> int:
-    """Global rank of tensor rank 0 in this rank's tensor group (the one that reads data and broadcasts)."""
-    return _RANKS["tensor"][0] if "tensor" in _RANKS else 0
+def get_data_parallel_group() -> dist.ProcessGroup | None:
+    return _current.data_group
 
 
-def get_context_parallel_group():
-    return _GROUPS.get("context")
+def get_data_parallel_world_size() -> int:
+    return _current.data_size
 
 
-def get_context_parallel_world_size() -> int:
-    return _size("context")
+def get_data_parallel_rank() -> int:
+    return _current.data_rank
 
 
-def get_context_parallel_rank() -> int:
-    return _rank("context")
-
-
-def get_data_parallel_group(with_context_parallel: bool = False):
-    """Ranks holding the same weight shards; with_context_parallel adds the context ranks (gradient reduction)."""
-    return _GROUPS.get("data_with_context" if with_context_parallel else "data")
-
-
-def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
-    return _size("data_with_context" if with_context_parallel else "data")
-
-
-def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
-    return _rank("data_with_context" if with_context_parallel else "data")
-
-
-def get_pipeline_model_parallel_group():
-    return _GROUPS.get("pipeline")
+def get_pipeline_model_parallel_group() -> dist.ProcessGroup | None:
+    return _current.pipeline_group
 
 
 def get_pipeline_model_parallel_world_size() -> int:
-    return _size("pipeline")
+    return _current.pipeline_size
 
 
 def get_pipeline_model_parallel_rank() -> int:
-    return _rank("pipeline")
-
-
-def get_pipeline_model_parallel_ranks() -> list[int]:
-    """Global ranks of this rank's pipeline, first stage first."""
-    return list(_RANKS.get("pipeline", [dist.get_rank() if dist.is_initialized() else 0]))
+    return _current.pipeline_rank
 
 
 def get_pipeline_model_parallel_next_rank() -> int:
-    """Global rank of the next stage (wrapping around from the last stage to the first)."""
-    ranks = get_pipeline_model_parallel_ranks()
-    return ranks[(get_pipeline_model_parallel_rank() + 1) % len(ranks)]
+    return _current.next_pipeline_rank
 
 
 def get_pipeline_model_parallel_prev_rank() -> int:
-    """Global rank of the previous stage (wrapping around from the first stage to the last)."""
-    ranks = get_pipeline_model_parallel_ranks()
-    return ranks[(get_pipeline_model_parallel_rank() - 1) % len(ranks)]
+    return _current.prev_pipeline_rank
 
 
-def get_virtual_pipeline_model_parallel_world_size() -> int | None:
-    return _VIRTUAL_PIPELINE_SIZE
+def is_pipeline_first_stage() -> bool:
+    return _current.is_first_stage
 
 
-def get_virtual_pipeline_model_parallel_rank() -> int | None:
-    return _virtual_pipeline_rank
+def is_pipeline_last_stage() -> bool:
+    return _current.is_last_stage
 
 
-def set_virtual_pipeline_model_parallel_rank(rank: int | None) -> None:
-    """The interleaved schedule sets which model chunk runs next; stage tests then consult it."""
-    global _virtual_pipeline_rank
-    _virtual_pipeline_rank = rank
+def get_model_parallel_group() -> dist.ProcessGroup | None:
+    return _current.model_group
 
 
-def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
-    """True on the stage that holds the embedding (and, interleaved, while running the first model chunk)."""
-    if not ignore_virtual and _VIRTUAL_PIPELINE_SIZE is not None and _virtual_pipeline_rank != 0:
-        return False
-    return get_pipeline_model_parallel_rank() == 0
-
-
-def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
-    """True on the stage that holds the output head (and, interleaved, while running the last model chunk)."""
-    last_chunk = _VIRTUAL_PIPELINE_SIZE is None or _virtual_pipeline_rank == _VIRTUAL_PIPELINE_SIZE - 1
-    if not ignore_virtual and not last_chunk:
-        return False
-    return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
-
-
-def get_model_parallel_group():
-    """tp x pp ranks that together hold one full copy of the weights (gradient norm, overflow checks)."""
-    return _GROUPS.get("model")
-
-
-def get_model_parallel_world_size() -> int:
-    return _size("model")
-
-
-def get_embedding_group():
-    """First and last pipeline stage: they all-reduce the gradient of a tied input/output embedding."""
-    return _GROUPS.get("embedding")
-
-
-def is_rank_in_embedding_group(ignore_virtual: bool = False) -> bool:
-    return is_pipeline_first_stage(ignore_virtual) or is_pipeline_last_stage(ignore_virtual)
+def get_embedding_group() -> dist.ProcessGroup | None:
+    return _current.embedding_group
