@@ -18,7 +18,7 @@ whose message names the flag and the numbers and says what to change.
 Parallel layout: the world size (WORLD_SIZE from torchrun, or the started default process group)
 must be a multiple of tensor x pipeline parallel size; data-parallel size = world / (tp x pp).
 Tensor parallelism needs attention heads, key/value heads and --ffn-hidden-size divisible by tp
-(`tensor_parallel_misfit`, also used when checkpoints are split), and --sequence-parallel needs
+(ModelConfig.check, also used when checkpoints are split and models converted), and --sequence-parallel needs
 --seq-length divisible by tp. Pipeline parallelism: the blocks must split over the stages
 (parallel/stages.split_layers: evenly, or with --decoder-first/last-pipeline-num-layers, or in chunks of
 --num-layers-per-virtual-pipeline-stage), and the micro-batches per step must suit the schedule
@@ -50,9 +50,9 @@ import os
 import torch
 
 from megatron_llama.config import PRESETS, ModelConfig
+from megatron_llama.model.attention import ATTENTION_BACKENDS
 from megatron_llama.optim.lr_schedule import DECAY_STYLES
 
-ATTENTION_BACKENDS = ("sdpa", "xformers", "eager")
 MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "max_position_embeddings", "make_vocab_size_divisible_by", "rotary_base", "norm_epsilon",
                "init_method_std", "attention_backend")
@@ -321,26 +321,11 @@ def _model_config(args) -> ModelConfig:
 def _check_model(args):
     config = args.model_config
     _positive(args, "seq_length")
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
-                 "max_position_embeddings", "make_vocab_size_divisible_by"):
-        if getattr(config, name) <= 0:
-            raise ArgumentsError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    if config.num_query_groups is not None and config.num_query_groups <= 0:
-        raise ArgumentsError(f"--num-query-groups must be positive, got {config.num_query_groups}")
-    heads, groups = config.num_attention_heads, config.kv_heads
-    if config.hidden_size % heads:
-        raise ArgumentsError(f"--hidden-size {config.hidden_size} is not divisible by --num-attention-heads {heads}; "
-                             f"use a multiple of {heads}")
-    if heads % groups:
-        raise ArgumentsError(f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}; "
-                             f"use a number of query groups that divides {heads}")
-    if config.head_dim % 2:
-        raise ArgumentsError(f"head dimension {config.head_dim} (--hidden-size / --num-attention-heads) must be "
-                             f"even for rotary embeddings")
     tp = args.tensor_model_parallel_size
-    misfit = tensor_parallel_misfit(config, tp)
-    if misfit:
-        raise ArgumentsError(misfit)
+    try:
+        config.check(tp)
+    except ValueError as error:
+        raise ArgumentsError(str(error)) from None
     if args.sequence_parallel and args.seq_length % tp:
         raise ArgumentsError(f"--sequence-parallel splits the sequence across tensor ranks: --seq-length "
                              f"{args.seq_length} is not divisible by --tensor-model-parallel-size {tp}; use a "
@@ -351,21 +336,6 @@ def _check_model(args):
                              f"the sequence")
     if config.attention_backend == "xformers" and args.device == "cpu":
         raise ArgumentsError("--attention-backend xformers has no CPU kernels; use --attention-backend sdpa")
-
-
-def tensor_parallel_misfit(config: ModelConfig, tensor_parallel_size: int,
-                           flag: str = "--tensor-model-parallel-size") -> str | None:
-    """Why `config` cannot be split `tensor_parallel_size` ways (heads, key/value heads, ffn), or None."""
-    tp = tensor_parallel_size
-    sizes = (("attention heads (--num-attention-heads)", config.num_attention_heads),
-             ("key/value heads (--num-query-groups)", config.kv_heads),
-             ("--ffn-hidden-size", config.ffn_hidden_size))
-    misfits = [f"{what} {value}" for what, value in sizes if value % tp]
-    if not misfits:
-        return None
-    return (f"{' and '.join(misfits)} {'is' if len(misfits) == 1 else 'are'} not divisible by {flag} {tp}: each "
-            f"tensor rank holds 1/{tp} of them; choose a {flag} that divides "
-            f"{', '.join(str(value) for _, value in sizes)}")
 
 
 def _check_batches(args):

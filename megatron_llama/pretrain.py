@@ -40,6 +40,9 @@ from megatron_llama.arguments import ArgumentsError, parse_args, stage_split
 from megatron_llama.checkpointing import CheckpointError, ParallelRanks, load_checkpoint, save_checkpoint
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
+from megatron_llama.model.llama import LlamaModel
+from megatron_llama.model.recompute import apply_recompute
+from megatron_llama.model.stage_model import StageModel, build_model_chunks
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.distributed_optimizer import build_distributed_optimizer
@@ -48,7 +51,6 @@ from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
-from megatron_llama.parallel.stages import StageModel, build_model_chunks
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingState, train
 
 NOT_SAVED_ARGUMENTS = ("tokenizer", "model_config", "notes", "params_dtype", "resume_from")
@@ -137,8 +139,6 @@ def is_logging_rank() -> bool:
 def full_parameter_count(config) -> int:
     """Parameters of the whole model, whatever this rank holds: every stage built on the meta device (no memory),
     tensor-parallel layers knowing their full shape."""
-    from megatron_llama.model.llama import LlamaModel
-
     with torch.device("meta"):
         whole = LlamaModel(config)
     return sum(math.prod(getattr(param, "full_shape", param.shape)) for param in whole.parameters())
@@ -171,8 +171,6 @@ def build_stage_model(args: argparse.Namespace, device: torch.device):
     """This rank's model chunks (stage split of the flags), with activation recompute applied to each, as one
     StageModel; and the split. Order: parallel layers (built sharded) -> recompute (wraps block forwards) ->
     data-parallel buffers and optimizer (they take the parameters as they finally are)."""
-    from megatron_llama.model.recompute import apply_recompute
-
     split = stage_split(args)
     chunks = build_model_chunks(args.model_config, args.seed, split, device=device, dtype=args.params_dtype)
     for chunk in chunks:
