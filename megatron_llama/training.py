@@ -123,7 +123,8 @@ def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_g
     if buffers is not None:
         buffers.disable_grad_sync()
     losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.sum() / tokens_in_global_batch,
-                          forward_step=llama_forward_step, **_schedule_shapes(chunks, batches), scale_loss=optimizer.scale_loss,
+                          forward_step=llama_forward_step, **_schedule_shapes(chunks, batches),
+                          scale_loss=optimizer.scale_loss,
                           before_last_backward=buffers.enable_grad_sync if buffers is not None else None)
     if buffers is not None:
         buffers.enable_grad_sync()
