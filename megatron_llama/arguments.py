@@ -50,14 +50,13 @@ from megatron_llama.config import (PRESETS, CheckpointConfig, DataConfig, Loggin
                                    ParallelConfig, RunConfig, TrainingConfig)
 from megatron_llama.data.blended_dataset import parse_data_path
 from megatron_llama.data.gpt_dataset import parse_split
+from megatron_llama.model.attention import ATTENTION_BACKENDS
 from megatron_llama.optim.lr_schedule import DECAY_STYLES
 from megatron_llama.parallel.pipeline import check_micro_batch_count
 
-ATTENTION_BACKENDS = ("sdpa", "xformers", "eager")
 MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "max_position_embeddings", "make_vocab_size_divisible_by", "rotary_base", "norm_epsilon",
                "init_method_std", "attention_backend")
-UNKNOWN_VOCABULARY = 0  # ModelConfig.vocab_size until the setup reads it from the tokenizer
 
 
 class ArgumentsError(ValueError):
@@ -304,7 +303,7 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     if args.vocab_size is not None:
         values["vocab_size"] = args.vocab_size
     elif args.tokenizer_type is not None:
-        values["vocab_size"] = UNKNOWN_VOCABULARY  # the setup reads it from the tokenizer
+        values["vocab_size"] = None  # the setup reads it from the tokenizer
     if args.group_query_attention and values.get("num_query_groups") is None:
         values["num_query_groups"] = 1  # Megatron's default: one key/value head (multi-query attention)
     if args.untie_embeddings_and_output_weights and args.tie_embeddings_and_output_weights:
@@ -326,25 +325,10 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 def _check_model(config: RunConfig):
     model, training, tp = config.model, config.training, config.parallel.tensor_model_parallel_size
     _positive(training, "seq_length")
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "max_position_embeddings", "make_vocab_size_divisible_by"):
-        if getattr(model, name) <= 0:
-            raise ArgumentsError(f"{_flag(name)} must be positive, got {getattr(model, name)}")
-    if model.num_query_groups is not None and model.num_query_groups <= 0:
-        raise ArgumentsError(f"--num-query-groups must be positive, got {model.num_query_groups}")
-    heads, groups = model.num_attention_heads, model.kv_heads
-    if model.hidden_size % heads:
-        raise ArgumentsError(f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads {heads}; "
-                             f"use a multiple of {heads}")
-    if heads % groups:
-        raise ArgumentsError(f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}; "
-                             f"use a number of query groups that divides {heads}")
-    if model.head_dim % 2:
-        raise ArgumentsError(f"head dimension {model.head_dim} (--hidden-size / --num-attention-heads) must be "
-                             f"even for rotary embeddings")
-    misfit = tensor_parallel_misfit(model, tp)
-    if misfit:
-        raise ArgumentsError(misfit)
+    try:
+        model.check(tp)
+    except ValueError as error:
+        raise ArgumentsError(str(error)) from None
     if config.parallel.sequence_parallel and training.seq_length % tp:
         raise ArgumentsError(f"--sequence-parallel splits the sequence across tensor ranks: --seq-length "
                              f"{training.seq_length} is not divisible by --tensor-model-parallel-size {tp}; use a "
@@ -355,21 +339,6 @@ def _check_model(config: RunConfig):
                              f"the sequence")
     if model.attention_backend == "xformers" and training.device == "cpu":
         raise ArgumentsError("--attention-backend xformers has no CPU kernels; use --attention-backend sdpa")
-
-
-def tensor_parallel_misfit(config: ModelConfig, tensor_parallel_size: int,
-                           flag: str = "--tensor-model-parallel-size") -> str | None:
-    """Why `config` cannot be split `tensor_parallel_size` ways (heads, key/value heads, ffn), or None."""
-    tp = tensor_parallel_size
-    sizes = (("attention heads (--num-attention-heads)", config.num_attention_heads),
-             ("key/value heads (--num-query-groups)", config.kv_heads),
-             ("--ffn-hidden-size", config.ffn_hidden_size))
-    misfits = [f"{what} {value}" for what, value in sizes if value % tp]
-    if not misfits:
-        return None
-    return (f"{' and '.join(misfits)} {'is' if len(misfits) == 1 else 'are'} not divisible by {flag} {tp}: each "
-            f"tensor rank holds 1/{tp} of them; choose a {flag} that divides "
-            f"{', '.join(str(value) for _, value in sizes)}")
 
 
 def _check_batches(config: RunConfig):

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_llama.arguments import tensor_parallel_misfit
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.parallel.random import get_rng_tracker
@@ -268,9 +267,10 @@ def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size
                      pipeline_parallel_size: int, split=None) -> dict[tuple[int, int], dict]:
     """A full state dict -> {(tp_rank, pp_rank): shard state dict}; `split` (a StageSplit) defaults to the even
     split of the blocks over `pipeline_parallel_size` stages."""
-    misfit = tensor_parallel_misfit(config, tensor_parallel_size, "tensor-parallel size")
-    if misfit:
-        raise CheckpointError(misfit)
+    try:
+        config.check(tensor_parallel_size, "tensor-parallel size")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     padded = config.padded_vocab_size(tensor_parallel_size)
     full = {name: (resize_vocab_rows(value, padded, config.vocab_size, name) if name in VOCAB_PARAMETERS else value)
             for name, value in state_dict.items()}

@@ -31,7 +31,7 @@ class ModelConfig:
     ffn_hidden_size: int = 176
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # None: one key/value head per query head (no GQA)
-    vocab_size: int = 32000  # the tokenizer's vocabulary; padded_vocab_size adds the padding
+    vocab_size: int | None = 32000  # the tokenizer's; None until the run's setup reads the tokenizer (pretrain.py)
     make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int = 2048
     rotary_base: float = 10000.0
@@ -66,6 +66,43 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self, tensor_parallel_size: int = 1, tensor_parallel_flag: str = "--tensor-model-parallel-size") -> None:
+        """The model's shape rules, for the CLI, checkpoint splitting, conversion and the model itself.
+
+        Raises ValueError naming the flag and numbers to change: positive sizes, hidden size divisible by the
+        attention heads, attention heads by the key/value heads, an even head dimension (rotary embeddings),
+        and heads, key/value heads and --ffn-hidden-size divisible by `tensor_parallel_size` (named by
+        `tensor_parallel_flag`: each tensor rank holds whole heads and an equal share of the ffn).
+        """
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+                     "max_position_embeddings", "make_vocab_size_divisible_by"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.num_query_groups is not None and self.num_query_groups <= 0:
+            raise ValueError(f"--num-query-groups must be positive, got {self.num_query_groups}")
+        heads, groups = self.num_attention_heads, self.kv_heads
+        if self.hidden_size % heads:
+            raise ValueError(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {heads}; "
+                             f"use a multiple of {heads}")
+        if heads % groups:
+            raise ValueError(f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}; "
+                             f"use a number of query groups that divides {heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension {self.head_dim} (--hidden-size / --num-attention-heads) must be "
+                             f"even for rotary embeddings")
+        self._check_tensor_parallel_split(tensor_parallel_size, tensor_parallel_flag)
+
+    def _check_tensor_parallel_split(self, tensor_parallel_size: int, flag: str) -> None:
+        tp = tensor_parallel_size
+        sizes = (("attention heads (--num-attention-heads)", self.num_attention_heads),
+                 ("key/value heads (--num-query-groups)", self.kv_heads),
+                 ("--ffn-hidden-size", self.ffn_hidden_size))
+        misfits = [f"{what} {value}" for what, value in sizes if value % tp]
+        if misfits:
+            raise ValueError(f"{' and '.join(misfits)} {'is' if len(misfits) == 1 else 'are'} not divisible by "
+                             f"{flag} {tp}: each tensor rank holds 1/{tp} of them; choose a {flag} that divides "
+                             f"{', '.join(str(value) for _, value in sizes)}")
 
 
 def _llama(layers, hidden, ffn, heads, groups=None, vocab=32000, positions=4096, rope=10000.0, eps=1e-5, **extra):

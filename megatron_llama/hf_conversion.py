@@ -117,7 +117,7 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json",
         raise ConversionError(f"{source}: rope type {rope_type!r} (rope scaling) is not supported; "
                               "only plain rotary embeddings ('default') convert")
     kv_heads = hf_config.get("num_key_value_heads") or heads
-    return ModelConfig(
+    config = ModelConfig(
         num_layers=hf_config["num_hidden_layers"],
         hidden_size=hidden,
         ffn_hidden_size=hf_config["intermediate_size"],
@@ -132,6 +132,12 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json",
         use_stable_embedding=False,
         init_method_std=hf_config.get("initializer_range", 0.02),
     )
+    try:
+        config.check()
+    except ValueError as error:
+        raise ConversionError(f"{source}: {error} (in Hugging Face keys: --num-query-groups is num_key_value_heads, "
+                              f"--ffn-hidden-size is intermediate_size)") from None
+    return config
 
 
 # ----------------------------------------------------------------------------- weights

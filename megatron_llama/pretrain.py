@@ -38,7 +38,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_llama.arguments import UNKNOWN_VOCABULARY, ArgumentsError, parse_args
+from megatron_llama.arguments import ArgumentsError, parse_args
 from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint,
                                           open_checkpoint, save_checkpoint)
 from megatron_llama.config import RunConfig
@@ -47,6 +47,9 @@ from megatron_llama.data.sft_dataset import build_sft_datasets
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
+from megatron_llama.model.llama import LlamaModel
+from megatron_llama.model.recompute import apply_recompute
+from megatron_llama.model.stage_model import StageModel, build_model_chunks
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.distributed_optimizer import build_distributed_optimizer
@@ -56,9 +59,6 @@ from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.state import ParallelLayout
-from megatron_llama.model.llama import LlamaModel
-from megatron_llama.model.recompute import apply_recompute
-from megatron_llama.parallel.stages import StageModel, build_model_chunks
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingState, train
 
 
@@ -73,7 +73,7 @@ def open_tokenizer(config: RunConfig):
     except TokenizerError as error:
         raise ArgumentsError(f"--tokenizer-model {data.tokenizer_model}: {error}") from None
     given = config.model.vocab_size
-    if given != UNKNOWN_VOCABULARY and given != tokenizer.vocab_size:
+    if given is not None and given != tokenizer.vocab_size:
         raise ArgumentsError(f"--vocab-size {given} disagrees with the tokenizer {data.tokenizer_model} "
                              f"({tokenizer.vocab_size} entries); drop --vocab-size")
     config.model = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)

@@ -17,7 +17,7 @@ stops the run.)
 Parallel layouts (pretrain.py builds the process groups before the model). Each data-parallel rank
 takes its own micro-batches of the global batch (data_loader.PretrainingSampler); the tensor and pipeline
 ranks of one data-parallel rank read identical micro-batches. `model` is this rank's StageModel (its
-pipeline chunks; parallel/stages.py) or a plain LlamaModel. One step:
+pipeline chunks; model/stage_model.py) or a plain LlamaModel. One step:
 
     forward_backward     the micro-batches through parallel/pipeline.run_schedule (plain gradient
                          accumulation at pp=1, 1F1B or interleaved 1F1B otherwise); with DataParallelBuffers
@@ -49,6 +49,7 @@ from torch import nn
 
 from megatron_llama.data_loader import PretrainingSampler, micro_batches
 from megatron_llama.metrics import MetricsLogger, model_flops_utilization, peak_memory_gib, perplexity
+from megatron_llama.model.stage_model import llama_forward_step, model_chunks
 from megatron_llama.optim.grad_scaler import DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer, StepOutcome
@@ -57,7 +58,7 @@ from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.layers import allreduce_sequence_parallel_grads
 from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
-from megatron_llama.parallel.stages import allreduce_tied_embedding_grads, model_chunks
+from megatron_llama.parallel.stages import allreduce_tied_embedding_grads
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,7 +123,8 @@ def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_g
     if buffers is not None:
         buffers.disable_grad_sync()
     losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.sum() / tokens_in_global_batch,
-                          **_schedule_shapes(chunks, batches), scale_loss=optimizer.scale_loss,
+                          forward_step=llama_forward_step, **_schedule_shapes(chunks, batches),
+                          scale_loss=optimizer.scale_loss,
                           before_last_backward=buffers.enable_grad_sync if buffers is not None else None)
     if buffers is not None:
         buffers.enable_grad_sync()
@@ -179,7 +181,7 @@ def evaluate(model: nn.Module, batches: Iterable) -> float:
     was_training = model.training
     model.eval()
     losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.double().sum(),
-                          **_schedule_shapes(chunks, batches), forward_only=True)
+                          forward_step=llama_forward_step, **_schedule_shapes(chunks, batches), forward_only=True)
     model.train(was_training)
     device = next(chunks[0].parameters()).device
     loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float64, device=device)

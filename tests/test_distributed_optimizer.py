@@ -14,10 +14,11 @@ from data_parallel_training import MODEL, SEED, Layout, parallel_run
 from data_parallel_training import one_intra_op_thread  # noqa: F401 - a fixture, used below
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from megatron_llama.model.llama import build_model
+from megatron_llama.model.stage_model import build_model_chunks
 from megatron_llama.optim.distributed_optimizer import (build_distributed_optimizer, counts_in_grad_norm,
                                                         reshard_optimizer_state)
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
-from megatron_llama.parallel.stages import build_model_chunks, split_layers
+from megatron_llama.parallel.stages import split_layers
 
 STEPS, SAVED_AFTER = 4, 2
 LAYOUT = Layout(distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)

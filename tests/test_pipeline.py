@@ -17,12 +17,12 @@ import torch
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.llama import build_model
+from megatron_llama.model.stage_model import build_model_chunks, llama_forward_step
 from megatron_llama.parallel import comm, layers, state
 from megatron_llama.parallel.pipeline import (ACTIVATION, BACKWARD, FORWARD, ScheduleStats, broadcast_from_last_stage,
-                                              build_plans, check_micro_batch_count, compute_order, llama_forward_step,
-                                              release_storage, run_schedule, warmup_forwards)
-from megatron_llama.parallel.stages import (allreduce_tied_embedding_grads, build_model_chunks, split_layers,
-                                            sync_tied_embedding_weights)
+                                              build_plans, check_micro_batch_count, compute_order, release_storage,
+                                              run_schedule, warmup_forwards)
+from megatron_llama.parallel.stages import allreduce_tied_embedding_grads, split_layers, sync_tied_embedding_weights
 
 SEED = 4321
 MODEL = ModelConfig(num_layers=8, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -305,7 +305,7 @@ def train_pipelined(case: dict) -> dict:
     stats = ScheduleStats()
     losses = run_schedule(chunks, training_batches(m)[0], global_mean_loss(m), num_micro_batches=m,
                           micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
-                          dtype=torch.float32, forward_only=True, stats=stats)
+                          dtype=torch.float32, forward_only=True, stats=stats, forward_step=llama_forward_step)
     total = torch.stack(losses).sum() if losses else torch.zeros(())
     result["evaluation"] = broadcast_from_last_stage(total).item()
     result["evaluation stats"] = stats
@@ -388,7 +388,7 @@ def check_interleaved_error_and_weight_sync() -> dict:
         try:
             run_schedule(chunks, training_batches(3)[0], global_mean_loss(3), num_micro_batches=3,
                          micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
-                         dtype=torch.float32)
+                         dtype=torch.float32, forward_step=llama_forward_step)
         except ValueError as error:
             extras["error"] = str(error)
         weight = chunks[0].embedding.weight if chunks[0].pre_process else chunks[-1].embedding.weight
@@ -500,7 +500,7 @@ def test_no_pipelining_accumulates_the_single_process_gradients_and_calls_the_ho
     seen = {}
     losses = run_schedule([model], iter(micro_batches), global_mean_loss(3), num_micro_batches=3,
                           micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
-                          dtype=torch.float32,
+                          dtype=torch.float32, forward_step=llama_forward_step,
                           after_last_backward=lambda: seen.update(grad=model.layers["0"].mlp.up.weight.grad.clone()))
     assert len(losses) == 3
     assert abs(sum(loss.item() for loss in losses) - reference_losses[0]) <= 1e-6 * reference_losses[0]

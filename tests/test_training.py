@@ -13,7 +13,7 @@ from megatron_llama import metrics as metrics_module
 from megatron_llama.checkpointing import open_checkpoint, read_tracker
 from megatron_llama.config import ModelConfig
 from megatron_llama.data_loader import PretrainingSampler, collate
-from megatron_llama.model import llama
+from megatron_llama.model import stage_model
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.mixed_precision import build_optimizer
 from megatron_llama.pretrain import main
@@ -145,7 +145,7 @@ def test_sampler_resumes_at_consumed_samples_and_splits_micro_batches_across_dat
 
 def test_nan_loss_stops_with_the_iteration_named_and_the_last_checkpoint_intact(corpus, tmp_path, monkeypatch,
                                                                                capsys):
-    real_build = llama.build_model
+    real_build = build_model
 
     def build_model_that_diverges_at_iteration_3(config, seed, **kwargs):
         model = real_build(config, seed, **kwargs)
@@ -158,7 +158,7 @@ def test_nan_loss_stops_with_the_iteration_named_and_the_last_checkpoint_intact(
         model.final_norm.register_forward_hook(poison)
         return model
 
-    monkeypatch.setattr(llama, "build_model", build_model_that_diverges_at_iteration_3)
+    monkeypatch.setattr(stage_model, "build_model", build_model_that_diverges_at_iteration_3)
     save = str(tmp_path / "run")
     flags = train_flags(corpus, save, 6, "--save-interval", "1", "--eval-iters", "0")
     assert main(flags) == 1

@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 
-from megatron_llama.arguments import tensor_parallel_misfit
 from megatron_llama.checkpointing import CheckpointError, tracker_path, write_model_checkpoint
 from megatron_llama.config import DataConfig, RunConfig
 from megatron_llama.hf_conversion import ConversionError, load_hf_checkpoint, read_hf_config
@@ -42,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
             raise CheckpointError(f"--save {args.save} already holds a checkpoint ({tracker_path(args.save)}); "
                                   "choose a new directory")
         config, _ = read_hf_config(args.load, args.make_vocab_size_divisible_by)
-        misfit = tensor_parallel_misfit(config, args.target_tensor_parallel_size, "--target-tensor-parallel-size")
-        if misfit:
-            raise ConversionError(f"{args.load}: {misfit}")
+        try:
+            config.check(args.target_tensor_parallel_size, "--target-tensor-parallel-size")
+        except ValueError as error:
+            raise ConversionError(f"{args.load}: {error}") from None
         config, state_dict, _ = load_hf_checkpoint(args.load,
                                                    make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
         data = DataConfig()

@@ -1,1 +1,1 @@
-"""The Llama network and its attention backends."""
+"""The Llama network, its attention backends, and one pipeline rank's chunks of it (stage_model.py)."""

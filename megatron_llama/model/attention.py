@@ -21,8 +21,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("sdpa", "xformers", "eager")
-
 # torch >= 2.5 lets sdpa read grouped key/value heads directly; torch 2.4 needs them repeated.
 _SDPA_HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -104,6 +102,7 @@ _BACKEND_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor
     "xformers": xformers_attention,
     "eager": eager_attention,
 }
+ATTENTION_BACKENDS = tuple(_BACKEND_FUNCTIONS)  # the names --attention-backend accepts
 
 
 def get_core_attention(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:

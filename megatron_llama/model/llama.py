@@ -76,8 +76,6 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, heads, groups = config.head_dim, config.num_attention_heads, config.kv_heads
-        if heads % groups:
-            raise ValueError(f"--num-attention-heads {heads} must be a multiple of --num-query-groups {groups}")
         self.head_dim = d
         self.q_heads_per_group = heads // groups
         self.qkv = ColumnParallelLinear(config.hidden_size, (heads + 2 * groups) * d, init_std=config.init_method_std)
@@ -133,7 +131,8 @@ class LlamaModel(nn.Module):
     norm and output head (last stage); layer_range: global [first, last) block indices held here.
     With a tied head, a last stage without pre_process holds its own `embedding.weight` (same
     name, hence same initial values); the pipeline keeps the two copies' gradients in sync.
-    The vocabulary is padded for the tensor-parallel size of parallel.state
+    The config must pass ModelConfig.check at the tensor-parallel size of parallel.state (ValueError names
+    the flag to change). The vocabulary is padded for that size
     (ModelConfig.padded_vocab_size); with tensor parallelism the logits are this rank's vocabulary
     columns, which vocab_parallel_cross_entropy consumes without gathering.
     """
@@ -141,6 +140,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
                  layer_range: tuple[int, int] | None = None):
         super().__init__()
+        tensor_parallel_size = state.get_tensor_model_parallel_world_size()
+        config.check(tensor_parallel_size)
         first, last = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= first <= last <= config.num_layers:
             raise ValueError(f"layer_range ({first}, {last}) must lie within the model's "
@@ -148,7 +149,7 @@ class LlamaModel(nn.Module):
         self.config, self.pre_process, self.post_process = config, pre_process, post_process
         self.layer_range = (first, last)
         self.tied_output = not config.untie_embeddings_and_output_weights
-        padded_vocab = config.padded_vocab_size(state.get_tensor_model_parallel_world_size())
+        padded_vocab = config.padded_vocab_size(tensor_parallel_size)
         h = config.hidden_size
 
         if pre_process or (post_process and self.tied_output):

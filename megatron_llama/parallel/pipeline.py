@@ -1,10 +1,13 @@
 """Pipeline schedules: no pipelining, 1F1B, and interleaved 1F1B, behind one call.
 
-    losses = run_schedule(model_chunks, micro_batches, loss_fn, num_micro_batches=m,
-                          micro_batch_size=b, seq_length=s, hidden_size=h, dtype=torch.bfloat16)
+    losses = run_schedule(model_chunks, micro_batches, loss_fn, forward_step=forward_step,
+                          num_micro_batches=m, micro_batch_size=b, seq_length=s, hidden_size=h,
+                          dtype=torch.bfloat16)
 
-`model_chunks` are this rank's model chunks (stages.build_model_chunks); the schedule follows
-from the pipeline size p of parallel.state and the number of chunks v:
+`model_chunks` are this rank's model chunks and `forward_step(chunk, received input or None,
+micro-batch or None)` runs one of them; both come from the caller (for the Llama:
+model/stage_model.py), so nothing here knows the model. The schedule follows from the pipeline
+size p of parallel.state and the number of chunks v:
 
     p = 1          no pipelining: forward and backward of each micro-batch in turn (gradient accumulation)
     p > 1, v = 1   1F1B (Narayanan et al. 2021, "PipeDream-Flush"): rank r runs min(p - r - 1, m)
@@ -55,6 +58,7 @@ import torch
 from torch import nn
 
 from megatron_llama.parallel import comm, p2p, state
+from megatron_llama.parallel.stages import is_first_chunk, is_last_chunk
 
 FORWARD, BACKWARD = "forward", "backward"
 ACTIVATION, GRADIENT = "activation", "gradient"
@@ -156,9 +160,9 @@ def compute_order(rank: int, pipeline_size: int, num_chunks: int, num_micro_batc
 def _needs(action: Action, rank: int, pipeline_size: int, num_chunks: int) -> tuple | None:
     """What an action must have received first: (what, chunk, micro-batch), or None (data or the loss)."""
     if action.kind == FORWARD:
-        first = rank == 0 and action.chunk == 0
+        first = is_first_chunk(rank, action.chunk)
         return None if first else (ACTIVATION, action.chunk, action.micro_batch)
-    last = rank == pipeline_size - 1 and action.chunk == num_chunks - 1
+    last = is_last_chunk(rank, action.chunk, pipeline_size, num_chunks)
     return None if last else (GRADIENT, action.chunk, action.micro_batch)
 
 
@@ -225,14 +229,6 @@ def release_storage(output: torch.Tensor) -> None:
     output.data = torch.empty(1, dtype=output.dtype, device=output.device).expand(output.shape)
 
 
-def llama_forward_step(chunk: nn.Module, input_tensor: torch.Tensor | None, micro_batch: dict | None) -> torch.Tensor:
-    """A LlamaModel chunk's forward: token ids on the first stage, received hidden states elsewhere;
-    labels on the last stage, which returns the per-token loss [b, s]."""
-    inputs = micro_batch["tokens"] if input_tensor is None else input_tensor
-    labels = micro_batch["labels"] if chunk.post_process else None
-    return chunk(inputs, labels)
-
-
 class _MicroBatchSource:
     """Draws micro-batches in order from a list or an iterator; only stages that use data draw."""
 
@@ -264,10 +260,10 @@ class _StageRunner:
         self.losses: list[torch.Tensor] = []
 
     def is_first(self, chunk: int) -> bool:
-        return self.rank == 0 and chunk == 0
+        return is_first_chunk(self.rank, chunk)
 
     def is_last(self, chunk: int) -> bool:
-        return self.rank == self.pipeline_size - 1 and chunk == len(self.model_chunks) - 1
+        return is_last_chunk(self.rank, chunk, self.pipeline_size, len(self.model_chunks))
 
     def forward(self, action: Action) -> torch.Tensor | None:
         """Run a forward; returns the output to send (None on the last stage, which keeps the loss)."""
@@ -315,23 +311,24 @@ class _StageRunner:
                 self.output_grads[key] = buffer
 
 
-def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable[dict] | None,
-                 loss_fn: Callable[[torch.Tensor, dict], torch.Tensor], *, num_micro_batches: int,
-                 micro_batch_size: int, seq_length: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device | None = None, forward_only: bool = False,
-                 forward_step: Callable = llama_forward_step,
+def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable | None,
+                 loss_fn: Callable[[torch.Tensor, object], torch.Tensor], *,
+                 forward_step: Callable[[nn.Module, torch.Tensor | None, object], torch.Tensor],
+                 num_micro_batches: int, micro_batch_size: int, seq_length: int, hidden_size: int,
+                 dtype: torch.dtype, device: torch.device | None = None, forward_only: bool = False,
                  scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  before_last_backward: Callable[[], None] | None = None,
                  after_last_backward: Callable[[], None] | None = None,
                  stats: ScheduleStats | None = None) -> list[torch.Tensor]:
     """Forward (and, unless forward_only, backward) `num_micro_batches` micro-batches through the pipeline.
 
-    micro_batches: dicts with "tokens" [b, s] (used on the first stage) and "labels" [b, s] (last
-    stage), drawn in order only by the stages that use them (others may pass None). seq_length and
-    hidden_size are the full sizes: the exchanged activations are [b, s, h], or [b, s/tp, h] under
-    sequence parallelism. forward_step(chunk, received input or None, micro-batch or None) runs a
-    chunk. Gradients accumulate into the parameters (zero them before). Returns the detached
-    loss_fn value of every micro-batch on the last stage, [] on the others.
+    micro_batches: whatever forward_step and loss_fn read (e.g. dicts of "tokens" and "labels"), drawn in
+    order only by the stages that use them, the first and the last (others may pass None).
+    forward_step(chunk, received input or None, micro-batch or None) runs a chunk: the first stage gets no
+    input, the middle stages no micro-batch; the last stage's output goes to loss_fn(output, micro-batch).
+    seq_length and hidden_size are the full sizes: the exchanged activations are [b, s, h], or [b, s/tp, h]
+    under sequence parallelism. Gradients accumulate into the parameters (zero them before). Returns the
+    detached loss_fn value of every micro-batch on the last stage, [] on the others.
     """
     pipeline_size = state.get_pipeline_model_parallel_world_size()
     virtual_size = len(model_chunks)

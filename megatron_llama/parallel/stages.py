@@ -1,10 +1,13 @@
 """Which transformer blocks each pipeline stage holds, and the tied embedding shared by the first and last stage.
 
+Pure layout math and the tied embedding's communication; nothing here knows the model. Building a rank's
+model chunks from a split is the model's job (model/stage_model.py).
+
 Stage split (`split_layers`): the blocks are divided evenly over the pipeline stages
 (`--pipeline-model-parallel-size`), or, for uneven models, the first and/or last stage take
 an explicit count (`--decoder-first-pipeline-num-layers`, `--decoder-last-pipeline-num-layers`)
 and the middle stages share the rest evenly. The embedding lives on the first stage, the final
-norm and output head on the last.
+norm and output head on the last: `is_first_chunk` / `is_last_chunk` say which (rank, chunk) that is.
 
 Virtual stages (`--num-layers-per-virtual-pipeline-stage L`, the interleaved schedule of
 Narayanan et al. 2021, section 2.2): the model is cut into pp x v model chunks of L blocks
@@ -15,23 +18,20 @@ c * pp + r. Worked example, 8 layers, pp=2, L=2 (v=2):
     rank 0        chunk 0 = model chunk 0 (embedding, blocks 0-1), chunk 1 = model chunk 2 (blocks 4-5)
     rank 1        chunk 0 = model chunk 1 (blocks 2-3), chunk 1 = model chunk 3 (blocks 6-7, norm, head)
 
-Tied embedding: with `untie_embeddings_and_output_weights=False` and more than one stage, the
-last stage builds its own `embedding.weight` for the output head. Its initial values equal the
-first stage's (same parameter name, and parameters are drawn by name: layers.initialize_parameters);
-`allreduce_tied_embedding_grads` sums the two copies' gradients over the embedding group after
-backward, so both take identical optimizer steps and stay equal. The copy is marked
-`param.is_tied_embedding_copy = True`: a global gradient norm must skip it (it would count the
-shared weight twice), and a checkpoint merge may drop it (it equals the first stage's).
+Tied embedding: with an output head tied to the input embedding and more than one stage, the
+last stage holds its own copy of the embedding weight for the output head. Its initial values
+equal the first stage's (same parameter name, and parameters are drawn by name:
+layers.initialize_parameters). Whoever builds the chunks marks both ends' weights with
+`mark_tied_embedding`; `allreduce_tied_embedding_grads` then sums the two copies' gradients over
+the embedding group after backward, so both take identical optimizer steps and stay equal. The
+last stage's copy is marked `param.is_tied_embedding_copy = True`: a global gradient norm must skip
+it (it would count the shared weight twice), and a checkpoint merge may drop it (it equals the first stage's).
 
 Usage:
     split = split_layers(config.num_layers, pp, layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)
-    chunks = build_model_chunks(config, seed, split)   # this rank's model chunks, in schedule order
+    chunks = build_model_chunks(config, seed, split)   # model/stage_model.py: this rank's chunks, marked
     ... run_schedule(chunks, ...) ...                  # parallel/pipeline.py
     allreduce_tied_embedding_grads(chunks)             # before the optimizer step
-
-`StageModel(chunks)` presents a rank's chunks as one module for the data-parallel buffers, the
-optimizer and checkpoints: its parameter and state-dict names are the chunks' own global names
-(`layers.5.mlp.up.weight`, never `chunks.1.layers.5...`), unique because the chunks hold disjoint blocks.
 """
 from __future__ import annotations
 
@@ -40,8 +40,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 from megatron_llama.parallel import comm, state
+
+
+def is_first_chunk(pipeline_rank: int, chunk: int) -> bool:
+    """This (rank, chunk) holds the first blocks: it embeds the tokens and receives nothing."""
+    return pipeline_rank == 0 and chunk == 0
+
+
+def is_last_chunk(pipeline_rank: int, chunk: int, pipeline_size: int, num_chunks: int) -> bool:
+    """This (rank, chunk) holds the last blocks: it applies the final norm and output head and computes the loss."""
+    return pipeline_rank == pipeline_size - 1 and chunk == num_chunks - 1
 
 
 @dataclass(frozen=True)
@@ -61,12 +70,10 @@ class StageSplit:
         return self.ranges[pipeline_rank][chunk]
 
     def is_first(self, pipeline_rank: int, chunk: int) -> bool:
-        """This (rank, chunk) embeds the tokens."""
-        return pipeline_rank == 0 and chunk == 0
+        return is_first_chunk(pipeline_rank, chunk)
 
     def is_last(self, pipeline_rank: int, chunk: int) -> bool:
-        """This (rank, chunk) applies the final norm and the output head."""
-        return pipeline_rank == self.pipeline_size - 1 and chunk == self.num_chunks - 1
+        return is_last_chunk(pipeline_rank, chunk, self.pipeline_size, self.num_chunks)
 
     def describe(self) -> str:
         """One line per rank, for the log: 'pp rank 1: blocks [2, 4) [6, 8)'."""
@@ -137,69 +144,20 @@ def _interleaved_ranges(num_layers: int, pipeline_size: int, per_chunk: int) -> 
                  for rank in range(pipeline_size))
 
 
-def build_model_chunks(config, seed: int, split: StageSplit, *, pipeline_rank: int | None = None,
-                       device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[nn.Module]:
-    """This rank's model chunks, chunk 0 first (LlamaModel via build_model); marks a tied head's embedding copy."""
-    from megatron_llama.model.llama import build_model  # the model imports parallel/, not the other way round
-    rank = state.get_pipeline_model_parallel_rank() if pipeline_rank is None else pipeline_rank
-    if split.pipeline_size != state.get_pipeline_model_parallel_world_size() and pipeline_rank is None:
-        raise ValueError(f"the stage split is for {split.pipeline_size} pipeline stages but parallel.state has "
-                         f"{state.get_pipeline_model_parallel_world_size()}; build both from the same "
-                         f"--pipeline-model-parallel-size")
-    chunks = []
-    for chunk in range(split.num_chunks):
-        model = build_model(config, seed, device=device, dtype=dtype, pre_process=split.is_first(rank, chunk),
-                            post_process=split.is_last(rank, chunk), layer_range=split.layer_range(rank, chunk))
-        if split.pipeline_size > 1 and split.is_last(rank, chunk) and hasattr(model, "embedding"):
-            model.embedding.weight.is_tied_embedding_copy = True
-        chunks.append(model)
-    return chunks
-
-
-class StageModel(nn.Module):
-    """This rank's model chunks as one module whose names are the chunks' (global) names; not callable:
-    parallel/pipeline.py runs the chunks one by one."""
-
-    def __init__(self, chunks: list[nn.Module]):
-        super().__init__()
-        self.chunks = nn.ModuleList(chunks)
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for chunk in self.chunks:
-            yield from chunk.named_parameters(prefix, recurse, remove_duplicate)
-
-    def state_dict(self, *args, **kwargs) -> dict:
-        merged = {}
-        for chunk in self.chunks:
-            merged.update(chunk.state_dict(*args, **kwargs))
-        return merged
-
-    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
-        for chunk in self.chunks:
-            own = {name: state_dict[name] for name in chunk.state_dict() if name in state_dict}
-            chunk.load_state_dict(own, strict=strict, assign=assign)
-
-    def forward(self, *args, **kwargs):
-        raise TypeError("a StageModel is not called: run its chunks through parallel.pipeline.run_schedule")
-
-
-def model_chunks(model: nn.Module) -> list[nn.Module]:
-    """The chunks of a StageModel, or [model] for a plain (whole or one-stage) model."""
-    return list(model.chunks) if isinstance(model, StageModel) else [model]
+def mark_tied_embedding(weight: nn.Parameter, *, is_copy: bool) -> None:
+    """Mark an embedding weight that the first and last stage share (module docstring: 'Tied embedding');
+    is_copy on the last stage's copy."""
+    weight.is_tied_embedding = True
+    weight.is_tied_embedding_copy = is_copy
 
 
 def tied_embedding_weight(model_chunks: list[nn.Module]) -> nn.Parameter | None:
-    """The embedding weight this rank shares with the other end of the pipeline, or None (untied, pp=1, middle)."""
-    if state.get_pipeline_model_parallel_world_size() == 1:
-        return None
-    ends = []
-    if state.is_pipeline_first_stage():
-        ends.append(model_chunks[0])
-    if state.is_pipeline_last_stage():
-        ends.append(model_chunks[-1])
-    for model in ends:
-        if getattr(model, "tied_output", False) and hasattr(model, "embedding"):
-            return model.embedding.weight
+    """The marked embedding weight this rank shares with the other end of the pipeline, or None (untied, pp=1,
+    middle stage)."""
+    for chunk in (model_chunks[0], model_chunks[-1]):  # only the first and last chunk can hold it
+        for param in chunk.parameters():
+            if getattr(param, "is_tied_embedding", False):
+                return param
     return None
 
 
@@ -229,6 +187,6 @@ def sync_tied_embedding_weights(model_chunks: list[nn.Module]) -> None:
     weight = tied_embedding_weight(model_chunks)
     if weight is None:
         return
-    if not state.is_pipeline_first_stage():
+    if weight.is_tied_embedding_copy:
         weight.zero_()
     comm.all_reduce(weight.data, state.get_embedding_group())

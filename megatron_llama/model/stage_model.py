@@ -1,0 +1,84 @@
+"""One pipeline rank's share of the Llama: its model chunks, the chunks as one module, and their forward step.
+
+The pipeline code (parallel/) knows neither the model nor its inputs; this module joins the two:
+
+    split = split_layers(config.num_layers, pp)                  # parallel/stages.py: which blocks go where
+    chunks = build_model_chunks(config, seed, split)             # this rank's LlamaModel chunks, schedule order
+    model = StageModel(chunks)                                   # one module for buffers, optimizer, checkpoints
+    losses = run_schedule(model_chunks(model), micro_batches, loss_fn, forward_step=llama_forward_step, ...)
+
+`StageModel(chunks)` presents a rank's chunks as one module for the data-parallel buffers, the
+optimizer and checkpoints: its parameter and state-dict names are the chunks' own global names
+(`layers.5.mlp.up.weight`, never `chunks.1.layers.5...`), unique because the chunks hold disjoint blocks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_llama.config import ModelConfig
+from megatron_llama.model.llama import LlamaModel, build_model
+from megatron_llama.parallel import state
+from megatron_llama.parallel.stages import StageSplit, mark_tied_embedding
+
+
+def build_model_chunks(config: ModelConfig, seed: int, split: StageSplit, *, pipeline_rank: int | None = None,
+                       device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[LlamaModel]:
+    """This rank's model chunks, chunk 0 first (build_model); marks a tied embedding's two ends for the pipeline.
+
+    `pipeline_rank` defaults to parallel.state's; pass it to build another rank's chunks (tests, tools).
+    """
+    rank = state.get_pipeline_model_parallel_rank() if pipeline_rank is None else pipeline_rank
+    if split.pipeline_size != state.get_pipeline_model_parallel_world_size() and pipeline_rank is None:
+        raise ValueError(f"the stage split is for {split.pipeline_size} pipeline stages but parallel.state has "
+                         f"{state.get_pipeline_model_parallel_world_size()}; build both from the same "
+                         f"--pipeline-model-parallel-size")
+    chunks = []
+    for chunk in range(split.num_chunks):
+        first, last = split.is_first(rank, chunk), split.is_last(rank, chunk)
+        model = build_model(config, seed, device=device, dtype=dtype, pre_process=first, post_process=last,
+                            layer_range=split.layer_range(rank, chunk))
+        if split.pipeline_size > 1 and model.tied_output and (first or last):
+            mark_tied_embedding(model.embedding.weight, is_copy=not first)
+        chunks.append(model)
+    return chunks
+
+
+class StageModel(nn.Module):
+    """This rank's model chunks as one module whose names are the chunks' (global) names; not callable:
+    parallel/pipeline.py runs the chunks one by one."""
+
+    def __init__(self, chunks: list[nn.Module]):
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for chunk in self.chunks:
+            yield from chunk.named_parameters(prefix, recurse, remove_duplicate)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        merged = {}
+        for chunk in self.chunks:
+            merged.update(chunk.state_dict(*args, **kwargs))
+        return merged
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        for chunk in self.chunks:
+            own = {name: state_dict[name] for name in chunk.state_dict() if name in state_dict}
+            chunk.load_state_dict(own, strict=strict, assign=assign)
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("a StageModel is not called: run its chunks through parallel.pipeline.run_schedule")
+
+
+def model_chunks(model: nn.Module) -> list[nn.Module]:
+    """The chunks of a StageModel, or [model] for a plain (whole or one-stage) model."""
+    return list(model.chunks) if isinstance(model, StageModel) else [model]
+
+
+def llama_forward_step(chunk: LlamaModel, input_tensor: torch.Tensor | None, micro_batch: dict | None) -> torch.Tensor:
+    """run_schedule's forward step for LlamaModel chunks: token ids [b, s] on the first stage, the received hidden
+    states [b, s, h] elsewhere; labels on the last stage, which returns the per-token loss [b, s]."""
+    inputs = micro_batch["tokens"] if input_tensor is None else input_tensor
+    labels = micro_batch["labels"] if chunk.post_process else None
+    return chunk(inputs, labels)
