@@ -42,8 +42,7 @@ from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
-from megatron_llama.optim.distributed_optimizer import build_distributed_optimizer
-from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.pipeline import schedule_name
@@ -192,10 +191,7 @@ def build_optimizer_and_buffers(args: argparse.Namespace, model: StageModel):
                                   separate_bucket_names=["embedding.weight"] if tied_split else [])
     settings = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                     weight_decay=args.weight_decay, clip_grad=args.clip_grad, loss_scaler=build_loss_scaler(args))
-    if args.use_distributed_optimizer:
-        optimizer, description = build_distributed_optimizer(model, buffers, **settings)
-    else:
-        optimizer, description = build_optimizer(model, grad_buffers=buffers, **settings)
+    optimizer, description = build_optimizer(model, buffers, **settings)
     return optimizer, buffers, (f"{description}; {len(buffers.buckets)} gradient bucket(s)"
                                 f"{', overlapped reduction' if args.overlap_grad_reduce else ''}")
 

@@ -11,7 +11,8 @@ from megatron_llama.checkpointing import (CheckpointError, load_checkpoint, open
                                           write_model_checkpoint)
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.llama import build_model
-from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.pretrain import main
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -142,7 +143,8 @@ def test_load_with_a_garbled_tracker_says_what_it_holds(trained, tmp_path, capsy
 def test_load_into_a_model_of_another_shape_names_the_parameter_and_both_shapes(trained):
     other = ModelConfig(**{**CONFIG.to_dict(), "ffn_hidden_size": 48})
     model = build_model(other, seed=1)
-    optimizer, _ = build_optimizer(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_grad=0.0)
+    optimizer, _ = build_optimizer(model, DataParallelBuffers(model), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                   weight_decay=0.0, clip_grad=0.0)
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(trained, model=model, optimizer=optimizer, config=other)
     assert "parameter layers.0.mlp.down.weight has shape [32, 64] in the checkpoint but [32, 48] in this model" \
