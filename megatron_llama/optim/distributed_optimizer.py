@@ -267,4 +267,3 @@ def reshard_optimizer_state(saved: list[dict], pieces: list[tuple[str, int, int]
             scalar_states.setdefault(key, value)
     return {"format": STATE_FORMAT, "tensors": out, "scalar_states": scalar_states,
             "param_groups": saved[0]["param_groups"], "pieces": pieces}
-
