@@ -26,7 +26,8 @@ import torch
 from megatron_llama.config import ModelConfig
 from megatron_llama.metrics import model_flops_utilization, peak_memory_gib
 from megatron_llama.model.llama import build_model
-from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.training import train_step
 
 
@@ -63,7 +64,8 @@ def main(argv=None):
                          max_position_embeddings=args.seq, attention_backend=args.attention_backend)
     model = build_model(config, seed=0, device=device, dtype=dtype)
     model.train()
-    optimizer, description = build_optimizer(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+    buffers = DataParallelBuffers(model)  # dp=1: the fp32 main grads, nothing communicated
+    optimizer, description = build_optimizer(model, buffers, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                              clip_grad=1.0)
     print(description, flush=True)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -74,7 +76,8 @@ def main(argv=None):
         for _ in range(args.accum):
             text = torch.randint(0, args.vocab, (args.mbs, args.seq + 1), device=device, generator=generator)
             batches.append((text[:, :-1], text[:, 1:]))  # [b, s + 1] -> inputs, labels [b, s]
-        loss, _ = train_step(model, optimizer, batches, lr=1e-4, tokens_in_global_batch=tokens_in_step)
+        loss, _ = train_step(model, optimizer, batches, lr=1e-4, tokens_in_global_batch=tokens_in_step,
+                             buffers=buffers)
         return loss
 
     for _ in range(args.warmup):

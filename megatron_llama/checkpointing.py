@@ -519,16 +519,14 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
         optimizer.set_master_params(model_state)
         reason = "--finetune" if config.checkpoint.finetune else "a model-only checkpoint"
         return ResumeState(0, 0, None), f"loaded the weights of {folder} ({reason}); starting at iteration 0"
-    if hasattr(optimizer, "buffers"):  # the distributed optimizer: every saved data-parallel shard, resharded
-        shards = [load_tensor_file(os.path.join(shard, optimizer_filename(rank)), mmap=True)
-                  for rank in range(saved_layout[2])]
-        try:
-            optimizer.load_state_dict(shards)
-        except ValueError as error:
-            raise CheckpointError(f"{shard}: {error}") from None
-    else:
-        saved_rank = layout.data_rank if saved_layout[2] == layout.data_size else 0
-        optimizer.load_state_dict(load_tensor_file(os.path.join(shard, optimizer_filename(saved_rank))), model_state)
+
+    def read_saved_optimizer_shard(data_rank: int) -> dict:
+        return load_tensor_file(os.path.join(shard, optimizer_filename(data_rank)), mmap=True)
+
+    try:  # the optimizer reads the files of the saved data-parallel ranks it needs (optim/base.py)
+        optimizer.load_state_dict(read_saved_optimizer_shard, saved_layout[2], model_state)
+    except ValueError as error:
+        raise CheckpointError(f"{shard}: {error}") from None
     rng_rank = layout.data_rank if layout.data_rank < saved_layout[2] else 0
     restore_rng_state(load_tensor_file(os.path.join(shard, rng_filename(rng_rank))))
     state = ResumeState(int(meta["iteration"]), int(meta["consumed_train_samples"]), meta.get("loss_scaler"))

@@ -52,8 +52,7 @@ from megatron_llama.model.recompute import apply_recompute
 from megatron_llama.model.stage_model import StageModel, build_model_chunks
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
-from megatron_llama.optim.distributed_optimizer import build_distributed_optimizer
-from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.pipeline import schedule_name
@@ -211,10 +210,7 @@ def build_optimizer_and_buffers(config: RunConfig, model: StageModel):
     settings = dict(lr=training.lr, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps,
                     weight_decay=training.weight_decay, clip_grad=training.clip_grad,
                     loss_scaler=build_loss_scaler(config))
-    if parallel.use_distributed_optimizer:
-        optimizer, description = build_distributed_optimizer(model, buffers, **settings)
-    else:
-        optimizer, description = build_optimizer(model, grad_buffers=buffers, **settings)
+    optimizer, description = build_optimizer(model, buffers, **settings)
     return optimizer, buffers, (f"{description}; {len(buffers.buckets)} gradient bucket(s)"
                                 f"{', overlapped reduction' if parallel.overlap_grad_reduce else ''}")
 

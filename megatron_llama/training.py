@@ -20,12 +20,12 @@ ranks of one data-parallel rank read identical micro-batches. `model` is this ra
 pipeline chunks; model/stage_model.py) or a plain LlamaModel. One step:
 
     forward_backward     the micro-batches through parallel/pipeline.run_schedule (plain gradient
-                         accumulation at pp=1, 1F1B or interleaved 1F1B otherwise); with DataParallelBuffers
-                         the data-parallel sync is off until the last backward, whose complete buckets
+                         accumulation at pp=1, 1F1B or interleaved 1F1B otherwise); the data-parallel sync
+                         of the DataParallelBuffers is off until the last backward, whose complete buckets
                          start reducing at once under --overlap-grad-reduce
-    finalize_gradients   finish the data-parallel reduction (all-reduce, or reduce-scatter for the
-                         distributed optimizer), sum sequence-parallel partial grads over tensor ranks, sum
-                         the tied embedding's two copies over the first and last stage
+    finalize_model_grads (parallel/grad_finalize.py) finish the data-parallel reduction (all-reduce, or
+                         reduce-scatter for the distributed optimizer), sum sequence-parallel partial grads over
+                         tensor ranks, sum the tied embedding's two copies over the first and last stage
     reduce_loss_across_ranks   the last stage's loss copied to every stage, then summed over data-parallel
                          ranks: the global-batch mean loss, equal on every rank (any rank may log it)
     optimizer.step       norm over the model-parallel group (every rank with the distributed optimizer; the
@@ -50,15 +50,14 @@ from torch import nn
 from megatron_llama.data_loader import PretrainingSampler, micro_batches
 from megatron_llama.metrics import MetricsLogger, model_flops_utilization, peak_memory_gib, perplexity
 from megatron_llama.model.stage_model import llama_forward_step, model_chunks
+from megatron_llama.optim.base import StepOutcome, TrainingOptimizer
 from megatron_llama.optim.grad_scaler import DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
-from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer, StepOutcome
 from megatron_llama.parallel import comm, state as parallel_state
 from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
-from megatron_llama.parallel.layers import allreduce_sequence_parallel_grads
+from megatron_llama.parallel.grad_finalize import finalize_model_grads
 from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
-from megatron_llama.parallel.stages import allreduce_tied_embedding_grads
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,6 +82,7 @@ class TrainingSetup:
     seq_length: int
     flops_per_token: int
     device: torch.device
+    buffers: DataParallelBuffers  # the fp32 main grads and their bucketed data-parallel sync
     log_interval: int = 100
     eval_interval: int | None = None
     eval_iters: int = 0
@@ -91,7 +91,6 @@ class TrainingSetup:
     world_size: int = 1
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
-    buffers: DataParallelBuffers | None = None  # bucketed data-parallel gradient sync (else one all-reduce)
     save: Callable[[TrainingState], None] | None = None  # writes a checkpoint of the current state
     stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
     count_loss_tokens: bool = False  # SFT: divide by the labels that are not IGNORE_INDEX, not by G x seq_length
@@ -114,20 +113,17 @@ def _schedule_shapes(chunks: list[nn.Module], batches: list[dict]) -> dict:
 
 
 def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_global_batch: int,
-                     buffers: DataParallelBuffers | None = None) -> torch.Tensor:
+                     buffers: DataParallelBuffers) -> torch.Tensor:
     """Accumulate the gradient of the global-batch mean loss over `batches` through the pipeline schedule
     (gradient accumulation alone at pp=1); returns this rank's share of the loss (0 off the last stage).
-    With `buffers` the data-parallel gradient sync is off until the last backward (overlap starts there)."""
+    The data-parallel gradient sync of `buffers` is off until the last backward (overlap starts there)."""
     chunks = model_chunks(model)
     batches = [as_micro_batch(batch) for batch in batches]
-    if buffers is not None:
-        buffers.disable_grad_sync()
+    buffers.disable_grad_sync()
     losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.sum() / tokens_in_global_batch,
                           forward_step=llama_forward_step, **_schedule_shapes(chunks, batches),
-                          scale_loss=optimizer.scale_loss,
-                          before_last_backward=buffers.enable_grad_sync if buffers is not None else None)
-    if buffers is not None:
-        buffers.enable_grad_sync()
+                          scale_loss=optimizer.scale_loss, before_last_backward=buffers.enable_grad_sync)
+    buffers.enable_grad_sync()
     if losses:
         return torch.stack(losses).sum()
     return torch.zeros((), dtype=torch.float32, device=next(chunks[0].parameters()).device)
@@ -143,31 +139,19 @@ def loss_token_count(batches: Iterable, device: torch.device) -> int:
     return int(count.item())
 
 
-def finalize_gradients(model: nn.Module, optimizer, buffers: DataParallelBuffers | None = None):
-    """Complete the main grads after the last micro-batch's backward, before the norm, clipping and step: the
-    data-parallel sum (bucketed by `buffers`, else one all-reduce of the optimizer's buffer), the sequence-parallel
-    partial grads summed over tensor ranks, the tied embedding's two copies summed over the first and last stage."""
-    if buffers is not None:
-        buffers.finish_grad_sync()
-    else:
-        comm.all_reduce(optimizer.grad_buffer, parallel_state.get_data_parallel_group())
-    allreduce_sequence_parallel_grads(model)  # norm weights saw only this rank's sequence shard
-    allreduce_tied_embedding_grads(model_chunks(model))
-
-
 def reduce_loss_across_ranks(loss: torch.Tensor) -> torch.Tensor:
     """The last stage's loss copied to every stage, then the data-parallel shares summed (in place; returned)."""
     broadcast_from_last_stage(loss)
     return comm.all_reduce(loss, parallel_state.get_data_parallel_group())
 
 
-def train_step(model: nn.Module, optimizer, batches: Iterable, lr: float, tokens_in_global_batch: int,
-               buffers: DataParallelBuffers | None = None) -> tuple[float, StepOutcome]:
+def train_step(model: nn.Module, optimizer: TrainingOptimizer, batches: Iterable, lr: float,
+               tokens_in_global_batch: int, buffers: DataParallelBuffers) -> tuple[float, StepOutcome]:
     """One optimizer update: zero grads, accumulate over the micro-batches, finalize grads, step.
     Returns (global-batch mean loss, outcome), equal on every rank."""
     optimizer.zero_grad()
     loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers)
-    finalize_gradients(model, optimizer, buffers)
+    finalize_model_grads(model, buffers)
     loss = reduce_loss_across_ranks(loss)
     outcome = optimizer.step(lr)
     return float(loss), outcome
@@ -211,7 +195,7 @@ def eval_batches(dataset, setup: TrainingSetup) -> Iterator[tuple[torch.Tensor, 
     return micro_batches(dataset, sampler, setup.device)
 
 
-def _diverged(loss: float, outcome: StepOutcome, optimizer: MixedPrecisionOptimizer) -> bool:
+def _diverged(loss: float, outcome: StepOutcome, optimizer: TrainingOptimizer) -> bool:
     finite = math.isfinite(loss) and math.isfinite(outcome.grad_norm)
     scaler = optimizer.loss_scaler
     if finite or scaler is None:
@@ -240,7 +224,7 @@ class _IntervalMeter:
         self.started += time.perf_counter() - since
 
 
-def train(model: nn.Module, optimizer: MixedPrecisionOptimizer, schedule: LearningRateSchedule, state: TrainingState,
+def train(model: nn.Module, optimizer: TrainingOptimizer, schedule: LearningRateSchedule, state: TrainingState,
           setup: TrainingSetup, train_dataset, logger: MetricsLogger, valid_dataset=None, test_dataset=None) -> str:
     """Run iterations state.iteration + 1 .. setup.train_iters; returns why it stopped."""
     model.train()
@@ -303,7 +287,7 @@ def _due(iteration: int, interval: int | None) -> bool:
 
 
 def _log_train(logger: MetricsLogger, state: TrainingState, setup: TrainingSetup, meter: _IntervalMeter, lr: float,
-               outcome: StepOutcome, optimizer: MixedPrecisionOptimizer):
+               outcome: StepOutcome, optimizer: TrainingOptimizer):
     elapsed = time.perf_counter() - meter.started
     step_time = elapsed / max(meter.iterations, 1)
     tokens_per_s_per_gpu = setup.global_batch_size * setup.seq_length / step_time / setup.world_size

@@ -2,9 +2,10 @@
 
 `reference_run` trains the tiny model in one process with plain torch (backward on the global batch,
 clip_grad_norm_, AdamW): the numbers every layout must reproduce. `parallel_run` trains the same model
-on the calling gloo rank through DataParallelBuffers and either the distributed optimizer or AdamW on
-the reduced main grads, with gradient accumulation over micro-batches (no_sync on all but the last),
-and records what the tests inspect (losses, norms, collectives in flight, optimizer bytes, checkpoints).
+on the calling gloo rank through DataParallelBuffers, finalize_model_grads and the optimizer that
+optim/builder.py picks for the buffers (distributed or replicated), with gradient accumulation over
+micro-batches (no_sync on all but the last), and records what the tests inspect (losses, norms,
+collectives in flight, optimizer bytes, checkpoints).
 """
 from __future__ import annotations
 
@@ -16,13 +17,11 @@ import torch
 
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.llama import build_model
-from megatron_llama.optim.clip import clip_grads_, global_grad_norm
-from megatron_llama.optim.distributed_optimizer import build_distributed_optimizer, counts_in_grad_norm
-from megatron_llama.optim.mixed_precision import StepOutcome
+from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.optim.optimizer import weight_decay_groups
 from megatron_llama.parallel import comm, state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
-from megatron_llama.parallel.layers import allreduce_sequence_parallel_grads
+from megatron_llama.parallel.grad_finalize import finalize_model_grads
 
 SEED = 1234
 MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -75,24 +74,6 @@ class Layout:
     sequence_parallel: bool = False
 
 
-class _AdamOnMainGrads:
-    """What MixedPrecisionOptimizer does for an fp32 model, over main grads that DataParallelBuffers reduced."""
-
-    def __init__(self, model):
-        self.named = list(model.named_parameters())
-        self.inner = torch.optim.AdamW(weight_decay_groups(self.named, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS)
-        rank = state.get_tensor_model_parallel_rank()
-        self.norm_grads = [param.main_grad for _, param in self.named if counts_in_grad_norm(param, rank)]
-
-    def step(self, lr: float) -> StepOutcome:
-        norm = global_grad_norm(self.norm_grads, state.get_model_parallel_group())
-        clip_grads_([param.main_grad for _, param in self.named], CLIP, norm)
-        for _, param in self.named:
-            param.grad = param.main_grad
-        self.inner.step()
-        return StepOutcome(float(norm), skipped=False)
-
-
 def parallel_run(layout: Layout, steps: int, **options) -> dict:
     """_run_on_this_rank inside the layout's process groups (in a gloo process), or as the single process."""
     if not torch.distributed.is_initialized():
@@ -114,13 +95,11 @@ def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_a
                                   overlap_grad_reduce=layout.overlap_grad_reduce,
                                   use_distributed_optimizer=layout.distributed_optimizer,
                                   overlap_param_gather=layout.overlap_param_gather, reduction=layout.reduction)
-    if layout.distributed_optimizer:
-        optimizer, _ = build_distributed_optimizer(model, buffers, lr=LR, betas=BETAS, eps=EPS,
-                                                   weight_decay=WEIGHT_DECAY, clip_grad=CLIP)
-        if resume is not None:
-            optimizer.load_state_dict(resume[1])
-    else:
-        optimizer = _AdamOnMainGrads(model)
+    optimizer, _ = build_optimizer(model, buffers, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                                   clip_grad=CLIP)
+    if resume is not None:
+        model_state, saved_shards = resume
+        optimizer.load_state_dict(lambda data_rank: saved_shards[data_rank], len(saved_shards), model_state)
     record = {"losses": [], "norms": [], "grad_reductions_in_flight": [], "param_gathers_in_flight": [],
               "buckets": len(buffers.buckets)}
     for step, batch in enumerate(global_batches(steps)[first_step:], start=first_step):
@@ -136,8 +115,7 @@ def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_a
                 (per_token_loss.sum() / denominator).backward()
             record["grad_reductions_in_flight"].append(buffers.grad_reductions_in_flight())
             loss_sum += per_token_loss.detach().sum()
-        buffers.finish_grad_sync()
-        allreduce_sequence_parallel_grads(model)  # after the data-parallel sum: the two sums commute
+        finalize_model_grads(model, buffers)
         record["losses"].append(float(comm.all_reduce(loss_sum, dp_group)) / (GLOBAL_BATCH * SEQ))
         outcome = optimizer.step(LR)
         record["norms"].append(outcome.grad_norm)

@@ -15,9 +15,11 @@ from data_parallel_training import one_intra_op_thread  # noqa: F401 - a fixture
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from megatron_llama.model.llama import build_model
 from megatron_llama.model.stage_model import build_model_chunks
-from megatron_llama.optim.distributed_optimizer import (build_distributed_optimizer, counts_in_grad_norm,
-                                                        reshard_optimizer_state)
+from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.optim.clip import counts_in_grad_norm
+from megatron_llama.optim.distributed_optimizer import reshard_optimizer_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.parallel.grad_finalize import finalize_model_grads
 from megatron_llama.parallel.stages import split_layers
 
 STEPS, SAVED_AFTER = 4, 2
@@ -94,13 +96,13 @@ def test_resharding_without_every_shard_names_the_missing_ranks(checkpoint):
 def test_bf16_model_gets_its_update_rounded_from_fp32_masters():
     model = build_model(MODEL, seed=SEED, dtype=torch.bfloat16)
     buffers = DataParallelBuffers(model, bucket_size=3000, use_distributed_optimizer=True)
-    optimizer, description = build_distributed_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                                                          weight_decay=0.1, clip_grad=1.0)
+    optimizer, description = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                             clip_grad=1.0)
     assert "distributed optimizer" in description
     tokens = torch.randint(0, MODEL.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     optimizer.zero_grad()
     model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
-    buffers.finish_grad_sync()
+    finalize_model_grads(model, buffers)
     assert not optimizer.step(1e-2).skipped
     params = dict(model.named_parameters())
     masters_differ = False
@@ -123,13 +125,13 @@ def test_grad_norm_counts_replicated_and_tied_parameters_once():
     assert counts_in_grad_norm(last_stage.layers["1"].mlp.up.weight, 1)  # split across tensor ranks
 
 
-def test_step_before_the_gradients_are_reduced_asks_for_finish_grad_sync():
+def test_step_before_the_gradients_are_reduced_asks_for_finalize_model_grads():
     model = build_model(MODEL, seed=SEED)
     buffers = DataParallelBuffers(model, bucket_size=3000, use_distributed_optimizer=True)
-    optimizer, _ = build_distributed_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                                               weight_decay=0.1, clip_grad=1.0)
+    optimizer, _ = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                   clip_grad=1.0)
     optimizer.zero_grad()
-    with pytest.raises(RuntimeError, match="finish_grad_sync"):
+    with pytest.raises(RuntimeError, match="finalize_model_grads"):
         optimizer.step(1e-2)
 
 

@@ -13,7 +13,8 @@ from megatron_llama.data.sft_dataset import SFTDataError, SFTDataset
 from megatron_llama.data.tokenizer import build_tokenizer
 from megatron_llama.data_loader import collate
 from megatron_llama.model.llama import build_model
-from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.pretrain import main
 from megatron_llama.training import loss_token_count, train_step
 
@@ -107,11 +108,13 @@ def test_train_step_loss_is_the_masked_mean_cross_entropy_over_the_global_batch(
     config = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                          vocab_size=tokenizer.vocab_size)
     model = build_model(config, seed=7)
-    optimizer, _ = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad=0.0)
+    buffers = DataParallelBuffers(model)
+    optimizer, _ = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                   clip_grad=0.0)
     batches = [(tokens[:2], labels[:2]), (tokens[2:], labels[2:])]  # two micro-batches of unequal response counts
     count = loss_token_count(batches, torch.device("cpu"))
     assert count == int((labels != -100).sum()) < labels.numel()
-    loss, _ = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=count)
+    loss, _ = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=count, buffers=buffers)
 
     with torch.no_grad():
         logits = build_model(config, seed=7)(tokens).float()[..., :tokenizer.vocab_size]  # [b, s, V]

@@ -15,7 +15,8 @@ from megatron_llama.config import ModelConfig
 from megatron_llama.data_loader import PretrainingSampler, collate
 from megatron_llama.model import stage_model
 from megatron_llama.model.llama import build_model
-from megatron_llama.optim.mixed_precision import build_optimizer
+from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.pretrain import main
 from megatron_llama.training import train_step
 
@@ -121,11 +122,13 @@ def test_gradient_accumulation_equals_one_big_batch():
     results = []
     for micro_batch_size in (1, 4):
         model = build_model(config, seed=7)
-        optimizer, _ = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad=0.0)
+        buffers = DataParallelBuffers(model)
+        optimizer, _ = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                       clip_grad=0.0)
         batches = [(tokens[i:i + micro_batch_size], labels[i:i + micro_batch_size])
                    for i in range(0, 4, micro_batch_size)]
-        loss, outcome = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=4 * 16)
-        results.append((loss, outcome.grad_norm, optimizer.grad_buffer.clone()))
+        loss, outcome = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=4 * 16, buffers=buffers)
+        results.append((loss, outcome.grad_norm, buffers.grad_buffer.clone()))
     (loss_a, norm_a, grads_a), (loss_b, norm_b, grads_b) = results
     with torch.no_grad():
         reference = build_model(config, seed=7)(tokens, labels).mean()  # the mean over all 64 tokens

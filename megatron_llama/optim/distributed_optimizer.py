@@ -5,24 +5,24 @@ gradient buffer of parallel/data_parallel.py is cut into buckets padded to a mul
 owns the contiguous shard r of every bucket. A parameter crossing a shard boundary is owned in
 pieces (`ShardPiece`: parameter name and flat element range). One step:
 
-    finish_grad_sync (reduce-scatter)   rank r holds the reduced gradient of its shard of each bucket
-    step(lr)    unscale (fp16) -> global norm over every rank's pieces -> skip on overflow -> clip
-                -> AdamW on the fp32 master pieces -> write them, in the model's dtype, into the
-                parameter shard -> all-gather each bucket (DataParallelBuffers.start_param_sync)
+    finalize_model_grads   reduce-scatter: rank r holds the reduced gradient of its shard of each bucket
+    step(lr)               unscale (fp16) -> global norm over every rank's pieces -> skip on overflow -> clip
+                           -> AdamW on the fp32 master pieces -> write them, in the model's dtype, into the
+                           parameter shard -> all-gather each bucket (DataParallelBuffers.start_param_sync)
 
 Optimizer memory per rank (12 bytes per parameter: master copy, exp_avg, exp_avg_sq) falls as 1/dp.
 
 Checkpoints: `state_dict()` is this rank's shard: its pieces, their master values and per-element
-states as flat fp32 tensors, the scalar states (step) and group settings. `load_state_dict(states)`
-takes the shards saved by ALL data-parallel ranks of the run (any dp; load them with
-`torch.load(path, mmap=True, weights_only=True)` so each rank reads only what it copies) and keeps
-the elements of its own pieces: a run saved at dp=a resumes at dp=b (`reshard_optimizer_state`).
+states as flat fp32 tensors, the scalar states (step) and group settings. `load_state_dict(read_saved_shard,
+saved_data_parallel_size, model_state)` (the interface of optim/base.py) reads the shards saved by ALL
+data-parallel ranks of the run (any dp; memory-mapped, so each rank reads only what it copies) and keeps the
+elements of its own pieces: a run saved at dp=a resumes at dp=b (`reshard_optimizer_state`).
 
-Usage:
+Usage, through optim/builder.py:
     buffers = DataParallelBuffers(model, dp_group, bucket_size=..., use_distributed_optimizer=True)
-    optimizer, description = build_distributed_optimizer(model, buffers, lr=3e-4, betas=(0.9, 0.95),
-                                                          eps=1e-8, weight_decay=0.1, clip_grad=1.0)
-    optimizer.zero_grad(); backward per micro-batch; buffers.finish_grad_sync(); optimizer.step(lr)
+    optimizer, description = build_optimizer(model, buffers, lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+                                             weight_decay=0.1, clip_grad=1.0)
+    optimizer.zero_grad(); backward per micro-batch; finalize_model_grads(model, buffers); optimizer.step(lr)
 """
 from __future__ import annotations
 
@@ -30,13 +30,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megatron_llama.optim.clip import clip_grads_, counts_in_grad_norm, global_grad_norm  # noqa: F401 (re-exported)
-from megatron_llama.optim.mixed_precision import LossScaledOptimizer, StepOutcome
-from megatron_llama.optim.optimizer import build_adamw, excluded_from_weight_decay
-from megatron_llama.parallel import state as parallel_state
+from megatron_llama.optim.base import ShardReader, StepOutcome, TrainingOptimizer
+from megatron_llama.optim.clip import clip_grads_, counts_in_grad_norm, global_grad_norm
+from megatron_llama.optim.optimizer import excluded_from_weight_decay
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 
 STATE_FORMAT = "distributed-optimizer-shard/1"
@@ -69,9 +67,8 @@ def shard_pieces(buffers: DataParallelBuffers, rank: int) -> list[ShardPiece]:
     return pieces
 
 
-class DistributedOptimizer(LossScaledOptimizer):
-    """Same interface as MixedPrecisionOptimizer (zero_grad, scale_loss, step, state_dict, load_state_dict,
-    set_master_params), over this data-parallel rank's shard of the parameters."""
+class DistributedOptimizer(TrainingOptimizer):
+    """The optimizer interface of optim/base.py over this data-parallel rank's shard of the parameters."""
 
     def __init__(self, model: nn.Module, buffers: DataParallelBuffers,
                  build: Callable[[list[dict]], torch.optim.Optimizer], *, weight_decay: float, clip_grad: float,
@@ -79,9 +76,8 @@ class DistributedOptimizer(LossScaledOptimizer):
         if not buffers.use_distributed_optimizer:
             raise ValueError("the distributed optimizer needs DataParallelBuffers(..., use_distributed_optimizer="
                              "True): its gradients must be reduce-scattered and its parameters gathered")
-        self.buffers = buffers
+        super().__init__(buffers, loss_scaler)
         self.clip_grad = clip_grad
-        self.loss_scaler = loss_scaler
         self.norm_group = norm_group
         params_by_name = dict(model.named_parameters())
         self.params_by_name = {name: params_by_name[name] for bucket in buffers.buckets for name in bucket.names}
@@ -111,15 +107,11 @@ class DistributedOptimizer(LossScaledOptimizer):
                                "weight_decay": decay})
         return groups
 
-    def zero_grad(self):
-        self.buffers.zero_grad()
-
     @torch.no_grad()
     def step(self, lr: float) -> StepOutcome:
-        """Update this rank's shard from the reduced gradients (after finish_grad_sync), then gather the params."""
-        if not self.buffers.grads_reduced:
-            raise RuntimeError("optimizer.step() before the gradients were reduced: call finish_grad_sync() on the "
-                               "DataParallelBuffers after the last micro-batch's backward")
+        """Update this rank's shard from the reduced gradients (after finalize_model_grads), then gather the
+        params."""
+        self.require_reduced_grads()
         self.buffers.finish_param_sync()  # the parameter shards are about to be overwritten
         if self.loss_scaler is not None and self.grad_pieces:
             torch._foreach_mul_(self.grad_pieces, 1.0 / self.loss_scaler.scale)
@@ -177,10 +169,13 @@ class DistributedOptimizer(LossScaledOptimizer):
                 "tensors": flat, "scalar_states": scalar_states, "param_groups": groups}
 
     @torch.no_grad()
-    def load_state_dict(self, states: dict | list[dict]):
-        """Restore from the shards of every data-parallel rank of the saved run (any dp; resharded here)."""
-        mine = reshard_optimizer_state(states if isinstance(states, list) else [states],
-                                       [(piece.name, piece.param_start, piece.param_end) for piece in self.pieces])
+    def load_state_dict(self, read_saved_shard: ShardReader, saved_data_parallel_size: int,
+                        model_state: dict[str, torch.Tensor]):
+        """Restore from the shards of every data-parallel rank of the saved run (any dp; resharded here). The
+        master values come from the shards; `model_state` is not needed."""
+        saved = [read_saved_shard(rank) for rank in range(saved_data_parallel_size)]
+        mine = reshard_optimizer_state(saved, [(piece.name, piece.param_start, piece.param_end)
+                                               for piece in self.pieces])
         start_of = dict(zip(map(id, self.master_pieces), _offsets([piece.numel for piece in self.pieces])))
         # torch numbers the parameters of a state dict across its groups in order; its loader then casts every
         # state to its parameter's device and dtype policy.
@@ -272,23 +267,3 @@ def reshard_optimizer_state(saved: list[dict], pieces: list[tuple[str, int, int]
             scalar_states.setdefault(key, value)
     return {"format": STATE_FORMAT, "tensors": out, "scalar_states": scalar_states,
             "param_groups": saved[0]["param_groups"], "pieces": pieces}
-
-
-def build_distributed_optimizer(model: nn.Module, buffers: DataParallelBuffers, *, lr: float,
-                                betas: tuple[float, float], eps: float, weight_decay: float, clip_grad: float,
-                                loss_scaler=None) -> tuple[DistributedOptimizer, str]:
-    """AdamW (optim/optimizer.py) over this rank's shard, and a log line naming the implementation. The gradient
-    norm spans every rank (data-parallel shards x model-parallel groups)."""
-    device = buffers.grad_buffer.device
-    descriptions = []
-
-    def build_inner(groups: list[dict]) -> torch.optim.Optimizer:
-        inner, description = build_adamw(groups, lr=lr, betas=betas, eps=eps, device=device)
-        descriptions.append(description)
-        return inner
-
-    norm_group = dist.group.WORLD if dist.is_initialized() else None
-    optimizer = DistributedOptimizer(model, buffers, build_inner, weight_decay=weight_decay, clip_grad=clip_grad,
-                                     loss_scaler=loss_scaler, norm_group=norm_group,
-                                     tensor_parallel_rank=parallel_state.get_tensor_model_parallel_rank())
-    return optimizer, f"{descriptions[0]}, sharded over {buffers.size} data-parallel ranks (distributed optimizer)"

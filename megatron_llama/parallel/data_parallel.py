@@ -1,6 +1,8 @@
 """Data parallelism: fp32 gradient buffers cut into buckets, reduced across data-parallel ranks behind backward.
 
-Every trainable parameter's `main_grad` (fp32) is a view into one contiguous buffer. Parameters are
+DataParallelBuffers is the one owner of the fp32 main grads at every data-parallel size (dp=1 included:
+no group, nothing communicated); the optimizers (optim/) only read them. Every trainable parameter's
+`main_grad` (fp32) is a view into one contiguous buffer. Parameters are
 laid out in REVERSE order of `model.parameters()`, the order in which backward produces their
 gradients, and the buffer is cut into buckets of about `bucket_size` elements (--ddp-bucket-size;
 None: one bucket), so bucket 0 is complete first.
@@ -30,13 +32,15 @@ asynchronously and a forward pre-hook on each module waits only for the buckets 
 
 Usage (once, before building the optimizer; the model is not wrapped, its parameter names stay):
 
-    buffers = DataParallelBuffers(model, state.get_data_parallel_group(),
-                                  bucket_size=40_000_000, overlap_grad_reduce=True)
-    buffers.zero_grad()
+    buffers = DataParallelBuffers(model, state.get_data_parallel_group(), bucket_size=40_000_000,
+                                  overlap_grad_reduce=True)
+    optimizer, _ = build_optimizer(model, buffers, ...)   # optim/builder.py
+    optimizer.zero_grad()                                 # calls buffers.zero_grad()
     for index, micro_batch in enumerate(micro_batches):
         with buffers.no_sync() if index < len(micro_batches) - 1 else contextlib.nullcontext():
             loss_of(micro_batch).backward()
-    buffers.finish_grad_sync()   # then sequence-parallel / embedding grad sums, then optimizer.step
+    finalize_model_grads(model, buffers)                  # parallel/grad_finalize.py; calls finish_grad_sync()
+    optimizer.step(lr)
 """
 from __future__ import annotations
 
@@ -150,12 +154,12 @@ class DataParallelBuffers:
         self._sync_enabled = True
         self.grads_reduced = False  # finish_grad_sync ran since the last zero_grad
         self._param_gathers: dict[int, object] = {}  # bucket index -> async all-gather in flight
-        self._hooks = [param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
-                       for _, param in named_params]
+        for _, param in named_params:
+            param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
         if overlap_param_gather:
-            self._hooks += [module.register_forward_pre_hook(self._wait_for_params_of)
-                            for module in model.modules()
-                            if any(id(param) in self._bucket_of for param in module.parameters(recurse=False))]
+            for module in model.modules():
+                if any(id(param) in self._bucket_of for param in module.parameters(recurse=False)):
+                    module.register_forward_pre_hook(self._wait_for_params_of)
 
     # ---------------------------------------------------------------- gradients
 
@@ -247,11 +251,6 @@ class DataParallelBuffers:
         start, end = bucket.shard_range(self.rank, self.size)
         return bucket.param_data[start:end]
 
-    def grad_shard(self, bucket: Bucket) -> torch.Tensor:
-        """This rank's shard of the bucket's gradients (reduced there after finish_grad_sync)."""
-        start, end = bucket.shard_range(self.rank, self.size)
-        return bucket.grad_data[start:end]
-
     def start_param_sync(self):
         """All-gather every bucket's parameter shards into every rank's parameters, last bucket first (the order
         forward needs them). Waits for them unless overlap_param_gather (forward pre-hooks wait then)."""
@@ -285,8 +284,3 @@ class DataParallelBuffers:
         first = min(self._bucket_of[id(param)].index for param in module.parameters(recurse=False)
                     if id(param) in self._bucket_of)
         self.finish_param_sync(first)
-
-    def remove_hooks(self):
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []

@@ -153,7 +153,7 @@ def mark_tied_embedding(weight: nn.Parameter, *, is_copy: bool) -> None:
 
 def tied_embedding_weight(model_chunks: list[nn.Module]) -> nn.Parameter | None:
     """The marked embedding weight this rank shares with the other end of the pipeline, or None (untied, pp=1,
-    middle stage)."""
+    middle stage). `model_chunks`: the rank's chunks in order, or a one-element list of a module holding them all."""
     for chunk in (model_chunks[0], model_chunks[-1]):  # only the first and last chunk can hold it
         for param in chunk.parameters():
             if getattr(param, "is_tied_embedding", False):
