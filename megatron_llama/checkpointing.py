@@ -5,7 +5,7 @@ On-disk layout (one folder per saved iteration, one shard file per rank):
     {save}/iter_{iteration:07d}/
         config.json                                the run's configuration (config.RunConfig.to_dict(): model,
                                                    parallel layout with the sizes saved at, training, data, ...)
-        meta.json                                  iteration, consumed_train_samples, scheduler and
+        meta.json                                  iteration, consumed_train_samples, lr-schedule and
                                                    loss-scaler state, "model_only"
         mp_rank_{tp:02d}_{pp:03d}/model.pt               model state-dict shard (plain tensors)
         mp_rank_{tp:02d}_{pp:03d}/optim_dp_{dp:03d}.pt   optimizer shard: fp32 master params + Adam states
@@ -403,7 +403,7 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
-                    consumed_train_samples: int, schedule_state: dict, loss_scaler_state: dict | None,
+                    consumed_train_samples: int, lr_schedule_state: dict, loss_scaler_state: dict | None,
                     layout: ParallelLayout = ParallelLayout.single_process(), barrier=None):
     """Write this rank's shards, then (rank 0, after every rank is done) the configuration, meta and the tracker."""
     folder = iteration_dir(save_dir, iteration)
@@ -420,7 +420,7 @@ def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, op
         atomic_write_json(os.path.join(folder, CONFIG_FILENAME), config.to_dict())
         atomic_write_json(os.path.join(folder, META_FILENAME),
                           dict(iteration=iteration, consumed_train_samples=consumed_train_samples, model_only=False,
-                               schedule=schedule_state, loss_scaler=loss_scaler_state))
+                               lr_schedule=lr_schedule_state, loss_scaler=loss_scaler_state))
         write_tracker(save_dir, iteration)
     if barrier is not None:
         barrier()

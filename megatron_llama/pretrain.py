@@ -58,7 +58,7 @@ from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.state import ParallelLayout
-from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingState, train
+from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingProgress, train
 
 
 def open_tokenizer(config: RunConfig):
@@ -241,22 +241,22 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
     lr_schedule = LearningRateSchedule(max_lr=training.lr, min_lr=training.min_lr,
                                        warmup_iters=training.lr_warmup_iters, decay_iters=training.lr_decay_iters,
                                        decay_style=training.lr_decay_style, warmup_init=training.lr_warmup_init)
-    state = TrainingState()
+    progress = TrainingProgress()
     if resume_from is not None:
         resumed, message = load_checkpoint(checkpoint.load, model=model, optimizer=optimizer, config=config,
                                            layout=layout)
-        state = TrainingState(resumed.iteration, resumed.consumed_train_samples)
+        progress = TrainingProgress(resumed.iteration, resumed.consumed_train_samples)
         if resumed.loss_scaler is not None and optimizer.loss_scaler is not None:
             optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
         logger.print(message)
     train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer)
 
-    def save(current: TrainingState):
+    def save(current: TrainingProgress):
         if config.parallel.use_distributed_optimizer:
             buffers.finish_param_sync()  # an overlapped all-gather of the updated params may still be in flight
         save_checkpoint(checkpoint.save, current.iteration, model=model, optimizer=optimizer, config=config,
                         consumed_train_samples=current.consumed_train_samples,
-                        schedule_state=lr_schedule.state_dict(),
+                        lr_schedule_state=lr_schedule.state_dict(),
                         loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
                         layout=layout, barrier=dist.barrier if config.parallel.world_size > 1 else None)
         logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save}")
@@ -272,7 +272,7 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         data_parallel_size=layout.data_size, buffers=buffers, save=save if checkpoint.save else None,
         stop_requested=stop_flag if checkpoint.exit_signal_handler else None, count_loss_tokens=config.data.sft)
     try:
-        train(model, optimizer, lr_schedule, state, setup, train_dataset, logger, valid_dataset, test_dataset)
+        train(model, optimizer, lr_schedule, progress, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:
         stop_flag.restore()
     return 0

@@ -65,7 +65,7 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class TrainingState:
+class TrainingProgress:
     iteration: int = 0  # optimizer updates done
     consumed_train_samples: int = 0
     skipped_iterations: int = 0  # fp16 overflow steps (counted, never silent)
@@ -91,7 +91,7 @@ class TrainingSetup:
     world_size: int = 1
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
-    save: Callable[[TrainingState], None] | None = None  # writes a checkpoint of the current state
+    save: Callable[[TrainingProgress], None] | None = None  # writes a checkpoint at this progress
     stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
     count_loss_tokens: bool = False  # SFT: divide by the labels that are not IGNORE_INDEX, not by G x seq_length
 
@@ -224,24 +224,25 @@ class _IntervalMeter:
         self.started += time.perf_counter() - since
 
 
-def train(model: nn.Module, optimizer: TrainingOptimizer, schedule: LearningRateSchedule, state: TrainingState,
+def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningRateSchedule,
+          progress: TrainingProgress,
           setup: TrainingSetup, train_dataset, logger: MetricsLogger, valid_dataset=None, test_dataset=None) -> str:
-    """Run iterations state.iteration + 1 .. setup.train_iters; returns why it stopped."""
+    """Run iterations progress.iteration + 1 .. setup.train_iters; returns why it stopped."""
     model.train()
-    sampler = PretrainingSampler(len(train_dataset), state.consumed_train_samples, setup.micro_batch_size,
+    sampler = PretrainingSampler(len(train_dataset), progress.consumed_train_samples, setup.micro_batch_size,
                                  setup.data_parallel_rank, setup.data_parallel_size)
     batches = micro_batches(train_dataset, sampler, setup.device)
     tokens_in_global_batch = setup.global_batch_size * setup.seq_length
     meter = _IntervalMeter()
-    last_saved = state.iteration if state.iteration > 0 else None  # a resumed iteration is already on disk
+    last_saved = progress.iteration if progress.iteration > 0 else None  # a resumed iteration is already on disk
     last_evaluated = None
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     reason = "finished"
-    while state.iteration < setup.train_iters:
-        iteration = state.iteration + 1
+    while progress.iteration < setup.train_iters:
+        iteration = progress.iteration + 1
         step_batches = [next(batches) for _ in range(setup.num_micro_batches)]
-        lr = schedule.lr_at(iteration)
+        lr = lr_schedule.lr_at(iteration)
         if setup.count_loss_tokens:
             tokens_in_global_batch = loss_token_count(step_batches, setup.device)
         loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers)
@@ -249,12 +250,12 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, schedule: LearningRate
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
                                    f"finite; training stopped without saving, the last checkpoint is intact "
                                    f"(lower --lr, raise --lr-warmup-iters or check the data)")
-        state.iteration = iteration
-        state.consumed_train_samples += setup.global_batch_size
-        state.skipped_iterations += int(outcome.skipped)
+        progress.iteration = iteration
+        progress.consumed_train_samples += setup.global_batch_size
+        progress.skipped_iterations += int(outcome.skipped)
         meter.add(loss, outcome.skipped)
         if iteration % setup.log_interval == 0:
-            _log_train(logger, state, setup, meter, lr, outcome, optimizer)
+            _log_train(logger, progress, setup, meter, lr, outcome, optimizer)
             meter.reset()
         if _due(iteration, setup.eval_interval) and setup.eval_iters > 0 and valid_dataset is not None:
             since = time.perf_counter()
@@ -263,7 +264,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, schedule: LearningRate
             meter.exclude(since)
         if setup.save is not None and _due(iteration, setup.save_interval):
             since = time.perf_counter()
-            setup.save(state)
+            setup.save(progress)
             last_saved = iteration
             meter.exclude(since)
         if _due(iteration, setup.exit_interval):
@@ -274,11 +275,11 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, schedule: LearningRate
             break
     if reason == "finished" and setup.eval_iters > 0:
         for kind, dataset in (("valid", valid_dataset), ("test", test_dataset)):
-            if dataset is not None and not (kind == "valid" and last_evaluated == state.iteration):
-                _log_eval(logger, kind, state.iteration, evaluate(model, eval_batches(dataset, setup)))
-    if setup.save is not None and last_saved != state.iteration:
-        setup.save(state)
-    logger.print(f"training stopped at iteration {state.iteration}: {reason}")
+            if dataset is not None and not (kind == "valid" and last_evaluated == progress.iteration):
+                _log_eval(logger, kind, progress.iteration, evaluate(model, eval_batches(dataset, setup)))
+    if setup.save is not None and last_saved != progress.iteration:
+        setup.save(progress)
+    logger.print(f"training stopped at iteration {progress.iteration}: {reason}")
     return reason
 
 
@@ -286,15 +287,15 @@ def _due(iteration: int, interval: int | None) -> bool:
     return bool(interval) and iteration % interval == 0
 
 
-def _log_train(logger: MetricsLogger, state: TrainingState, setup: TrainingSetup, meter: _IntervalMeter, lr: float,
+def _log_train(logger: MetricsLogger, progress: TrainingProgress, setup: TrainingSetup, meter: _IntervalMeter, lr: float,
                outcome: StepOutcome, optimizer: TrainingOptimizer):
     elapsed = time.perf_counter() - meter.started
     step_time = elapsed / max(meter.iterations, 1)
     tokens_per_s_per_gpu = setup.global_batch_size * setup.seq_length / step_time / setup.world_size
     logger.log({
-        "kind": "train", "iteration": state.iteration, "consumed_samples": state.consumed_train_samples,
+        "kind": "train", "iteration": progress.iteration, "consumed_samples": progress.consumed_train_samples,
         "loss": meter.loss_sum / meter.applied if meter.applied else None, "lr": lr, "grad_norm": outcome.grad_norm,
-        "loss_scale": optimizer.loss_scale, "skipped_iterations": state.skipped_iterations,
+        "loss_scale": optimizer.loss_scale, "skipped_iterations": progress.skipped_iterations,
         "step_time_s": step_time, "tokens_per_s_per_gpu": tokens_per_s_per_gpu,
         "mfu": model_flops_utilization(setup.flops_per_token, tokens_per_s_per_gpu),
         "peak_mem_gib": peak_memory_gib(setup.device),

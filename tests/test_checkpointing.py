@@ -77,7 +77,7 @@ def test_trainer_checkpoint_holds_every_part_and_loads_with_weights_only(trained
     folder, saved, meta = open_checkpoint(trained)
     assert folder.endswith("iter_0000002") and meta["iteration"] == 2 and meta["consumed_train_samples"] == 4
     assert saved.model.hidden_size == 32 and saved.training.train_iters == 2
-    assert meta["schedule"]["max_lr"] == 1e-3 and not meta["model_only"]
+    assert meta["lr_schedule"]["max_lr"] == 1e-3 and not meta["model_only"]
     shard = os.path.join(folder, "mp_rank_00_000")
     optimizer_state = torch.load(os.path.join(shard, "optim_dp_000.pt"), weights_only=True)
     assert optimizer_state["optimizer"]["state"]  # Adam moments were saved
