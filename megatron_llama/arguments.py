@@ -201,8 +201,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
 def _section(section, args: argparse.Namespace, **values):
     """A config dataclass from the flags named like its fields (and `values` for the others)."""
     names = {field.name for field in dataclasses.fields(section)}
-    return section(**{name: getattr(args, name) for name in names if name not in values and hasattr(args, name)},
-                   **values)
+    return section(**{name: getattr(args, name) for name in names if name not in values}, **values)
 
 
 def _flag(name: str) -> str:
