@@ -64,6 +64,14 @@ def _sequence_parallel(requested: bool | None) -> bool:
     return bool(enabled) and state.get_tensor_model_parallel_world_size() > 1
 
 
+def enter_column_parallel_region(x: torch.Tensor, sequence_parallel: bool | None = None) -> torch.Tensor:
+    """The input of a column-parallel matmul: all-gathered along s (sequence parallelism; backward reduce-scatters)
+    or copied (the f operator; backward all-reduces). [b, s / tp, in] or [b, s, in] -> [b, s, in]"""
+    if _sequence_parallel(sequence_parallel):
+        return gather_from_sequence_parallel_region(x)
+    return copy_to_tensor_parallel_region(x)
+
+
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                            sequence_parallel: bool | None = None, gather_output: bool = False) -> torch.Tensor:
     """x A^T + b for a weight A whose rows are split across tensor ranks.
@@ -71,10 +79,7 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     x: [b, s, in] (or the sequence shard [b, s / tp, in] with sequence parallelism) -> [b, s, out / tp]
     ([b, s, out] with gather_output). A tied output head calls this with the embedding's weight.
     """
-    if _sequence_parallel(sequence_parallel):
-        x = gather_from_sequence_parallel_region(x)  # [b, s / tp, in] -> [b, s, in]
-    else:
-        x = copy_to_tensor_parallel_region(x)
+    x = enter_column_parallel_region(x, sequence_parallel)  # [b, s, in]
     y = F.linear(x, weight, bias)  # [b, s, out / tp]
     return gather_from_tensor_parallel_region(y) if gather_output else y
 
