@@ -25,6 +25,7 @@ run() {  # name, command...
 
 run ours python3 benchmarks/bench_train_step.py "${SHAPE[@]}" --profile
 run ours_no_fusions python3 benchmarks/bench_train_step.py "${SHAPE[@]}" --no-compile-blocks --unfused-cross-entropy \
+  --no-gradient-accumulation-fusion \
   --profile
 run hf_amp python3 "$HF_BASELINE" "${SHAPE[@]}" --mode amp
 run hf_amp_compile python3 "$HF_BASELINE" "${SHAPE[@]}" --mode amp --compile

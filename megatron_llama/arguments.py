@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--use-stable-embedding", action="store_true",
                        help="LayerNorm right after the token embedding (Open-Llama)")
     model.add_argument("--attention-backend", choices=ATTENTION_BACKENDS)
+    model.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, help="torch.compile the blocks' elementwise regions (default: on CUDA, off on CPU)")
+    model.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction, help="weight-gradient GEMMs accumulate into the fp32 main grads (default: on CUDA, off on CPU)")
 
     train = parser.add_argument_group("training")
     train.add_argument("--micro-batch-size", type=int, required=True)

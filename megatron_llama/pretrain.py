@@ -40,12 +40,14 @@ from megatron_llama.arguments import ArgumentsError, parse_args, stage_split
 from megatron_llama.checkpointing import CheckpointError, ParallelRanks, load_checkpoint, save_checkpoint
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
+from megatron_llama.model.compile import compile_blocks, default_on_cuda
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.distributed_optimizer import build_distributed_optimizer
 from megatron_llama.optim.mixed_precision import build_optimizer
 from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.stages import StageModel, build_model_chunks
@@ -170,13 +172,16 @@ class SignalFlag:
 def build_stage_model(args: argparse.Namespace, device: torch.device):
     """This rank's model chunks (stage split of the flags), with activation recompute applied to each, as one
     StageModel; and the split. Order: parallel layers (built sharded) -> recompute (wraps block forwards) ->
-    data-parallel buffers and optimizer (they take the parameters as they finally are)."""
+    compiled elementwise regions (model/compile.py) and gradient-accumulation fusion (parallel/layers.py), each on
+    CUDA unless --no-compile-blocks / --no-gradient-accumulation-fusion -> data-parallel buffers and optimizer (they take the parameters as they finally are)."""
     from megatron_llama.model.recompute import apply_recompute
 
     split = stage_split(args)
     chunks = build_model_chunks(args.model_config, args.seed, split, device=device, dtype=args.params_dtype)
     for chunk in chunks:
         apply_recompute(chunk, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+        compile_blocks(chunk, default_on_cuda(args.compile_blocks, device))
+        set_gradient_accumulation_fusion(chunk, default_on_cuda(args.gradient_accumulation_fusion, device))
     return StageModel(chunks), split
 
 

@@ -93,6 +93,7 @@ def compile_blocks(model: nn.Module, enabled: bool = True) -> None:
     model.kernels = compiled_kernels() if enabled else EAGER_KERNELS
 
 
-def compile_blocks_by_default(requested: bool | None, device: torch.device) -> bool:
-    """--compile-blocks / --no-compile-blocks as given, else on for CUDA and off elsewhere."""
+def default_on_cuda(requested: bool | None, device: torch.device) -> bool:
+    """A --X / --no-X switch of the fusions (--compile-blocks, --gradient-accumulation-fusion) as given, else on
+    for CUDA and off elsewhere."""
     return requested if requested is not None else torch.device(device).type == "cuda"

@@ -27,6 +27,7 @@ from torch import nn
 from megatron_llama.optim.clip import clip_grads_, counts_in_grad_norm, global_grad_norm
 from megatron_llama.optim.optimizer import build_adamw, weight_decay_groups
 from megatron_llama.parallel import state as parallel_state
+from megatron_llama.parallel.layers import accumulate_grad_into_main_grad
 
 
 @dataclass
@@ -79,7 +80,7 @@ class MixedPrecisionOptimizer(LossScaledOptimizer):
             for _, param in self.named_model_params:
                 param.main_grad = self.grad_buffer[offset:offset + param.numel()].view_as(param)
                 offset += param.numel()
-                self._hooks.append(param.register_post_accumulate_grad_hook(_accumulate_into_main_grad))
+                self._hooks.append(param.register_post_accumulate_grad_hook(accumulate_grad_into_main_grad))
         else:
             self.grad_buffer = grad_buffers.grad_buffer
         for name, param in self.named_model_params:
@@ -151,11 +152,6 @@ class MixedPrecisionOptimizer(LossScaledOptimizer):
             master.copy_(values[name])
             if master is not param:
                 param.copy_(master)
-
-
-def _accumulate_into_main_grad(param: torch.Tensor):
-    param.main_grad.add_(param.grad)
-    param.grad = None
 
 
 def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
