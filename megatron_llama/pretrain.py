@@ -181,6 +181,7 @@ def build_stage_model(args: argparse.Namespace, device: torch.device):
     for chunk in chunks:
         apply_recompute(chunk, args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
         compile_blocks(chunk, default_on_cuda(args.compile_blocks, device))
+        chunk.fuse_cross_entropy = default_on_cuda(None, device)
         set_gradient_accumulation_fusion(chunk, default_on_cuda(args.gradient_accumulation_fusion, device))
     return StageModel(chunks), split
 

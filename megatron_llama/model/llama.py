@@ -19,10 +19,10 @@ Usage:
     compile_blocks(model)                  # model/compile.py: fused elementwise kernels (CUDA default)
 
 The elementwise work between the matmuls (norms, residual adds, rotary, SwiGLU, the cross entropy's
-softmax) goes through `model.kernels` (model/compile.py: eager, or torch.compile'd regions). With labels
-the output head and the cross entropy run fused over chunks of tokens
-(parallel/fused_cross_entropy.py), never materialising the logits in fp32; `fuse_cross_entropy = False`
-computes the logits first and calls vocab_parallel_cross_entropy (the reference path, for debugging).
+softmax) goes through `model.kernels` (model/compile.py: eager, or torch.compile'd regions). With labels and
+`fuse_cross_entropy = True` (pretrain.py sets it on CUDA) the output head and the cross entropy run fused over
+chunks of tokens (parallel/fused_cross_entropy.py), never materialising the logits in fp32; otherwise the
+logits come first and vocab_parallel_cross_entropy follows (the reference path).
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ class LlamaModel(nn.Module):
                              f"{config.num_layers} layers (--num-layers)")
         self.config, self.pre_process, self.post_process = config, pre_process, post_process
         self.kernels = EAGER_KERNELS  # model/compile.compile_blocks swaps in the compiled ones
-        self.fuse_cross_entropy = True
+        self.fuse_cross_entropy = False
         self.layer_range = (first, last)
         self.tied_output = not config.untie_embeddings_and_output_weights
         padded_vocab = config.padded_vocab_size(state.get_tensor_model_parallel_world_size())
