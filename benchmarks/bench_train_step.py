@@ -4,7 +4,13 @@ The step is exactly the trainer's (megatron_llama.training.train_step): bf16 mod
 main grads accumulated over the micro-batches, fp32 master params in AdamW (apex FusedAdam when it
 imports, else torch's fused AdamW), global-norm clipping, on random tokens. MFU = tokens/s/GPU x
 ModelConfig.flops_per_token(seq) / 989e12 (docs/performance.md). The RESULT line has the fields of
-shared/bench/hf_baseline.py, so run both in one command on one GPU and compare:
+shared/bench/hf_baseline.py, so run both in one command on one GPU and compare. The fusions of the trainer are
+on by default on CUDA: compiled elementwise regions (model/compile.py) and the fused output head + cross
+entropy (parallel/fused_cross_entropy.py), gradient-accumulation fusion (parallel/layers.py);
+--no-compile-blocks, --unfused-cross-entropy and --no-gradient-accumulation-fusion turn them off. Before timing,
+on CUDA, a check runs one sequence through the model with each fusion alone, all, and none, and through an fp32
+copy (no TF32): the fused loss's and grads' errors against fp32 may not exceed ERROR_GROWTH_TOLERANCE x the
+eager bf16 model's. --profile adds a breakdown of one step's GPU time by kernel kind.
 
     python benchmarks/bench_train_step.py --layers 8 --seq 2048 --mbs 4 --accum 4      # ours
     python ../shared/bench/hf_baseline.py --layers 8 --seq 2048 --mbs 4 --accum 4      # Hugging Face
@@ -18,16 +24,20 @@ CPU smoke test (fp32):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import time
 
 import torch
 
 from megatron_llama.config import ModelConfig
 from megatron_llama.metrics import model_flops_utilization, peak_memory_gib
+from megatron_llama.model.compile import compile_blocks, default_on_cuda
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
 from megatron_llama.training import train_step
 
 
@@ -47,7 +57,93 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="model weights (CPU: always fp32)")
     parser.add_argument("--attention-backend", choices=("sdpa", "xformers", "eager"), default="sdpa")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction,
+                        help="compiled elementwise regions (default: on CUDA only)")
+    parser.add_argument("--unfused-cross-entropy", action="store_true",
+                        help="materialise the logits, then vocab_parallel_cross_entropy (the reference path)")
+    parser.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction,
+                        help="weight-gradient GEMMs accumulate into the fp32 main grads (default: on CUDA only)")
+    parser.add_argument("--profile", action="store_true", help="GPU time of one step by kernel kind")
     return parser.parse_args(argv)
+
+
+ERROR_GROWTH_TOLERANCE = 1.25  # the fused model's error against fp32 may exceed the eager model's by this factor
+
+
+KERNEL_KINDS = (  # first match wins; names of cuBLAS / cuDNN / flash / inductor / torch kernels on Hopper
+    ("attention", r"flash|fmha|attention|cudnn|sdpa"),
+    ("matmul", r"gemm|nvjet|xmma|cutlass|splitk"),
+    ("optimizer", r"adam|multi_tensor|foreach|norm_kernel|lpnorm"),
+    ("compiled elementwise", r"^triton_"),
+    ("communication", r"nccl"),
+    ("other elementwise / copies", r""),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next(kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE))
+
+
+def profile_step(step) -> None:
+    """One step under torch.profiler: GPU milliseconds per kernel kind and the 25 most costly kernels."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        step()
+        torch.cuda.synchronize()
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_kind[kernel_kind(event.name)] += event.device_time_total / 1e3
+            by_name[event.name[:90]] += event.device_time_total / 1e3
+    total = sum(by_kind.values())
+    print(f"PROFILE total GPU {total:.1f} ms per step")
+    for kind, ms in by_kind.most_common():
+        print(f"PROFILE {kind:28s} {ms:8.1f} ms {100 * ms / total:5.1f}%")
+    for name, ms in by_name.most_common(25):
+        print(f"PROFILE   {ms:8.1f} ms  {name}")
+
+
+def set_fusions(model, compiled: bool, fused_cross_entropy: bool, grad_accumulation_fusion: bool) -> None:
+    compile_blocks(model, enabled=compiled)
+    model.fuse_cross_entropy = fused_cross_entropy
+    set_gradient_accumulation_fusion(model, grad_accumulation_fusion)
+
+
+def loss_and_grads(model, optimizer, batch) -> tuple[float, torch.Tensor]:
+    """Mean loss of one micro-batch and the fp32 gradients of every parameter (main grads, else .grad)."""
+    if optimizer is not None:
+        optimizer.zero_grad()
+    loss = model(*batch).float().mean()
+    loss.backward()
+    grads = torch.cat([(param.main_grad if optimizer is not None else param.grad).float().flatten()
+                       for param in model.parameters()])
+    return float(loss), grads
+
+
+def check_fused_against_eager(model, optimizer, config, batch, fusions: tuple[bool, bool, bool]) -> None:
+    """Loss and grads of one micro-batch, each fusion alone, all of them, and none, against an fp32 copy of the
+    model (no TF32): the fused model's error may not exceed ERROR_GROWTH_TOLERANCE x the eager model's."""
+    reference = build_model(config, seed=0, device=batch[0].device, dtype=torch.float32)
+    reference.load_state_dict(model.state_dict())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref_loss, ref_grads = loss_and_grads(reference, None, batch)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    del reference
+    names = ("compiled blocks", "fused cross entropy", "grad-accumulation fusion")
+    variants = {"eager": (False, False, False), "all fusions": fusions}
+    variants.update({name: tuple(i == index for i in range(3)) for index, name in enumerate(names) if fusions[index]})
+    errors = {}
+    for name, switches in variants.items():
+        set_fusions(model, *switches)
+        loss, grads = loss_and_grads(model, optimizer, batch)
+        errors[name] = (abs(loss - ref_loss) / ref_loss, float((grads - ref_grads).norm() / ref_grads.norm()))
+        print(f"CHECK {name:26s} loss {loss:.6f} (fp32 {ref_loss:.6f}, relative error {errors[name][0]:.1e}); "
+              f"grads relative L2 error {errors[name][1]:.2e}", flush=True)
+    set_fusions(model, *fusions)
+    allowed = [ERROR_GROWTH_TOLERANCE * error + 1e-6 for error in errors["eager"]]
+    if not all(error <= limit for error, limit in zip(errors["all fusions"], allowed)):
+        raise SystemExit(f"CHECK FAILED: fused errors {errors['all fusions']} exceed {ERROR_GROWTH_TOLERANCE} x "
+                         f"the eager model's {errors['eager']}")
+    print(f"CHECK passed: fused errors within {ERROR_GROWTH_TOLERANCE} x the eager bf16 model's", flush=True)
 
 
 def main(argv=None):
@@ -64,6 +160,9 @@ def main(argv=None):
                          max_position_embeddings=args.seq, attention_backend=args.attention_backend)
     model = build_model(config, seed=0, device=device, dtype=dtype)
     model.train()
+    fusions = (default_on_cuda(args.compile_blocks, device), not args.unfused_cross_entropy,
+               default_on_cuda(args.gradient_accumulation_fusion, device))
+    set_fusions(model, *fusions)
     buffers = DataParallelBuffers(model)  # dp=1: the fp32 main grads, nothing communicated
     optimizer, description = build_optimizer(model, buffers, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                              clip_grad=1.0)
@@ -80,6 +179,9 @@ def main(argv=None):
                              buffers=buffers)
         return loss
 
+    if device.type == "cuda" and any(fusions):
+        text = torch.randint(0, args.vocab, (1, args.seq + 1), device=device, generator=generator)
+        check_fused_against_eager(model, optimizer, config, (text[:, :-1], text[:, 1:]), fusions)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -93,7 +195,10 @@ def main(argv=None):
     step_s = (time.perf_counter() - started) / args.steps
     tokens_per_s = tokens_in_step / step_s
     flops_per_token = config.flops_per_token(args.seq)
+    if args.profile and device.type == "cuda":
+        profile_step(step)
     result = dict(impl="megatron_llama", mode=str(dtype).replace("torch.", ""), attention=args.attention_backend,
+                  compile_blocks=fusions[0], fused_cross_entropy=fusions[1], grad_accumulation_fusion=fusions[2],
                   optimizer=description.removeprefix("optimizer: "), layers=args.layers, seq=args.seq,
                   mbs=args.mbs, accum=args.accum, params=sum(param.numel() for param in model.parameters()),
                   step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s),

@@ -51,6 +51,7 @@ from megatron_llama.config import (PRESETS, CheckpointConfig, DataConfig, Loggin
 from megatron_llama.data.blended_dataset import parse_data_path
 from megatron_llama.data.gpt_dataset import parse_split
 from megatron_llama.model.attention import ATTENTION_BACKENDS
+from megatron_llama.model.compile import default_on_cuda
 from megatron_llama.optim.lr_schedule import DECAY_STYLES
 from megatron_llama.parallel.pipeline import check_micro_batch_count
 
@@ -115,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: cuda when available, else cpu")
+
+    fusion = parser.add_argument_group("fused kernels (each on by default on CUDA, off on CPU; --no-X turns it off)")
+    fusion.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the blocks' elementwise regions (norms, rotary, SwiGLU, residual adds)")
+    fusion.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
+                        help="output head and vocab-parallel cross entropy over chunks of tokens, no fp32 logits")
+    fusion.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction,
+                        help="weight-gradient GEMMs accumulate straight into the fp32 main grads")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", nargs="*", help="PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (blended)")
@@ -269,7 +278,9 @@ def _training_config(args: argparse.Namespace, notes: list[str]) -> TrainingConf
     if device == "cpu" and precision != "fp32":
         notes.append(f"--{precision} ignored: a CPU run trains in fp32 (mixed precision is for GPUs)")
         precision = "fp32"
-    return _section(TrainingConfig, args, device=device, precision=precision)
+    fusions = {name: default_on_cuda(getattr(args, name), device)
+               for name in ("compile_blocks", "cross_entropy_loss_fusion", "gradient_accumulation_fusion")}
+    return _section(TrainingConfig, args, device=device, precision=precision, **fusions)
 
 
 def _check_tokenizer_flags(args: argparse.Namespace):

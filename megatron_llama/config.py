@@ -225,6 +225,12 @@ class TrainingConfig:
     """Seed of the weights' initialisation, the data order and dropout-free randomness."""
     device: str = "cpu"
     """cpu or cuda (resolved from --device auto when the arguments are parsed)."""
+    compile_blocks: bool = False
+    """torch.compile the blocks' elementwise regions (model/compile.py); --compile-blocks, on by default on CUDA."""
+    cross_entropy_loss_fusion: bool = False
+    """Output head + vocab-parallel cross entropy over chunks of tokens (parallel/fused_cross_entropy.py)."""
+    gradient_accumulation_fusion: bool = False
+    """Weight-gradient GEMMs accumulate straight into the fp32 main grads (parallel/layers.py)."""
     recompute_granularity: str | None = None
     """full: recompute whole blocks in backward; selective: only the attention core; None: keep activations."""
     recompute_method: str | None = None

@@ -47,6 +47,7 @@ from megatron_llama.data.sft_dataset import build_sft_datasets
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
+from megatron_llama.model.compile import compile_blocks
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.model.recompute import apply_recompute
 from megatron_llama.model.stage_model import StageModel, build_model_chunks
@@ -55,6 +56,7 @@ from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.state import ParallelLayout
@@ -186,13 +188,19 @@ class SignalFlag:
 def build_stage_model(config: RunConfig, device: torch.device):
     """This rank's model chunks (the configuration's stage split), with activation recompute applied to each, as one
     StageModel; and the split. Order: parallel layers (built sharded) -> recompute (wraps block forwards) ->
-    data-parallel buffers and optimizer (they take the parameters as they finally are)."""
+    compiled elementwise regions (model/compile.py), the fused output head + cross entropy
+    (parallel/fused_cross_entropy.py) and gradient-accumulation fusion (parallel/layers.py), as the configuration
+    says (on CUDA by default) -> data-parallel buffers and optimizer (they take the parameters as they finally
+    are)."""
     training = config.training
     split = config.stage_split()
     chunks = build_model_chunks(config.model, training.seed, split, device=device, dtype=training.params_dtype)
     for chunk in chunks:
         apply_recompute(chunk, training.recompute_granularity, training.recompute_method,
                         training.recompute_num_layers)
+        compile_blocks(chunk, training.compile_blocks)
+        chunk.fuse_cross_entropy = training.cross_entropy_loss_fusion
+        set_gradient_accumulation_fusion(chunk, training.gradient_accumulation_fusion)
     return StageModel(chunks), split
 
 

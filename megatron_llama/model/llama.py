@@ -16,22 +16,31 @@ Usage:
     model = build_model(model_config_from_preset("tiny"), seed=1234)
     logits = model(input_ids)              # [b, s] -> [b, s, padded_vocab]
     loss = model(input_ids, labels)        # per-token loss [b, s], fp32
+    compile_blocks(model)                  # model/compile.py: fused elementwise kernels (CUDA default)
+
+The elementwise work between the matmuls (norms, residual adds, rotary, SwiGLU, the cross entropy's
+softmax) goes through `model.kernels` (model/compile.py: eager, or torch.compile'd regions). With labels and
+`fuse_cross_entropy = True` (pretrain.py sets it on CUDA) the output head and the cross entropy run fused over
+chunks of tokens (parallel/fused_cross_entropy.py), never materialising the logits in fp32; otherwise the
+logits come first and vocab_parallel_cross_entropy follows (the reference path).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.attention import get_core_attention
-from megatron_llama.model.rotary import RotaryEmbedding, apply_rotary
+from megatron_llama.model.compile import EAGER_KERNELS, ElementwiseKernels, rms_norm
+from megatron_llama.model.rotary import RotaryEmbedding
 from megatron_llama.parallel import state
 from megatron_llama.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_llama.parallel.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron_llama.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                            column_parallel_linear, initialize_parameters)
+                                            column_parallel_linear, enter_column_parallel_region,
+                                            initialize_parameters)
 
 
 class RMSNorm(nn.Module):
@@ -43,9 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def output_projection_std(config: ModelConfig) -> float:
@@ -82,17 +89,16 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(heads * d, config.hidden_size, init_std=output_projection_std(config))
         self.core_attention = CoreAttention(config.attention_backend)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, kernels: ElementwiseKernels) -> torch.Tensor:
         # x: [b, s, h], or the sequence shard [b, s/tp, h] that the column-parallel qkv all-gathers.
         qkv = self.qkv(x)  # [b, s, local (heads + 2 groups) * d]
         b, s, _ = qkv.shape
         cos, sin = rotary(s, qkv.device, qkv.dtype)  # [s, d/2] each
         # -1 is the number of LOCAL groups: all of them at tp=1, groups/tp on each tensor rank.
         qkv = qkv.view(b, s, -1, self.q_heads_per_group + 2, self.head_dim)  # [b, s, groups, q/g + 2, d]
-        q, k, v = qkv.split([self.q_heads_per_group, 1, 1], dim=3)  # views; backward is one cat
-        q = apply_rotary(q, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, q_heads, d], contiguous
-        k = apply_rotary(k, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d], contiguous
-        v = v.squeeze(3)  # [b, s, kv_heads, d], strided view of qkv
+        # q [b, s, q_heads, d], k [b, s, kv_heads, d], both rotated and contiguous
+        q, k = kernels.rotate_queries_and_keys(qkv, cos, sin, self.q_heads_per_group)
+        v = qkv[:, :, :, -1]  # [b, s, kv_heads, d], strided view of qkv
         out = self.core_attention(q, k, v)  # [b, s, q_heads, d]
         return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h] (or [b, s/tp, h])
 
@@ -107,8 +113,8 @@ class SwiGLUMLP(nn.Module):
         self.up = ColumnParallelLinear(h, ffn, init_std=config.init_method_std)
         self.down = RowParallelLinear(ffn, h, init_std=output_projection_std(config))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))  # [b, s, h] -> [b, s, ffn] -> [b, s, h]
+    def forward(self, x: torch.Tensor, kernels: ElementwiseKernels) -> torch.Tensor:
+        return self.down(kernels.swiglu(self.gate(x), self.up(x)))  # [b, s, h] -> [b, s, ffn] -> [b, s, h]
 
 
 class TransformerBlock(nn.Module):
@@ -119,9 +125,12 @@ class TransformerBlock(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_epsilon)
         self.mlp = SwiGLUMLP(config)
 
-    def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
-        hidden = hidden + self.attention(self.input_norm(hidden), rotary)
-        return hidden + self.mlp(self.post_attention_norm(hidden))
+    def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding,
+                kernels: ElementwiseKernels = EAGER_KERNELS) -> torch.Tensor:
+        normed = kernels.rms_norm(hidden, self.input_norm.weight, self.input_norm.eps)
+        hidden, normed = kernels.add_rms_norm(hidden, self.attention(normed, rotary, kernels),
+                                              self.post_attention_norm.weight, self.post_attention_norm.eps)
+        return hidden + self.mlp(normed, kernels)
 
 
 class LlamaModel(nn.Module):
@@ -147,6 +156,8 @@ class LlamaModel(nn.Module):
             raise ValueError(f"layer_range ({first}, {last}) must lie within the model's "
                              f"{config.num_layers} layers (--num-layers)")
         self.config, self.pre_process, self.post_process = config, pre_process, post_process
+        self.kernels = EAGER_KERNELS  # model/compile.compile_blocks swaps in the compiled ones
+        self.fuse_cross_entropy = False
         self.layer_range = (first, last)
         self.tied_output = not config.untie_embeddings_and_output_weights
         padded_vocab = config.padded_vocab_size(tensor_parallel_size)
@@ -171,12 +182,17 @@ class LlamaModel(nn.Module):
         else:
             hidden = input_ids  # hidden states [b, s, h] from the previous pipeline stage
         for block in self.layers.values():
-            hidden = block(hidden, self.rotary)
+            hidden = block(hidden, self.rotary, self.kernels)
         if not self.post_process:
             return hidden
-        hidden = self.final_norm(hidden)
+        hidden = self.kernels.rms_norm(hidden, self.final_norm.weight, self.final_norm.eps)
+        # Tied head: the embedding's vocabulary rows act as a column-parallel linear's weight.
+        head = self.embedding if self.tied_output else self.output
+        if labels is not None and self.fuse_cross_entropy:
+            hidden = enter_column_parallel_region(hidden, head.sequence_parallel)  # [b, s, h] on every tensor rank
+            return fused_vocab_parallel_cross_entropy(hidden, head.weight, labels, self.config.vocab_size,
+                                                      kernels=self.kernels)  # [b, s] fp32
         if self.tied_output:
-            # Tied head: the embedding's vocabulary rows act as a column-parallel linear's weight.
             logits = column_parallel_linear(hidden, self.embedding.weight)  # [b, s, h] -> [b, s, padded_vocab]
         else:
             logits = self.output(hidden)  # [b, s, h] -> [b, s, padded_vocab]

@@ -8,8 +8,8 @@ gradients, and the buffer is cut into buckets of about `bucket_size` elements (-
 None: one bucket), so bucket 0 is complete first.
 
 A post-accumulate-grad hook adds each micro-batch's `param.grad` into `param.main_grad` and frees
-`param.grad`. Outside `no_sync()` (the last micro-batch of a step) the hook also marks the parameter
-ready; with `overlap_grad_reduce` a bucket whose parameters are all ready starts its collective at
+`param.grad` (with gradient-accumulation fusion, parallel/layers.py, the linear backward has added it
+already). Outside `no_sync()` (the last micro-batch of a step) the hook also marks the parameter ready; with `overlap_grad_reduce` a bucket whose parameters are all ready starts its collective at
 once, asynchronously, so communication runs behind the rest of backward. `finish_grad_sync()` starts
 what has not started (every bucket, without overlap: one collective per bucket after backward) and
 waits for all of it. Gradient accumulation therefore communicates once per step.
@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_llama.parallel import comm
+from megatron_llama.parallel.layers import accumulate_grad_into_main_grad
 
 REDUCTIONS = ("mean", "sum")
 
@@ -198,8 +199,7 @@ class DataParallelBuffers:
         if self.grads_reduced:
             raise RuntimeError("a backward pass after finish_grad_sync(): call zero_grad() before the next step's "
                                "first backward")
-        param.main_grad.add_(param.grad)
-        param.grad = None
+        accumulate_grad_into_main_grad(param)
         if not self._sync_enabled:
             return
         bucket = self._bucket_of[id(param)]

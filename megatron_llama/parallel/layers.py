@@ -19,6 +19,14 @@ parameter that is not split across tensor ranks (norm weights, row-parallel bias
 sees only its rank's tokens, so its gradient is a partial sum:
 `allreduce_sequence_parallel_grads(model)` completes it after backward.
 
+Gradient-accumulation fusion (Megatron's --gradient-accumulation-fusion; `set_gradient_accumulation_fusion`):
+a linear layer whose weight has an fp32 `main_grad` adds its weight gradient straight into it (one GEMM
+accumulating in fp32, torch.addmm with out_dtype on CUDA) instead of writing a model-dtype `.grad` that the
+post-accumulate-grad hook then adds. It still hands autograd an uninitialised placeholder gradient so the hook
+(`accumulate_grad_into_main_grad`, called by the main-grad owners) fires and marks the parameter ready; the
+flag `grad_added_to_main_grad` tells the hook the sum is already done. A weight used twice in one graph (a tied
+embedding) is never fused: the placeholder would be summed with a real gradient.
+
 Layout-independent initialisation (`initialize_parameters`): a weight with `init_std` is
 drawn in blocks of INIT_BLOCK_ROWS rows of its full (unpartitioned) shape, each block from
 a generator seeded by (seed, parameter name, block index); the rank keeps its slice along
@@ -64,6 +72,14 @@ def _sequence_parallel(requested: bool | None) -> bool:
     return bool(enabled) and state.get_tensor_model_parallel_world_size() > 1
 
 
+def enter_column_parallel_region(x: torch.Tensor, sequence_parallel: bool | None = None) -> torch.Tensor:
+    """The input of a column-parallel matmul: all-gathered along s (sequence parallelism; backward reduce-scatters)
+    or copied (the f operator; backward all-reduces). [b, s / tp, in] or [b, s, in] -> [b, s, in]"""
+    if _sequence_parallel(sequence_parallel):
+        return gather_from_sequence_parallel_region(x)
+    return copy_to_tensor_parallel_region(x)
+
+
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                            sequence_parallel: bool | None = None, gather_output: bool = False) -> torch.Tensor:
     """x A^T + b for a weight A whose rows are split across tensor ranks.
@@ -71,10 +87,7 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     x: [b, s, in] (or the sequence shard [b, s / tp, in] with sequence parallelism) -> [b, s, out / tp]
     ([b, s, out] with gather_output). A tied output head calls this with the embedding's weight.
     """
-    if _sequence_parallel(sequence_parallel):
-        x = gather_from_sequence_parallel_region(x)  # [b, s / tp, in] -> [b, s, in]
-    else:
-        x = copy_to_tensor_parallel_region(x)
+    x = enter_column_parallel_region(x, sequence_parallel)  # [b, s, in]
     y = F.linear(x, weight, bias)  # [b, s, out / tp]
     return gather_from_tensor_parallel_region(y) if gather_output else y
 
@@ -87,11 +100,15 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.input_size, self.output_size, self.gather_output = input_size, output_size, gather_output
         self.sequence_parallel = _sequence_parallel(sequence_parallel)
+        self.gradient_accumulation_fusion = False
         local_out = _local_size(output_size, "ColumnParallelLinear output size")
         self.weight = _mark(nn.Parameter(torch.empty(local_out, input_size)), 0, (output_size, input_size), init_std)
         self.bias = _mark(nn.Parameter(torch.zeros(local_out)), 0, (output_size,), None) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_accumulation_fusion and self.bias is None:
+            y = linear_into_main_grad(enter_column_parallel_region(x, self.sequence_parallel), self.weight)
+            return gather_from_tensor_parallel_region(y) if self.gather_output else y
         return column_parallel_linear(x, self.weight, self.bias, sequence_parallel=self.sequence_parallel,
                                       gather_output=self.gather_output)
 
@@ -105,6 +122,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.input_size, self.output_size, self.input_is_parallel = input_size, output_size, input_is_parallel
         self.sequence_parallel = _sequence_parallel(sequence_parallel)
+        self.gradient_accumulation_fusion = False
         if self.sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear with sequence parallelism needs input_is_parallel=True "
                              "(its input must already be split along the hidden dimension)")
@@ -116,7 +134,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x)  # [.., in] -> [.., in / tp]
-        partial = F.linear(x, self.weight)  # [b, s, out], a partial sum over tensor ranks
+        linear = linear_into_main_grad if self.gradient_accumulation_fusion else F.linear
+        partial = linear(x, self.weight)  # [b, s, out], a partial sum over tensor ranks
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial)  # [b, s, out] -> [b, s / tp, out]
         else:
@@ -152,6 +171,51 @@ class VocabParallelEmbedding(nn.Module):
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(partial)  # [b, s, h] -> [b, s / tp, h]
         return reduce_from_tensor_parallel_region(partial)
+
+
+class _LinearIntoMainGrad(torch.autograd.Function):
+    """y = x W^T whose backward adds dL/dW into W.main_grad (fp32) itself (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # [tokens, out], [tokens, in]
+        main_grad = weight.main_grad  # [out, in] += grad^T x
+        if main_grad.dtype == grad.dtype:
+            main_grad.addmm_(grad_2d.t(), x_2d)
+        else:
+            torch.addmm(main_grad, grad_2d.t(), x_2d, out_dtype=main_grad.dtype, out=main_grad)
+        weight.grad_added_to_main_grad = True
+        return grad_x, torch.empty_like(weight)  # placeholder: only the main-grad hook sees it, and ignores it
+
+
+def linear_into_main_grad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T with gradient-accumulation fusion where W has a main_grad (else plain F.linear). [.., in] -> [.., out]"""
+    if getattr(weight, "main_grad", None) is None or not torch.is_grad_enabled():
+        return F.linear(x, weight)
+    return _LinearIntoMainGrad.apply(x, weight)
+
+
+def accumulate_grad_into_main_grad(param: nn.Parameter) -> None:
+    """The post-accumulate-grad hook's work: main_grad += grad (unless a fused linear backward added it already);
+    frees param.grad."""
+    if not getattr(param, "grad_added_to_main_grad", False):
+        param.main_grad.add_(param.grad)
+    param.grad_added_to_main_grad = False
+    param.grad = None
+
+
+def set_gradient_accumulation_fusion(model: nn.Module, enabled: bool) -> None:
+    """Turn gradient-accumulation fusion on or off for every Column/RowParallelLinear of `model` (off when built)."""
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.gradient_accumulation_fusion = enabled
 
 
 def is_tensor_parallel_replicated(param: nn.Parameter) -> bool:
