@@ -4,7 +4,7 @@ The step is exactly the trainer's (megatron_llama.training.train_step): bf16 mod
 main grads accumulated over the micro-batches, fp32 master params in AdamW (apex FusedAdam when it
 imports, else torch's fused AdamW), global-norm clipping, on random tokens. MFU = tokens/s/GPU x
 ModelConfig.flops_per_token(seq) / 989e12 (docs/performance.md). The RESULT line has the fields of
-shared/bench/hf_baseline.py, so run both in one command on one GPU and compare. The fusions of the trainer are
+benchmarks/hf_baseline.py (the Hugging Face reference), so run both in one command on one GPU and compare. The fusions of the trainer are
 on by default on CUDA: compiled elementwise regions (model/compile.py) and the fused output head + cross
 entropy (parallel/fused_cross_entropy.py), gradient-accumulation fusion (parallel/layers.py);
 --no-compile-blocks, --unfused-cross-entropy and --no-gradient-accumulation-fusion turn them off. Before timing,
@@ -13,7 +13,7 @@ copy (no TF32): the fused loss's and grads' errors against fp32 may not exceed E
 eager bf16 model's. --profile adds a breakdown of one step's GPU time by kernel kind.
 
     python benchmarks/bench_train_step.py --layers 8 --seq 2048 --mbs 4 --accum 4      # ours
-    python ../shared/bench/hf_baseline.py --layers 8 --seq 2048 --mbs 4 --accum 4      # Hugging Face
+    python benchmarks/hf_baseline.py --layers 8 --seq 2048 --mbs 4 --accum 4      # Hugging Face
 
 Defaults are the standard shape: 8 layers of Llama-2-7B dimensions (hidden 4096, ffn 11008, 32 heads,
 vocab 32000), seq 2048, micro-batch 4, 4 micro-batches per step, bf16, sdpa attention.

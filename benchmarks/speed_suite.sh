@@ -2,14 +2,14 @@
 # The standard-shape comparison on one GPU, in one command: our training step with and without fusions, and
 # Hugging Face's best modes (benchmarks/RESULTS_speed.md holds a run's table).
 #
-#   HF_BASELINE=../shared/bench/hf_baseline.py bash benchmarks/speed_suite.sh LOG_DIR
+#   bash benchmarks/speed_suite.sh LOG_DIR      # HF_BASELINE=path runs another reference script
 #
 # Needs liger-kernel importable for the last Hugging Face mode. Each run's output goes to LOG_DIR/NAME.log; the
 # RESULT lines are collected in LOG_DIR/results.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:?usage: speed_suite.sh LOG_DIR}
-HF_BASELINE=${HF_BASELINE:-../shared/bench/hf_baseline.py}
+HF_BASELINE=${HF_BASELINE:-benchmarks/hf_baseline.py}
 SHAPE=(--layers 8 --seq 2048 --mbs 4 --accum 4)
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1

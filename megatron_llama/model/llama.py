@@ -27,6 +27,7 @@ logits come first and vocab_parallel_cross_entropy follows (the reference path).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -51,8 +52,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, norm: Callable = rms_norm) -> torch.Tensor:
+        """`norm`: the eager function, or its compiled region (model/compile.py)."""
+        return norm(x, self.weight, self.eps)
 
 
 def output_projection_std(config: ModelConfig) -> float:
@@ -127,7 +129,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding,
                 kernels: ElementwiseKernels = EAGER_KERNELS) -> torch.Tensor:
-        normed = kernels.rms_norm(hidden, self.input_norm.weight, self.input_norm.eps)
+        normed = self.input_norm(hidden, kernels.rms_norm)
         hidden, normed = kernels.add_rms_norm(hidden, self.attention(normed, rotary, kernels),
                                               self.post_attention_norm.weight, self.post_attention_norm.eps)
         return hidden + self.mlp(normed, kernels)
@@ -185,7 +187,7 @@ class LlamaModel(nn.Module):
             hidden = block(hidden, self.rotary, self.kernels)
         if not self.post_process:
             return hidden
-        hidden = self.kernels.rms_norm(hidden, self.final_norm.weight, self.final_norm.eps)
+        hidden = self.final_norm(hidden, self.kernels.rms_norm)
         # Tied head: the embedding's vocabulary rows act as a column-parallel linear's weight.
         head = self.embedding if self.tied_output else self.output
         if labels is not None and self.fuse_cross_entropy:
