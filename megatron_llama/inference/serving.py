@@ -44,7 +44,7 @@ class ServingEngine:
     def __init__(self, generator: Generator):
         self.generator = generator
         layout = state.current_layout()
-        self.group, self.leader_rank = layout.tensor_group, layout.tensor_ranks()[0]
+        self.group, self.leader_rank = layout.tensor_group, layout.tensor_ranks[0]
         self.is_leader = layout.tensor_rank == 0
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._lead, name="generation", daemon=True)
