@@ -40,8 +40,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy", "sentencepiece", "zstandard", "safetensors", "tokenizers", "protobuf"],
     extras_require={
-        "test": ["pytest", "transformers", "tokenizers", "tensorboard"],
+        "serve": ["fastapi", "uvicorn"],
+        "test": ["pytest", "transformers", "tokenizers", "tensorboard", "fastapi", "uvicorn", "openai"],
     },
+    package_data={"megatron_llama.inference": ["chat_page.html"]},
     ext_modules=helper_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_llama.config import ModelConfig
+from megatron_llama.data.chat_template import DEFAULT_CHAT_TEMPLATE, get_chat_template
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -320,9 +321,10 @@ def load_hf_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
 
 def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
                        dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                       tokenizer=None) -> None:
+                       tokenizer=None, chat_template: str = DEFAULT_CHAT_TEMPLATE) -> None:
     """Write a folder LlamaForCausalLM.from_pretrained loads: config.json, generation_config.json, weights,
-    and the tokenizer files when `tokenizer` (megatron_llama.data.tokenizer.Tokenizer) is given.
+    and the tokenizer files when `tokenizer` (megatron_llama.data.tokenizer.Tokenizer) is given, their
+    tokenizer_config.json carrying the named chat template (data/chat_template.py) for apply_chat_template.
 
     dtype None keeps the checkpoint's dtype. Written into a temporary folder renamed at the end, so
     `folder` never holds half an export; it must not exist yet or be empty.
@@ -347,6 +349,9 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
     _write_json(partial / "generation_config.json", {"_from_model_config": True, **generation})
     if tokenizer is not None:
         tokenizer.save_hf_files(str(partial))
+        tokenizer_config = json.loads((partial / "tokenizer_config.json").read_text())
+        tokenizer_config["chat_template"] = get_chat_template(chat_template).jinja()
+        _write_json(partial / "tokenizer_config.json", tokenizer_config)
     if folder.exists():
         folder.rmdir()
     os.replace(partial, folder)

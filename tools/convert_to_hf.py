@@ -2,12 +2,13 @@
 
     python tools/convert_to_hf.py --load checkpoints/run1 --save hf/run1 \
         [--iteration 2000] [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB] \
-        [--tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/]
+        [--tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/] [--chat-template openllama|llama2|chatml]
 
 Reads any tensor/pipeline layout (merged by checkpointing.read_model_checkpoint); default iteration:
 the latest. Writes config.json, generation_config.json, model.safetensors (or shards plus
 model.safetensors.index.json above --max-shard-size) and the tokenizer files of the tokenizer the
-checkpoint was trained with (or the one given here). The folder loads with
+checkpoint was trained with (or the one given here), with the chat template (default openllama) that
+tokenizer.apply_chat_template renders. The folder loads with
 transformers.LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained. Models with
 Open-Llama's stable embedding are refused: Hugging Face Llama has no LayerNorm after the embedding.
 """
@@ -21,6 +22,7 @@ import torch
 
 from megatron_llama.checkpointing import CheckpointError, read_model_checkpoint
 from megatron_llama.config import DataConfig
+from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_llama.hf_conversion import DEFAULT_MAX_SHARD_SIZE, ConversionError, check_exportable, save_hf_checkpoint
 
@@ -39,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
                         help="overrides the tokenizer recorded in the checkpoint's configuration")
     parser.add_argument("--tokenizer-model", help="tokenizer file or folder (with --tokenizer-type)")
+    parser.add_argument("--chat-template", choices=list(CHAT_TEMPLATES), default=DEFAULT_CHAT_TEMPLATE,
+                        help="the conversation format written as the tokenizer's chat_template")
     return parser.parse_args(argv)
 
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = load_tokenizer(args, run_config.data, config.vocab_size)
         dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
         save_hf_checkpoint(args.save, config, state_dict, dtype=dtype, max_shard_size=args.max_shard_size,
-                           tokenizer=tokenizer)
+                           tokenizer=tokenizer, chat_template=args.chat_template)
     except (CheckpointError, ConversionError, TokenizerError) as error:
         sys.exit(f"convert_to_hf: error: {error}")
     print(f"convert_to_hf: wrote {args.save} ({config.num_layers} layers, hidden {config.hidden_size}, "

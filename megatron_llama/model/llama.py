@@ -104,6 +104,19 @@ class SelfAttention(nn.Module):
         out = self.core_attention(q, k, v)  # [b, s, q_heads, d]
         return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h] (or [b, s/tp, h])
 
+    def forward_with_cache(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Inference: forward at each sequence's own positions (cos/sin [b, s, d/2]); `attend` (one layer of
+        megatron_llama.inference.kv_cache.KVCache) stores k, v in the cache and attends over every cached slot."""
+        qkv = self.qkv(x)  # [b, s, h] -> [b, s, local (heads + 2 groups) * d]
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, -1, self.q_heads_per_group + 2, self.head_dim)  # [b, s, groups, q/g + 2, d]
+        q, k, v = qkv.split([self.q_heads_per_group, 1, 1], dim=3)
+        q = apply_rotary(q, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, q_heads, d]
+        k = apply_rotary(k, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d]
+        out = attend(q, k, v.squeeze(3))  # [b, s, q_heads, d]
+        return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h]
+
 
 class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
@@ -133,6 +146,11 @@ class TransformerBlock(nn.Module):
         hidden, normed = kernels.add_rms_norm(hidden, self.attention(normed, rotary, kernels),
                                               self.post_attention_norm.weight, self.post_attention_norm.eps)
         return hidden + self.mlp(normed, kernels)
+
+    def forward_with_cache(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """Inference: forward with the attention over a KV cache (SelfAttention.forward_with_cache)."""
+        hidden = hidden + self.attention.forward_with_cache(self.input_norm(hidden), cos, sin, attend)
+        return hidden + self.mlp(self.post_attention_norm(hidden))
 
 
 class LlamaModel(nn.Module):
@@ -201,6 +219,29 @@ class LlamaModel(nn.Module):
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)  # [b, s] fp32
+
+    def forward_with_cache(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
+                           last_position_only: bool = False) -> torch.Tensor:
+        """Inference (megatron_llama.inference): token ids [b, s] at rotary positions position_ids [b, s]; each
+        block stores its keys and values in `cache.layer(index)` (inference.kv_cache.KVCache) and attends over
+        every cached slot. Returns this tensor rank's logits [b, s, padded_vocab / tp] ([b, 1, ..] for the last
+        position only). The whole model only: pipeline stages decode nothing."""
+        if not (self.pre_process and self.post_process):
+            raise ValueError("KV-cache inference runs the whole model in one pipeline stage; load the model with "
+                             "pipeline-parallel size 1")
+        hidden = self.embedding(input_ids)  # [b, s] -> [b, s, h]
+        if self.config.use_stable_embedding:
+            hidden = self.embedding_norm(hidden)
+        cos, sin = self.rotary(cache.max_length, hidden.device, hidden.dtype)  # [max_length, d/2]
+        cos, sin = cos[position_ids], sin[position_ids]  # [b, s, d/2]
+        for index, block in self.layers.items():
+            hidden = block.forward_with_cache(hidden, cos, sin, cache.layer(int(index)))
+        if last_position_only:
+            hidden = hidden[:, -1:]  # [b, s, h] -> [b, 1, h]
+        hidden = self.final_norm(hidden)
+        if self.tied_output:
+            return column_parallel_linear(hidden, self.embedding.weight)  # [b, s, h] -> [b, s, padded_vocab / tp]
+        return self.output(hidden)  # [b, s, h] -> [b, s, padded_vocab / tp]
 
 
 def build_model(config: ModelConfig, seed: int, *, device: torch.device | str | None = None,

@@ -47,12 +47,13 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [b, s, *heads, d] by cos/sin [s, d/2]; returns a new contiguous tensor of x's shape.
+    """Rotate x [b, s, *heads, d] by cos/sin [s, d/2] (every sequence at positions 0..s-1), or by cos/sin
+    [b, s, d/2] (each sequence at its own positions: KV-cache decoding); returns a new contiguous tensor of x's shape.
 
     With x = (x1, x2) split in halves: (x1 cos - x2 sin, x2 cos + x1 sin), which equals
     x * cat(cos, cos) + rotate_half(x) * cat(sin, sin) without materialising rotate_half.
     """
-    broadcast_shape = (cos.shape[0],) + (1,) * (x.dim() - 3) + (cos.shape[1],)  # [s, 1.., d/2]
+    broadcast_shape = cos.shape[:-1] + (1,) * (x.dim() - 3) + cos.shape[-1:]  # [(b,) s, 1.., d/2]
     cos, sin = cos.view(broadcast_shape), sin.view(broadcast_shape)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -58,3 +58,16 @@ def reduce_scatter_along(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     reduced = torch.empty((front.shape[0] // size,) + tuple(front.shape[1:]), dtype=front.dtype, device=front.device)
     reduce_scatter_flat(reduced, front, group=group)  # [n / size, ...]
     return reduced.movedim(0, dim)
+
+
+def broadcast_object(value, source_rank: int, group):
+    """`value` of global rank `source_rank` on every member of `group` (any picklable object; others pass None).
+
+    For control messages, not activations: the inference server sends each request from the rank that speaks HTTP.
+    """
+    if group_size(group) == 1:
+        return value
+    holder = [value]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    dist.broadcast_object_list(holder, src=source_rank, group=group, device=device)
+    return holder[0]

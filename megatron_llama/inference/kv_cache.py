@@ -1,0 +1,113 @@
+"""A preallocated key/value cache for incremental decoding, and the masked attention over it.
+
+The cache holds `max_length` SLOTS per sequence and layer. Prompts are left-padded to one length, so at every
+step all rows write the same slots (prefill: slots 0..L-1, then one slot per decode step) and one slot index
+serves the batch, which lets a CUDA graph replay a decode step. `valid` marks the slots that hold real tokens;
+a query attends to the valid slots at or before its own (padding is never seen). A row's rotary position is its
+count of real tokens before the slot (the generator's position_ids), so padding never shifts positions.
+
+    cache = KVCache.for_model(model.config, batch=4, max_length=256, device=..., dtype=...)
+    cache.begin_step(real_tokens)                              # [b, s] bool: which new tokens are not padding
+    logits = model.forward_with_cache(ids, position_ids, cache)  # each layer: cache.layer(i)(q, k, v)
+
+Static mode (`use_static_step_buffers`, for CUDA graphs): every decode step attends over all `max_length` slots through
+a mask held in a fixed buffer, so the step's tensors never change shape or address; unwritten slots stay masked.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_llama.config import ModelConfig
+from megatron_llama.model.attention import _SDPA_HAS_ENABLE_GQA, repeat_kv
+from megatron_llama.parallel import state
+
+
+class KVCache:
+    """Keys and values [b, max_length, local kv heads, d] per layer, the valid-slot map and this step's mask."""
+
+    def __init__(self, num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, *,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch, max_length, kv_heads, head_dim)
+        # Zeros, not empty: masked slots are multiplied by zero weights, and 0 * NaN would poison the output.
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.valid = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
+        self.batch, self.max_length, self.length = batch, max_length, 0
+        self.step_slots = torch.zeros(0, dtype=torch.long, device=device)  # [s]: the slots this step writes
+        self.step_mask = torch.zeros(batch, 1, 0, 0, dtype=torch.bool, device=device)  # [b, 1, s, span]
+        self.static_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, mask) of static mode
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, batch: int, max_length: int, *, device, dtype) -> KVCache:
+        """A cache for this tensor rank's share of the key/value heads of `config`'s model."""
+        kv_heads = config.kv_heads // state.get_tensor_model_parallel_world_size()
+        return cls(config.num_layers, batch, max_length, kv_heads, config.head_dim, device=device, dtype=dtype)
+
+    def reset(self) -> None:
+        """Forget every cached token (the buffers keep their memory and addresses)."""
+        self.valid.zero_()
+        self.length = 0
+
+    def use_static_step_buffers(self, step_length: int = 1) -> None:
+        """Static mode: steps of `step_length` tokens (the decode steps) attend over all slots through fixed mask
+        and slot buffers; steps of other lengths (the prefill) still attend over the written slots only."""
+        device = self.valid.device
+        self.static_buffers = (torch.zeros(step_length, dtype=torch.long, device=device),
+                               torch.zeros(self.batch, 1, step_length, self.max_length, dtype=torch.bool, device=device))
+
+    def begin_step(self, real_tokens: torch.Tensor) -> None:
+        """Reserve the next s slots for a step of s tokens; real_tokens [b, s] is False at padding."""
+        steps = real_tokens.shape[1]
+        if self.length + steps > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} tokens per sequence; {self.length} are used and "
+                             f"{steps} more do not fit (raise the generation's maximum length)")
+        device = self.valid.device
+        first, end = self.length, self.length + steps
+        self.valid[:, first:end] = real_tokens
+        static = self.static_buffers is not None and self.static_buffers[0].shape[0] == steps
+        span = self.max_length if static else end
+        query_slots = torch.arange(first, end, device=device)[:, None]  # [s, 1]
+        key_slots = torch.arange(span, device=device)[None, :]  # [1, span]
+        visible = self.valid[:, None, :span] & (key_slots <= query_slots)  # [b, s, span]
+        # A padding query sees only itself, so no row of the softmax is empty (an empty row would give NaN).
+        mask = (visible | (key_slots == query_slots)).unsqueeze(1)  # [b, 1, s, span]
+        if static:
+            self.step_slots, self.step_mask = self.static_buffers
+            self.step_slots.copy_(query_slots.view(-1))
+            self.step_mask.copy_(mask)
+        else:
+            self.step_slots, self.step_mask = query_slots.view(-1), mask
+        self.length = end
+
+    def layer(self, index: int) -> CachedAttention:
+        return CachedAttention(self, index)
+
+
+class CachedAttention:
+    """One layer's view of the cache: store this step's k, v in their slots, attend q over the visible slots."""
+
+    def __init__(self, cache: KVCache, index: int):
+        self.cache, self.index = cache, index
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        keys, values = cache.keys[self.index], cache.values[self.index]
+        keys.index_copy_(1, cache.step_slots, k)  # k, v: [b, s, kv_heads, d] into slots [b, max_length, ...]
+        values.index_copy_(1, cache.step_slots, v)
+        span = cache.step_mask.shape[-1]
+        return masked_attention(q, keys[:, :span], values[:, :span], cache.step_mask)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) where mask) v: q [b, s, q_heads, d], k/v [b, span, kv_heads, d], mask [b, 1, s, span]
+    (True: attend) -> [b, s, q_heads, d]. Grouped-query: query head j reads key/value head j // (q_heads / kv_heads)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s or span, d]
+    repeats = q.shape[1] // k.shape[1]
+    if repeats == 1:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    elif _SDPA_HAS_ENABLE_GQA:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats), attn_mask=mask)
+    return out.transpose(1, 2)  # [b, heads, s, d] -> [b, s, heads, d]
