@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_llama.config import ModelConfig
-from megatron_llama.model.attention import _SDPA_HAS_ENABLE_GQA, repeat_kv
+from megatron_llama.model.attention import SDPA_HAS_ENABLE_GQA, repeat_kv
 from megatron_llama.parallel import state
 
 
@@ -106,7 +106,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     repeats = q.shape[1] // k.shape[1]
     if repeats == 1:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    elif _SDPA_HAS_ENABLE_GQA:
+    elif SDPA_HAS_ENABLE_GQA:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats), attn_mask=mask)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 # torch >= 2.5 lets sdpa read grouped key/value heads directly; torch 2.4 needs them repeated.
-_SDPA_HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+SDPA_HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class AttentionBackendError(RuntimeError):
@@ -44,7 +44,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     repeats = q.shape[1] // k.shape[1]
     if repeats == 1:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    elif _SDPA_HAS_ENABLE_GQA:
+    elif SDPA_HAS_ENABLE_GQA:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats), is_causal=True)

@@ -93,29 +93,31 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, kernels: ElementwiseKernels) -> torch.Tensor:
         # x: [b, s, h], or the sequence shard [b, s/tp, h] that the column-parallel qkv all-gathers.
+        qkv = self._grouped_qkv(x)
+        cos, sin = rotary(qkv.shape[1], qkv.device, qkv.dtype)  # [s, d/2] each
+        return self._attend(qkv, cos, sin, self.core_attention, kernels)
+
+    def forward_with_cache(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                           kernels: ElementwiseKernels = EAGER_KERNELS) -> torch.Tensor:
+        """Inference: forward at each sequence's own positions (cos/sin [b, s, d/2]); `attend` (one layer of
+        megatron_llama.inference.kv_cache.KVCache) stores k, v in the cache and attends over every cached slot."""
+        return self._attend(self._grouped_qkv(x), cos, sin, attend, kernels)
+
+    def _grouped_qkv(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, local (heads + 2 groups) * d]
         b, s, _ = qkv.shape
-        cos, sin = rotary(s, qkv.device, qkv.dtype)  # [s, d/2] each
         # -1 is the number of LOCAL groups: all of them at tp=1, groups/tp on each tensor rank.
-        qkv = qkv.view(b, s, -1, self.q_heads_per_group + 2, self.head_dim)  # [b, s, groups, q/g + 2, d]
+        return qkv.view(b, s, -1, self.q_heads_per_group + 2, self.head_dim)  # [b, s, groups, q/g + 2, d]
+
+    def _attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Callable,
+                kernels: ElementwiseKernels) -> torch.Tensor:
+        b, s = qkv.shape[:2]
         # q [b, s, q_heads, d], k [b, s, kv_heads, d], both rotated and contiguous
         q, k = kernels.rotate_queries_and_keys(qkv, cos, sin, self.q_heads_per_group)
         v = qkv[:, :, :, -1]  # [b, s, kv_heads, d], strided view of qkv
-        out = self.core_attention(q, k, v)  # [b, s, q_heads, d]
+        out = attention(q, k, v)  # [b, s, q_heads, d]
         return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h] (or [b, s/tp, h])
-
-    def forward_with_cache(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Inference: forward at each sequence's own positions (cos/sin [b, s, d/2]); `attend` (one layer of
-        megatron_llama.inference.kv_cache.KVCache) stores k, v in the cache and attends over every cached slot."""
-        qkv = self.qkv(x)  # [b, s, h] -> [b, s, local (heads + 2 groups) * d]
-        b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, -1, self.q_heads_per_group + 2, self.head_dim)  # [b, s, groups, q/g + 2, d]
-        q, k, v = qkv.split([self.q_heads_per_group, 1, 1], dim=3)
-        q = apply_rotary(q, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, q_heads, d]
-        k = apply_rotary(k, cos, sin).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d]
-        out = attend(q, k, v.squeeze(3))  # [b, s, q_heads, d]
-        return self.dense(out.reshape(b, s, -1))  # [b, s, q_heads * d] -> [b, s, h]
 
 
 class SwiGLUMLP(nn.Module):
@@ -142,15 +144,19 @@ class TransformerBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding,
                 kernels: ElementwiseKernels = EAGER_KERNELS) -> torch.Tensor:
-        normed = self.input_norm(hidden, kernels.rms_norm)
-        hidden, normed = kernels.add_rms_norm(hidden, self.attention(normed, rotary, kernels),
-                                              self.post_attention_norm.weight, self.post_attention_norm.eps)
-        return hidden + self.mlp(normed, kernels)
+        return self._around_attention(hidden, lambda normed: self.attention(normed, rotary, kernels), kernels)
 
-    def forward_with_cache(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    def forward_with_cache(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
+                           kernels: ElementwiseKernels = EAGER_KERNELS) -> torch.Tensor:
         """Inference: forward with the attention over a KV cache (SelfAttention.forward_with_cache)."""
-        hidden = hidden + self.attention.forward_with_cache(self.input_norm(hidden), cos, sin, attend)
-        return hidden + self.mlp(self.post_attention_norm(hidden))
+        return self._around_attention(
+            hidden, lambda normed: self.attention.forward_with_cache(normed, cos, sin, attend, kernels), kernels)
+
+    def _around_attention(self, hidden: torch.Tensor, attention: Callable, kernels: ElementwiseKernels):
+        normed = self.input_norm(hidden, kernels.rms_norm)
+        hidden, normed = kernels.add_rms_norm(hidden, attention(normed), self.post_attention_norm.weight,
+                                              self.post_attention_norm.eps)
+        return hidden + self.mlp(normed, kernels)
 
 
 class LlamaModel(nn.Module):
@@ -195,27 +201,19 @@ class LlamaModel(nn.Module):
                 self.output = ColumnParallelLinear(h, padded_vocab, init_std=config.init_method_std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.pre_process:
-            hidden = self.embedding(input_ids)  # [b, s] -> [b, s, h]
-            if self.config.use_stable_embedding:
-                hidden = self.embedding_norm(hidden)
-        else:
-            hidden = input_ids  # hidden states [b, s, h] from the previous pipeline stage
+        # token ids [b, s] -> [b, s, h], or hidden states [b, s, h] from the previous pipeline stage
+        hidden = self._embed(input_ids) if self.pre_process else input_ids
         for block in self.layers.values():
             hidden = block(hidden, self.rotary, self.kernels)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden, self.kernels.rms_norm)
-        # Tied head: the embedding's vocabulary rows act as a column-parallel linear's weight.
         head = self.embedding if self.tied_output else self.output
         if labels is not None and self.fuse_cross_entropy:
             hidden = enter_column_parallel_region(hidden, head.sequence_parallel)  # [b, s, h] on every tensor rank
             return fused_vocab_parallel_cross_entropy(hidden, head.weight, labels, self.config.vocab_size,
                                                       kernels=self.kernels)  # [b, s] fp32
-        if self.tied_output:
-            logits = column_parallel_linear(hidden, self.embedding.weight)  # [b, s, h] -> [b, s, padded_vocab]
-        else:
-            logits = self.output(hidden)  # [b, s, h] -> [b, s, padded_vocab]
+        logits = self._logits(hidden)
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)  # [b, s] fp32
@@ -229,19 +227,24 @@ class LlamaModel(nn.Module):
         if not (self.pre_process and self.post_process):
             raise ValueError("KV-cache inference runs the whole model in one pipeline stage; load the model with "
                              "pipeline-parallel size 1")
-        hidden = self.embedding(input_ids)  # [b, s] -> [b, s, h]
-        if self.config.use_stable_embedding:
-            hidden = self.embedding_norm(hidden)
+        hidden = self._embed(input_ids)
         cos, sin = self.rotary(cache.max_length, hidden.device, hidden.dtype)  # [max_length, d/2]
         cos, sin = cos[position_ids], sin[position_ids]  # [b, s, d/2]
         for index, block in self.layers.items():
-            hidden = block.forward_with_cache(hidden, cos, sin, cache.layer(int(index)))
+            hidden = block.forward_with_cache(hidden, cos, sin, cache.layer(int(index)), self.kernels)
         if last_position_only:
             hidden = hidden[:, -1:]  # [b, s, h] -> [b, 1, h]
-        hidden = self.final_norm(hidden)
-        if self.tied_output:
-            return column_parallel_linear(hidden, self.embedding.weight)  # [b, s, h] -> [b, s, padded_vocab / tp]
-        return self.output(hidden)  # [b, s, h] -> [b, s, padded_vocab / tp]
+        return self._logits(self.final_norm(hidden, self.kernels.rms_norm))
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(input_ids)  # [b, s] -> [b, s, h]
+        return self.embedding_norm(hidden) if self.config.use_stable_embedding else hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This tensor rank's logits: [b, s, h] -> [b, s, padded_vocab / tp]."""
+        if self.tied_output:  # the embedding's vocabulary rows act as a column-parallel linear's weight
+            return column_parallel_linear(hidden, self.embedding.weight)
+        return self.output(hidden)
 
 
 def build_model(config: ModelConfig, seed: int, *, device: torch.device | str | None = None,
