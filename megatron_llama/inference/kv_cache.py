@@ -16,10 +16,9 @@ a mask held in a fixed buffer, so the step's tensors never change shape or addre
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megatron_llama.config import ModelConfig
-from megatron_llama.model.attention import SDPA_HAS_ENABLE_GQA, repeat_kv
+from megatron_llama.model.attention import grouped_sdpa
 from megatron_llama.parallel import state
 
 
@@ -102,12 +101,4 @@ class CachedAttention:
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) where mask) v: q [b, s, q_heads, d], k/v [b, span, kv_heads, d], mask [b, 1, s, span]
     (True: attend) -> [b, s, q_heads, d]. Grouped-query: query head j reads key/value head j // (q_heads / kv_heads)."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s or span, d]
-    repeats = q.shape[1] // k.shape[1]
-    if repeats == 1:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    elif SDPA_HAS_ENABLE_GQA:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    else:
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats), attn_mask=mask)
-    return out.transpose(1, 2)  # [b, heads, s, d] -> [b, s, heads, d]
+    return grouped_sdpa(q, k, v, attn_mask=mask)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 # torch >= 2.5 lets sdpa read grouped key/value heads directly; torch 2.4 needs them repeated.
-SDPA_HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+_SDPA_HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class AttentionBackendError(RuntimeError):
@@ -37,18 +37,24 @@ def repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv_heads, repeats, s, d).reshape(b, kv_heads * repeats, s, d)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> torch.Tensor:
+    """torch's scaled_dot_product_attention on [b, s, heads, d] tensors whose key/value heads serve groups of query
+    heads; `mask` is SDPA's own (is_causal=True, or attn_mask=[b, 1, s, span] True where attended)."""
     # [b, s, heads, d] -> [b, heads, s, d] as strided views, no copies: the fused kernels read
     # this layout directly (last dimension contiguous) and return [b, s, heads, d] memory.
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     repeats = q.shape[1] // k.shape[1]
     if repeats == 1:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    elif SDPA_HAS_ENABLE_GQA:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, **mask)
+    elif _SDPA_HAS_ENABLE_GQA:
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **mask)
     else:
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats), is_causal=True)
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats), **mask)
     return out.transpose(1, 2)  # [b, heads, s, d] -> [b, s, heads, d]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return grouped_sdpa(q, k, v, is_causal=True)
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
