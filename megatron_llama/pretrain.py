@@ -24,8 +24,10 @@ Any layout: torchrun --nproc_per_node 8 -m megatron_llama.pretrain --tensor-mode
 
 `python -m megatron_llama.pretrain --help` lists every flag (arguments.py). Exit status: 0 when
 training finished or exited on request (--exit-interval, SIGTERM with --exit-signal-handler), 1 when
-it diverged (NaN/Inf), 2 for bad arguments or a bad checkpoint. `main(argv)` is callable in-process,
-also inside an already started default process group (it then builds only the model-parallel groups).
+it diverged (NaN/Inf), 2 for bad arguments or a bad checkpoint, 3 (EXIT_BAD_DATA) for bad data: token files,
+SFT records or an index cache that cannot be used (data.errors.DataError, one line naming the file).
+`main(argv)` is callable in-process, also inside an already started default process group (it then builds only
+the model-parallel groups).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from megatron_llama.checkpointing import (CheckpointError, check_resumable, load
                                           open_checkpoint, save_checkpoint)
 from megatron_llama.config import RunConfig
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets
+from megatron_llama.data.errors import DataError
 from megatron_llama.data.sft_dataset import build_sft_datasets
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_llama.data_loader import MockGPTDataset
@@ -61,6 +64,8 @@ from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingProgress, train
+
+EXIT_BAD_DATA = 3  # the exit status of a DataError; the others are listed in the module docstring
 
 
 def open_tokenizer(config: RunConfig):
@@ -100,14 +105,14 @@ def find_resume_checkpoint(config: RunConfig, notes: list[str]) -> str | None:
     return folder
 
 
-def build_datasets(config: RunConfig, tokenizer):
-    """(train, valid, test) datasets holding at least the samples this run asks of each."""
+def build_datasets(config: RunConfig, tokenizer, log):
+    """(train, valid, test) datasets holding at least the samples this run asks of each; `log` prints a line."""
     training, data = config.training, config.data
     train_samples = training.train_iters * training.global_batch_size
     eval_samples = config.logging.eval_iters * training.global_batch_size
     if data.sft:
         return build_sft_datasets(data.train_data_path[0], data.valid_data_path[0] if data.valid_data_path else None,
-                                  tokenizer, training.seq_length, (train_samples, eval_samples), training.seed)
+                                  tokenizer, training.seq_length, (train_samples, eval_samples), training.seed, log)
     if data.mock_data:
         vocab = config.model.vocab_size
         return (MockGPTDataset(train_samples, training.seq_length, vocab, training.seed),
@@ -117,7 +122,7 @@ def build_datasets(config: RunConfig, tokenizer):
         data_path=data.data_path or None, split=data.split, seq_length=training.seq_length, seed=training.seed,
         num_samples=(train_samples, eval_samples, eval_samples), cache_path=data.data_cache_path,
         train_data_path=data.train_data_path, valid_data_path=data.valid_data_path,
-        test_data_path=data.test_data_path)
+        test_data_path=data.test_data_path, vocab_size=config.model.vocab_size)
 
 
 def build_loss_scaler(config: RunConfig):
@@ -257,7 +262,7 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         if resumed.loss_scaler is not None and optimizer.loss_scaler is not None:
             optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
         logger.print(message)
-    train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer)
+    train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer, logger.print)
 
     def save(current: TrainingProgress):
         if config.parallel.use_distributed_optimizer:
@@ -314,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
         print(f"error: {where}{error}", file=sys.stderr)
         return 2
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_DATA
     finally:
         logger.close()
         shutdown_distributed(started)

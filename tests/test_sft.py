@@ -83,18 +83,30 @@ def test_messages_record_learns_only_the_assistant_turns(tmp_path, tokenizer):
     assert not sample["loss_mask"][len(expected):].any()
 
 
-def test_long_record_is_truncated_to_seq_length_plus_one(tmp_path, tokenizer):
+def test_record_longer_than_seq_length_plus_one_is_left_out_and_counted_never_cut(tmp_path, tokenizer):
+    records = [{"prompt": "Hi", "response": "moon light " * 100}, {"prompt": "Hi", "response": "moon"},
+               {"prompt": "word " * 200, "response": "a"}]
+    dataset = SFTDataset(write_jsonl(tmp_path / "long.jsonl", records), tokenizer, SEQ_LENGTH, num_samples=3, seed=0)
+    assert len(dataset.records) == 1 and dataset.too_long == 2
+    for index in range(3):  # every sample is the short record, whole: its EOD is there and learned
+        sample = dataset[index]
+        assert sample["text"].shape == sample["loss_mask"].shape == (SEQ_LENGTH + 1,)
+        end = sample["loss_mask"].nonzero()[0][-1]
+        assert sample["text"][end] == tokenizer.eod
+    assert "2 longer than --seq-length + 1 tokens left out" in dataset.describe()
+    assert f"--seq-length {dataset.longest - 1} would keep them" in dataset.describe()
+
+
+def test_file_whose_every_record_is_too_long_says_to_raise_seq_length(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi", "response": "moon light " * 100}])
-    sample = SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=3, seed=0)[2]
-    assert sample["text"].shape == sample["loss_mask"].shape == (SEQ_LENGTH + 1,)
-    assert sample["loss_mask"][-1] == 1 and tokenizer.eod not in sample["text"].tolist()
+    with pytest.raises(SFTDataError, match="all 1 records are longer than --seq-length"):
+        SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=3, seed=0)
 
 
 @pytest.mark.parametrize("bad_line, message", [
     ("{not json", "not valid JSON"),
     (json.dumps({"prompt": "q"}), "response"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "assistant"),
-    (json.dumps({"prompt": "word " * 200, "response": "a"}), "--seq-length"),
 ])
 def test_bad_record_error_names_file_and_line(tmp_path, tokenizer, bad_line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, "", bad_line])

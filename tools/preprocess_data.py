@@ -17,9 +17,12 @@ sorted order as a stream, so memory stays flat whatever their size. The main pro
 chunks, worker processes (--workers) parse and tokenize them, and the main process writes the results in
 input order (at most a few chunks per worker in flight).
 
-Bad input: a line that is not UTF-8, malformed JSON, or a record without a requested key (or whose value is
-not a string) stops the run with an error naming file and line, and no output file is left. With
---skip-bad-lines such lines are skipped and counted by kind; the summary prints the first locations.
+Bad input: a line that is not UTF-8, malformed JSON, a record without a requested key, or whose value is not
+a string or holds a lone surrogate escape ("\\ud800": valid JSON, not text) stops the run with an error naming
+file and line, and no output file is left. With --skip-bad-lines such lines are skipped and counted by kind;
+the summary prints the first locations. A damaged .zst input (cut short, or not zstd data) always stops the
+run, naming the file and the line where the damage begins: it is not a bad line, and skipping it would lose
+the rest of the file.
 Empty documents are never written; they are counted. Files are written under temporary names and renamed
 when complete (.bin, then .idx), so an interrupted run (Ctrl-C, kill -9) never leaves an .idx beside a
 partial .bin.
@@ -43,6 +46,7 @@ from megatron_llama.data.corpus import (  # noqa: E402
     BAD_LINE_KINDS,
     BadLineError,
     CorpusInputError,
+    DamagedFileError,
     expand_inputs,
     iter_raw_lines,
     parse_json_record,
@@ -335,11 +339,12 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             prefix = output_prefix(args.output_prefix, name)
             builders[name].finalize(index_file_path(prefix))
-    except (BadLineError, Interrupted, KeyboardInterrupt) as error:
+    except (BadLineError, DamagedFileError, Interrupted, KeyboardInterrupt) as error:
         for builder in builders.values():
             builder.abort()
-        if isinstance(error, BadLineError):
-            print(f"error: {error}\nno output written (use --skip-bad-lines to skip and count such lines)", file=sys.stderr)
+        if isinstance(error, (BadLineError, DamagedFileError)):
+            hint = " (use --skip-bad-lines to skip and count such lines)" if isinstance(error, BadLineError) else ""
+            print(f"error: {error}\nno output written{hint}", file=sys.stderr)
             return 1
         print(f"interrupted ({error or 'Ctrl-C'}); no output written", file=sys.stderr)
         return 130

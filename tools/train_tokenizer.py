@@ -7,7 +7,9 @@ writes out/tokenizer.model and out/tokenizer.vocab. Inputs are files, globs or d
 .json / .jsonl.zst / .zst (the --json-keys values of each line) and .txt / .txt.zst (each line). Every text
 is split into its lines; SentencePiece trains on at most --max-sentences of them, drawn by reservoir sampling
 (Vitter's algorithm R) with --seed, so memory stays bounded by the sample, not the corpus, and the same
-inputs and seed always give the same .model bytes.
+inputs and seed always give the same .model bytes. A bad line (not UTF-8, malformed JSON, a missing or
+non-string key, a lone surrogate escape) stops the run naming file and line, or with --skip-bad-lines is
+skipped and counted; a damaged .zst input (cut short, or not zstd data) always stops it.
 
 Defaults follow the Llama tokenizer: byte fallback (no unknown tokens: a character outside the vocabulary
 becomes its UTF-8 bytes), digits split, no normalisation and no whitespace folding (decoding gives the text
@@ -36,6 +38,7 @@ from megatron_llama.data.corpus import (  # noqa: E402
     TEXT_SUFFIXES,
     BadLineError,
     CorpusInputError,
+    DamagedFileError,
     expand_inputs,
     iter_texts,
 )
@@ -181,6 +184,9 @@ def main(argv=None) -> int:
         sentences, total_lines = sample_sentences(texts, args.max_sentences, args.seed)
     except BadLineError as error:
         print(f"error: {error}\n(use --skip-bad-lines to skip and count such lines)", file=sys.stderr)
+        return 1
+    except DamagedFileError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     if not sentences:
         print(f"error: no text found in {len(args.input_files)} input files under keys {args.json_keys}", file=sys.stderr)

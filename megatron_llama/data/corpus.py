@@ -5,9 +5,14 @@ Inputs are files, globs or directories (searched recursively, files taken in sor
 read line by line, a zstandard file through a stream decompressor (multi-frame files included), so memory
 stays flat whatever the file size. Lines keep their 1-based numbers so errors can say `file:line`.
 
-A line can be bad in four ways, each a `BadLineError` kind: not UTF-8, malformed JSON (or JSON that is not an
-object), a requested key missing, or a requested value that is not a string. Callers decide whether to stop
-or to skip and count.
+A line can be bad in five ways, each a `BadLineError` kind: not UTF-8, malformed JSON (or JSON that is not an
+object), a requested key missing, a requested value that is not a string, or a value holding a lone surrogate
+escape such as "\\ud800" (valid JSON, but no UTF-8 text: tokenizers cannot take it). Callers decide whether to
+stop or to skip and count.
+
+A whole file can be damaged: a .zst file that ends inside a zstd frame (cut short by a failed download or copy)
+or holds bytes that are not zstd data. That raises `DamagedFileError`, which is never a bad line: skipping
+would silently lose the rest of the file, so no caller skips it.
 """
 from __future__ import annotations
 
@@ -15,27 +20,43 @@ import glob
 import io
 import json
 import os
+import re
 from typing import Iterator
 
 import zstandard
 
+from megatron_llama.data.errors import DataError
+
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst", ".zst")
 TEXT_SUFFIXES = (".txt", ".txt.zst")
 READ_BUFFER_BYTES = 1 << 20
+COMPRESSED_READ_BYTES = 1 << 17  # compressed bytes decoded at a time (a few MB of text at most)
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads joins valid pairs, so any surrogate left is alone
 
 BAD_LINE_KINDS = {
     "invalid_utf8": "not UTF-8",
     "invalid_json": "malformed JSON",
     "missing_key": "missing key",
     "not_a_string": "value is not a string",
+    "lone_surrogate": "not encodable text",
 }
 
 
-class CorpusInputError(ValueError):
+class CorpusInputError(DataError):
     """An input pattern that names no usable file; the message says which and what is accepted."""
 
 
-class BadLineError(ValueError):
+class DamagedFileError(DataError):
+    """A compressed input cut short or corrupt; never skipped (it is not a bad line). The message names
+    `file:line`, the line where the damage was found, when the line is known."""
+
+    def __init__(self, path: str, problem: str, line_number: int | None = None):
+        location = path if line_number is None else f"{path}:{line_number}"
+        super().__init__(f"{location}: {problem}; download or compress the file again")
+        self.path, self.problem = path, problem
+
+
+class BadLineError(DataError):
     """One unusable input line; `kind` is a key of BAD_LINE_KINDS, `detail` says what is wrong."""
 
     def __init__(self, kind: str, detail: str, location: str | None = None):
@@ -86,20 +107,83 @@ def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] = JSON_SUFFIXES
     return unique
 
 
+class ZstdFramesReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file of one or more frames, checking that the last frame is complete.
+
+    (zstandard's stream_reader ends quietly where the input ends, even inside a frame, so a cut file would pass
+    for a shorter one.) Raises DamagedFileError when the file ends inside a frame or holds bytes that are not
+    zstd data.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "rb")
+        self._frame = None  # the decompressor of the frame being read; None between frames
+        self._frame_start = 0  # compressed offset where that frame starts
+        self._consumed = 0  # compressed bytes handed to decompressors so far
+        self._ready = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._ready:
+            compressed = self._file.read(COMPRESSED_READ_BYTES)
+            if not compressed:
+                if self._frame is not None:
+                    raise DamagedFileError(self.path, f"truncated: the file ends inside the zstd frame that starts at "
+                                                      f"byte {self._frame_start:,} (the file has {self._consumed:,} bytes)")
+                return 0
+            self._ready = memoryview(self._decode(compressed))
+        count = min(len(buffer), len(self._ready))
+        buffer[:count] = self._ready[:count]
+        self._ready = self._ready[count:]
+        return count
+
+    def _decode(self, compressed: bytes) -> bytes:
+        """Decompress `compressed`, starting a new frame wherever the previous one ends."""
+        pieces = []
+        position = self._consumed
+        self._consumed += len(compressed)
+        while compressed:
+            if self._frame is None:
+                self._frame, self._frame_start = zstandard.ZstdDecompressor().decompressobj(), position
+            try:
+                pieces.append(self._frame.decompress(compressed))
+            except zstandard.ZstdError as error:
+                raise DamagedFileError(self.path, f"not zstd data in the frame that starts at byte "
+                                                  f"{self._frame_start:,} ({error})") from None
+            if not self._frame.eof:
+                break
+            leftover = self._frame.unused_data
+            position += len(compressed) - len(leftover)
+            compressed, self._frame = leftover, None
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def open_binary(path: str) -> io.BufferedReader:
-    """A buffered binary stream of the file's (decompressed) bytes."""
-    raw = open(path, "rb")
-    if path.endswith(".zst"):
-        decompressed = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(decompressed, buffer_size=READ_BUFFER_BYTES)
+    """A buffered binary stream of the file's (decompressed) bytes; a damaged .zst raises DamagedFileError."""
+    raw = ZstdFramesReader(path) if path.endswith(".zst") else open(path, "rb")
     return io.BufferedReader(raw, buffer_size=READ_BUFFER_BYTES)
 
 
 def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(line number from 1, line bytes without the trailing newline) for every line of the file."""
+    """(line number from 1, line bytes without the trailing newline) for every line of the file.
+
+    A damaged .zst raises DamagedFileError naming the line where the damage begins; the partial line at a cut
+    is never yielded.
+    """
+    line_number = 0
     with open_binary(path) as stream:
-        for line_number, line in enumerate(stream, start=1):
-            yield line_number, line.rstrip(b"\r\n")
+        try:
+            for line_number, line in enumerate(stream, start=1):
+                yield line_number, line.rstrip(b"\r\n")
+        except DamagedFileError as error:
+            raise DamagedFileError(path, error.problem, line_number + 1) from None
 
 
 def decode_utf8(raw_line: bytes) -> str:
@@ -130,7 +214,16 @@ def record_text(record: dict, key: str) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise BadLineError("not_a_string", f"key {key!r} holds {type(value).__name__}, not a string")
+    check_encodable(value, f"key {key!r}")
     return value
+
+
+def check_encodable(text: str, what: str) -> None:
+    """BadLineError when `text` (named `what` in the message) holds a lone surrogate, which no UTF-8 text can."""
+    surrogate = LONE_SURROGATE.search(text)
+    if surrogate:
+        raise BadLineError("lone_surrogate", f"{what} holds the lone surrogate escape \\u{ord(surrogate.group()):04x} at "
+                                             f"character {surrogate.start()}: valid JSON, but not text")
 
 
 def iter_texts(paths: list[str], json_keys: list[str], skip_bad_lines: bool = False, bad_line_counts: dict | None = None) -> Iterator[str]:

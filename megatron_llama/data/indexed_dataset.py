@@ -19,15 +19,20 @@ Writing: `IndexedDatasetBuilder(prefix + ".bin", dtype)`, then `add_document(tok
 
 Reading: `IndexedDataset(prefix)` maps both files with np.memmap; `ds[i]` and `ds.get(i, offset, length)`
 return views into the mapped .bin (no copy). A bad file raises IndexedDatasetError naming the path.
+`ds.identity()` says what the data is (a hash of the .idx, the .bin size), for the keys of caches built on it;
+`ds.token_id_range()` scans the .bin for its smallest and largest token id.
 """
 from __future__ import annotations
 
 import array
+import hashlib
 import os
 import shutil
 import struct
 
 import numpy as np
+
+from megatron_llama.data.errors import DataError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -45,9 +50,10 @@ DTYPE_CODES = {
 }
 CODE_OF_DTYPE = {np.dtype(dtype): code for code, dtype in DTYPE_CODES.items()}
 TEMPORARY_SUFFIX = ".tmp"
+SCAN_CHUNK_TOKENS = 1 << 24  # tokens read at a time when scanning the .bin
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(DataError):
     """A .bin/.idx pair that cannot be read or written; the message names the file."""
 
 
@@ -273,6 +279,32 @@ class IndexedDataset:
             self._tokens = np.memmap(bin_path, dtype=self.dtype, mode="r")
         else:
             self._tokens = np.empty(0, dtype=self.dtype)
+        self._identity = None
+
+    def identity(self) -> dict:
+        """What this data is, for cache keys: the SHA-256 of the .idx and the .bin size (computed once per open).
+
+        Sample indices depend only on what the .idx holds (every sequence length and document boundary), so its
+        hash decides whether a cached index fits: a dataset rebuilt at the same prefix with other lines or in
+        another order gets a fresh one, and one whose .idx comes out byte-identical may keep it, which is then
+        still right. The .bin size ties the pair together. Modification times are left out, so copies of the
+        data on several nodes share one identity (and one cache).
+        """
+        if self._identity is None:
+            self._identity = {
+                "idx_sha256": hashlib.sha256(self._index).hexdigest(),
+                "bin_bytes": int(self._tokens.size) * self.dtype.itemsize,
+            }
+        return self._identity
+
+    def token_id_range(self) -> tuple[int, int]:
+        """(smallest, largest) token id in the .bin, read in chunks; (0, -1) for an empty file."""
+        low, high = 0, -1
+        for start in range(0, self._tokens.size, SCAN_CHUNK_TOKENS):
+            chunk = self._tokens[start : start + SCAN_CHUNK_TOKENS]
+            chunk_low, chunk_high = int(chunk.min()), int(chunk.max())
+            low, high = (chunk_low, chunk_high) if high < low else (min(low, chunk_low), max(high, chunk_high))
+        return low, high
 
     def close(self) -> None:
         """Drop the memory maps (views handed out earlier keep their own reference)."""
