@@ -1,0 +1,110 @@
+"""Generation speed of our KV-cache generator (megatron_llama/inference/) on one device.
+
+Greedy decoding of --new-tokens tokens after a --prompt-len-token prompt of random ids, for each batch size, on a
+Llama with Llama-2-7B layer dimensions (hidden 4096, ffn 11008, 32 heads, vocabulary 32000) and random weights in
+bf16 (fp32 on CPU). One RESULT line per batch size with the fields of benchmarks/hf_generate.py: time to first
+token (prefill), decode tokens/s (all sequences), total. Run both in one command on one GPU and compare:
+
+    python benchmarks/bench_generate.py --layers 8 --batch 1 32 [--cuda-graph]      # ours
+    python benchmarks/hf_generate.py --layers 8 --batch 1 32                         # Hugging Face
+
+At batch 1 decoding reads every weight once per token: tokens/s <= memory bandwidth / weight bytes
+(docs/performance.md). CPU smoke test:
+    python benchmarks/bench_generate.py --device cpu --layers 2 --hidden 64 --ffn 176 --heads 4 --vocab 1000 \\
+        --prompt-len 16 --new-tokens 8 --batch 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from megatron_llama.config import ModelConfig
+from megatron_llama.inference.generator import Generator
+from megatron_llama.model.llama import build_model
+
+
+CHECKED_TOKENS = 8
+
+
+class RandomIdsTokenizer:
+    """The tokenizer interface the generator needs, for token ids that no text stands behind."""
+
+    bos, eod, pad = None, None, 0
+
+    def detokenize(self, ids: list[int]) -> str:
+        return ""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--ffn", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step as a CUDA graph")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    return parser.parse_args(argv)
+
+
+def timed(device: torch.device, work) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def check_graph_against_eager(model, graph_generator: Generator, prompts: list[list[int]], new_tokens: int):
+    """The CUDA-graph decoder must give the eager decoder's greedy tokens. The graph attends over every cache slot
+    through a mask, the eager step over the filled slots only, so bf16 sums may round apart and flip a near-tie
+    late in a long completion: the first CHECKED_TOKENS of every row must agree, the whole-length count is shown."""
+    eager = Generator(model, RandomIdsTokenizer()).generate(prompts, new_tokens)
+    graphed = graph_generator.generate(prompts, new_tokens)
+    same_start = sum(a.tokens[:CHECKED_TOKENS] == b.tokens[:CHECKED_TOKENS] for a, b in zip(eager, graphed))
+    same = sum(a.tokens == b.tokens for a, b in zip(eager, graphed))
+    print(f"CHECK cuda graph vs eager: {same_start}/{len(prompts)} rows agree on the first {CHECKED_TOKENS} greedy "
+          f"tokens, {same}/{len(prompts)} on all {new_tokens}", flush=True)
+    if same_start < len(prompts):
+        raise SystemExit("CHECK FAILED: the CUDA-graph decode step differs from the eager one")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
+                         num_attention_heads=args.heads, vocab_size=args.vocab,
+                         max_position_embeddings=args.prompt_len + args.new_tokens)
+    model = build_model(config, seed=0, device=device, dtype=dtype)
+    generator = Generator(model, RandomIdsTokenizer(), use_cuda_graph=args.cuda_graph)
+    ids = torch.Generator().manual_seed(0)
+    for batch in args.batch:
+        prompts = torch.randint(3, args.vocab, (batch, args.prompt_len), generator=ids).tolist()
+        with torch.no_grad():
+            if args.cuda_graph:
+                check_graph_against_eager(model, generator, prompts, args.new_tokens)
+            for _ in range(2):  # warm-up: kernels, allocator, and the CUDA graph of this batch size
+                generator.generate(prompts, args.new_tokens)
+            first_token_s = timed(device, lambda: generator.generate(prompts, 1))
+            completions = []
+            total_s = timed(device, lambda: completions.extend(generator.generate(prompts, args.new_tokens)))
+        new = min(len(completion.tokens) for completion in completions)
+        print("RESULT", json.dumps(dict(
+            impl="megatron_llama", cuda_graph=args.cuda_graph, dtype=str(dtype).replace("torch.", ""),
+            layers=args.layers, batch=batch, prompt_len=args.prompt_len, new_tokens=new,
+            ttft_s=round(first_token_s, 4), total_s=round(total_s, 3),
+            decode_tokens_per_s=round(batch * (new - 1) / max(total_s - first_token_s, 1e-9)))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
