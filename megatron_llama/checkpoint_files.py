@@ -137,14 +137,19 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def verify_file(path: str, record: dict):
-    """CheckpointError unless `path` has the size and sha256 recorded when it was written."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
+def check_file_size(path: str, record: dict):
+    """CheckpointError unless `path` has the size recorded when it was written (cheap: no byte is read)."""
     size = os.path.getsize(path)
     if size != record["bytes"]:
         state = "truncated" if size < record["bytes"] else "longer than written"
         raise CheckpointError(f"checkpoint file {path} is {state}: {size} bytes, {record['bytes']} when it was saved")
+
+
+def verify_file(path: str, record: dict):
+    """CheckpointError unless `path` has the size and sha256 recorded when it was written."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
+    check_file_size(path, record)
     if file_sha256(path) != record["sha256"]:
         raise CheckpointError(f"checkpoint file {path} is corrupt: its sha256 differs from the one recorded when it "
                               f"was saved")

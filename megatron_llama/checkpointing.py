@@ -54,9 +54,9 @@ import numpy as np
 import torch
 
 from megatron_llama.checkpoint_files import (CheckpointError, atomic_torch_save, atomic_write_json, iteration_dir,
-                                             load_tensor_file, optimizer_filename, read_json, read_tracker,
-                                             receipt_filename, rng_filename, saved_iterations, shard_dir,
-                                             tracker_path, verify_file, write_tracker)
+                                             check_file_size, load_tensor_file, optimizer_filename, read_json,
+                                             read_tracker, receipt_filename, rng_filename, saved_iterations,
+                                             shard_dir, tracker_path, verify_file, write_tracker)
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
 from megatron_llama.data.tokenizer import SentencePieceTokenizer
 from megatron_llama.model.llama import LlamaModel
@@ -129,8 +129,7 @@ def _open_iteration(folder: str, source: str) -> tuple[RunConfig, dict]:
     if FILE_RECORDS in meta and CONFIG_FILENAME in meta[FILE_RECORDS]:
         verify_file(os.path.join(folder, CONFIG_FILENAME), meta[FILE_RECORDS][CONFIG_FILENAME])
     config = read_run_config(folder)
-    expected = [path for path in checkpoint_files(folder, config, bool(meta.get("model_only")))
-                if not path.endswith(META_FILENAME)]
+    expected = _tensor_files(folder, config, meta)
     missing = [path for path in expected if not os.path.isfile(path)]
     if missing:
         shown = ", ".join(os.path.relpath(path, folder) for path in missing[:4])
@@ -138,11 +137,15 @@ def _open_iteration(folder: str, source: str) -> tuple[RunConfig, dict]:
         raise CheckpointError(f"{source} {folder} is incomplete: missing {shown}{more}")
     for path in expected:
         record = file_record(folder, meta, path)
-        if record is not None and os.path.getsize(path) != record["bytes"]:
-            state = "truncated" if os.path.getsize(path) < record["bytes"] else "longer than written"
-            raise CheckpointError(f"checkpoint file {path} is {state}: {os.path.getsize(path)} bytes, "
-                                  f"{record['bytes']} when it was saved")
+        if record is not None:
+            check_file_size(path, record)
     return config, meta
+
+
+def _tensor_files(folder: str, config: RunConfig, meta: dict) -> list[str]:
+    """The shard files of the checkpoint in `folder` (checkpoint_files without meta.json)."""
+    return [path for path in checkpoint_files(folder, config, bool(meta.get("model_only")))
+            if os.path.basename(path) != META_FILENAME]
 
 
 def newest_intact_iteration(checkpoint_dir: str, before: int) -> int | None:
@@ -151,7 +154,7 @@ def newest_intact_iteration(checkpoint_dir: str, before: int) -> int | None:
         folder = iteration_dir(checkpoint_dir, iteration)
         try:
             config, meta = _open_iteration(folder, "")
-            for path in checkpoint_files(folder, config, bool(meta.get("model_only")))[1:]:
+            for path in _tensor_files(folder, config, meta):
                 record = file_record(folder, meta, path)
                 if record is not None:
                     verify_file(path, record)

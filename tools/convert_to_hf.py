@@ -59,7 +59,8 @@ def load_tokenizer(args: argparse.Namespace, recorded: DataConfig, vocab_size: i
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     if recorded.tokenizer_hash is not None and tokenizer_hash(tokenizer) != recorded.tokenizer_hash:
         problem = (f"tokenizer {tokenizer_model} is not the one the checkpoint was trained with "
-                   f"({recorded.tokenizer_model}, sha256 {recorded.tokenizer_hash[:12]}): its ids may mean other pieces")
+                   f"({recorded.tokenizer_model}, sha256 {recorded.tokenizer_hash[:12]}): its ids may mean other "
+                   f"pieces")
         if args.tokenizer_model is None:  # the recorded file changed since training
             raise TokenizerError(f"{problem}; pass the tokenizer the model was trained with (--tokenizer-type and "
                                  f"--tokenizer-model)")
