@@ -163,6 +163,18 @@ def test_a_checkpoint_without_a_tokenizer_hash_still_resumes(two_tokenizers, tmp
     assert read_tracker(older) == 2
 
 
+def test_convert_to_hf_refuses_a_tokenizer_changed_since_training(tmp_path, capsys):
+    flags = word_level_tokenizer(tmp_path / "tokenizer", list(range(60)))
+    save = str(tmp_path / "run")
+    assert main(MODEL + flags + ["--train-iters", "1", "--save", save]) == 0
+    shutil.rmtree(tmp_path / "tokenizer")
+    word_level_tokenizer(tmp_path / "tokenizer", list(reversed(range(60))))  # rebuilt in place: other ids
+    with pytest.raises(SystemExit) as exited:
+        load_tool("convert_to_hf").main(["--load", save, "--save", str(tmp_path / "hf")])
+    assert "is not the one the checkpoint was trained with" in str(exited.value)
+    assert not os.path.exists(tmp_path / "hf")
+
+
 # ------------------------------------------------------------------------------------------ sequence length
 
 def test_resume_with_another_seq_length_names_both_unless_finetune(trained, tmp_path, capsys):
