@@ -35,13 +35,16 @@ Choices that differ from Megatron-LM's defaults (documented in --help too):
     are slow and the tests need exact fp32).
   * Vocabulary: from the tokenizer (--tokenizer-type/--tokenizer-model); else --vocab-size; else the
     preset's. --vocab-size that disagrees with the tokenizer is an error (found by the setup).
-  * --load DIR: DIR must exist. A DIR without any checkpoint is accepted only when it is also the
-    --save directory (the "resume in place" pattern: the first run starts from scratch).
+  * --load DIR: DIR must exist. A DIR without a published checkpoint is accepted only when it is also the
+    --save directory (the "resume in place" pattern: the first run starts from scratch; the setup sets aside
+    what an interrupted save left). --ckpt-step N loads iteration N of DIR instead of the published one.
+  * Learning rates (--lr, --min-lr, --lr-warmup-init) must be finite and not negative.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 
 import torch
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--load", help="resume from the newest checkpoint in this directory")
     checkpoint.add_argument("--finetune", action="store_true",
                             help="load only the model weights from --load; start at iteration 0")
+    checkpoint.add_argument("--ckpt-step", type=int,
+                            help="load this iteration of --load instead of the published (newest) one")
     checkpoint.add_argument("--save-interval", type=int)
     checkpoint.add_argument("--exit-interval", type=int, help="save (with --save) and exit when iteration %% N == 0")
     checkpoint.add_argument("--exit-signal-handler", action="store_true",
@@ -195,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
     _check_precision_flags(args)
     _check_tokenizer_flags(args)
     config = RunConfig(model=_model_config(args), parallel=_parallel_config(args, notes),
-                       training=_training_config(args, notes), data=_section(DataConfig, args),
+                       training=_training_config(args, notes), data=_section(DataConfig, args, tokenizer_hash=None),
                        checkpoint=_section(CheckpointConfig, args), logging=_section(LoggingConfig, args))
     _check_model(config)
     _check_batches(config)
@@ -394,6 +399,10 @@ def _check_data_parallel_and_recompute(config: RunConfig):
 
 def _check_schedule(config: RunConfig):
     training, logging = config.training, config.logging
+    for name in ("lr", "min_lr", "lr_warmup_init"):
+        value = getattr(training, name)
+        if not math.isfinite(value) or value < 0:
+            raise ArgumentsError(f"{_flag(name)} must be a finite number >= 0, got {value}")
     _positive(training, "lr", "lr_decay_iters")
     _positive(logging, "log_interval", "eval_interval")
     _positive(config.checkpoint, "save_interval", "exit_interval")
@@ -470,6 +479,8 @@ def _check_checkpointing(config: RunConfig, notes: list[str]):
         logging.metrics_path = os.path.join(beside, "metrics.jsonl")
     if checkpoint.finetune and checkpoint.load is None:
         raise ArgumentsError("--finetune needs --load DIR holding the weights to start from")
+    if checkpoint.ckpt_step is not None and (checkpoint.load is None or checkpoint.ckpt_step < 0):
+        raise ArgumentsError(f"--ckpt-step {checkpoint.ckpt_step} needs --load DIR and an iteration >= 0")
     if checkpoint.load is not None and not os.path.isdir(checkpoint.load):
         raise ArgumentsError(f"--load {checkpoint.load} does not exist; check the path (or drop --load to start "
                              f"fresh)")

@@ -1,12 +1,14 @@
 """Checkpoints: save, load and exact resume for the trainer; model-only read/write for the converters.
 
-On-disk layout (one folder per saved iteration, one shard file per rank):
+On-disk layout (one folder per saved iteration, one shard file per rank; file names: checkpoint_files.py):
 
     {save}/iter_{iteration:07d}/
         config.json                                the run's configuration (config.RunConfig.to_dict(): model,
-                                                   parallel layout with the sizes saved at, training, data, ...)
+                                                   parallel layout with the sizes saved at, training, data with
+                                                   the tokenizer's sha256, ...)
         meta.json                                  iteration, consumed_train_samples, lr-schedule and
-                                                   loss-scaler state, "model_only"
+                                                   loss-scaler state, "model_only", and "files": the sha256 and
+                                                   size of every other file of the iteration
         mp_rank_{tp:02d}_{pp:03d}/model.pt               model state-dict shard (plain tensors)
         mp_rank_{tp:02d}_{pp:03d}/optim_dp_{dp:03d}.pt   optimizer shard: fp32 master params + Adam states
         mp_rank_{tp:02d}_{pp:03d}/rng_dp_{dp:03d}.pt     every RNG state of that rank
@@ -14,8 +16,14 @@ On-disk layout (one folder per saved iteration, one shard file per rank):
 
 Crash safety: every file is written under a temporary name, flushed to disk and renamed; the tracker
 file is replaced only after every file of the iteration is complete, so a reader following the
-tracker never sees a half-written checkpoint. Loading uses torch.load(weights_only=True): a
-checkpoint holds tensors and plain Python values only and can never run code.
+tracker never sees a half-written checkpoint. A restart with --load equal to --save sets the folders of
+unpublished iterations aside (checkpoint_files.set_aside_unpublished) and goes on.
+
+Checksums: each rank computes the sha256 of the files it writes while writing them and leaves the records in its
+shard folder (checksums_dp_{dp:03d}.json); once every rank is done, rank 0 moves them all into meta.json, then
+publishes. Each rank verifies the files it reads against meta.json (sizes of all files when the checkpoint is
+opened, sha256 when a file is read); a truncated or corrupt file is named together with the newest intact earlier
+iteration, which `--ckpt-step N` loads. Checkpoints written before meta.json held "files" load unverified.
 
 Pipeline shards: rank r's shard holds the state dicts of all its model chunks merged (names are global);
 which blocks a rank holds is the recorded configuration's stage split (RunConfig.stage_split).
@@ -37,7 +45,7 @@ Converters and tools use:
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -45,121 +53,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_llama.checkpoint_files import (CheckpointError, atomic_torch_save, atomic_write_json, iteration_dir,
+                                             check_file_size, load_tensor_file, optimizer_filename, read_json,
+                                             read_tracker, receipt_filename, rng_filename, saved_iterations,
+                                             shard_dir, tracker_path, verify_file, write_tracker)
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
+from megatron_llama.data.tokenizer import SentencePieceTokenizer
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.parallel.random import get_rng_tracker
 from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.parallel.stages import split_layers
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CONFIG_FILENAME = "config.json"
 LEGACY_ARGS_FILENAME = "args.json"  # the flat argument record of checkpoints written before config.json
 META_FILENAME = "meta.json"
 MODEL_FILENAME = "model.pt"
+FILE_RECORDS = "files"  # meta.json's entry: path inside the iteration folder -> {"sha256", "bytes"}
 VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the model; the message says what to change."""
-
-
-# ----------------------------------------------------------------------------------------------- paths
-
-def iteration_dir(checkpoint_dir: str, iteration: int) -> str:
-    return os.path.join(checkpoint_dir, f"iter_{iteration:07d}")
-
-
-def shard_dir(iter_dir: str, tensor_parallel_rank: int, pipeline_parallel_rank: int) -> str:
-    return os.path.join(iter_dir, f"mp_rank_{tensor_parallel_rank:02d}_{pipeline_parallel_rank:03d}")
-
-
-def optimizer_filename(data_parallel_rank: int) -> str:
-    return f"optim_dp_{data_parallel_rank:03d}.pt"
-
-
-def rng_filename(data_parallel_rank: int) -> str:
-    return f"rng_dp_{data_parallel_rank:03d}.pt"
-
-
-def tracker_path(checkpoint_dir: str) -> str:
-    return os.path.join(checkpoint_dir, TRACKER_FILENAME)
-
-
-# ------------------------------------------------------------------------------------- atomic writing
-
-def _fsync_and_rename(temporary: str, final: str):
-    os.replace(temporary, final)
-    directory = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def atomic_torch_save(obj, path: str):
-    """torch.save to a temporary name, fsync, rename: the final name only ever holds a complete file."""
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync_and_rename(temporary, path)
-
-
-def atomic_write_text(path: str, text: str):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync_and_rename(temporary, path)
-
-
-def atomic_write_json(path: str, value: dict):
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def write_tracker(checkpoint_dir: str, iteration: int):
-    """Publish `iteration` as the newest complete checkpoint. Call only after every rank's files are written."""
-    atomic_write_text(tracker_path(checkpoint_dir), f"{iteration}\n")
-
-
-def load_tensor_file(path: str, mmap: bool = False):
-    """torch.load restricted to tensors and plain Python values (weights_only=True); `mmap` reads lazily."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete") from None
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unreadable file
-        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
-
-
 # -------------------------------------------------------------------------------- finding a checkpoint
-
-def read_tracker(checkpoint_dir: str) -> int:
-    """The iteration named by the tracker file, with an error saying what is wrong when there is none."""
-    if not os.path.isdir(checkpoint_dir):
-        raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist; check --load")
-    path = tracker_path(checkpoint_dir)
-    if not os.path.isfile(path):
-        found = sorted(name for name in os.listdir(checkpoint_dir) if name.startswith("iter_"))
-        hint = (f"; it holds {', '.join(found)} but none was published (a save was interrupted before it "
-                f"finished); pass --load of a directory with a complete checkpoint") if found else \
-            "; it holds no checkpoint at all"
-        raise CheckpointError(f"no {TRACKER_FILENAME} in {checkpoint_dir}{hint}")
-    text = open(path).read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path} should hold an iteration number but holds {text!r}") from None
-
-
-def _read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path} is missing; the checkpoint is incomplete")
-    with open(path) as handle:
-        return json.load(handle)
-
 
 def parallel_sizes(parallel: ParallelConfig) -> tuple[int, int, int]:
     """(tensor, pipeline, data) parallel sizes of a layout."""
@@ -172,12 +85,12 @@ def read_run_config(iter_dir: str) -> RunConfig:
     legacy = os.path.join(iter_dir, LEGACY_ARGS_FILENAME)
     try:
         if os.path.isfile(path) or not os.path.isfile(legacy):
-            return RunConfig.from_dict(_read_json(path, "configuration file"), path)
-        values = _read_json(legacy, "arguments file")
+            return RunConfig.from_dict(read_json(path, "configuration file"), path)
+        values = read_json(legacy, "arguments file")
         if "model" not in values:
             raise CheckpointError(f"{legacy} has no 'model' entry (the model configuration)")
         return RunConfig.from_flat_arguments(values, legacy)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise CheckpointError(str(error)) from None
 
 
@@ -196,9 +109,72 @@ def checkpoint_files(iter_dir: str, config: RunConfig, model_only: bool) -> list
     return files
 
 
+def file_record(folder: str, meta: dict, path: str) -> dict | None:
+    """The checksum record meta.json holds for `path` (None for checkpoints written before checksums)."""
+    if FILE_RECORDS not in meta:
+        return None
+    name = os.path.relpath(path, folder)
+    if name not in meta[FILE_RECORDS]:
+        raise CheckpointError(f"{os.path.join(folder, META_FILENAME)} records no checksum for {name}; the "
+                              f"checkpoint is incomplete")
+    return meta[FILE_RECORDS][name]
+
+
+def _open_iteration(folder: str, source: str) -> tuple[RunConfig, dict]:
+    """The configuration and meta of the iteration folder `folder`, once every file is present with its recorded
+    size (CheckpointError otherwise; `source` says how the folder was chosen)."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{source} {folder} does not exist; the checkpoint was deleted or moved")
+    meta = read_json(os.path.join(folder, META_FILENAME), "metadata file")
+    if FILE_RECORDS in meta and CONFIG_FILENAME in meta[FILE_RECORDS]:
+        verify_file(os.path.join(folder, CONFIG_FILENAME), meta[FILE_RECORDS][CONFIG_FILENAME])
+    config = read_run_config(folder)
+    expected = _tensor_files(folder, config, meta)
+    missing = [path for path in expected if not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(os.path.relpath(path, folder) for path in missing[:4])
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise CheckpointError(f"{source} {folder} is incomplete: missing {shown}{more}")
+    for path in expected:
+        record = file_record(folder, meta, path)
+        if record is not None:
+            check_file_size(path, record)
+    return config, meta
+
+
+def _tensor_files(folder: str, config: RunConfig, meta: dict) -> list[str]:
+    """The shard files of the checkpoint in `folder` (checkpoint_files without meta.json)."""
+    return [path for path in checkpoint_files(folder, config, bool(meta.get("model_only")))
+            if os.path.basename(path) != META_FILENAME]
+
+
+def newest_intact_iteration(checkpoint_dir: str, before: int) -> int | None:
+    """The newest iteration below `before` whose every file is present and matches its recorded sha256."""
+    for iteration in reversed([n for n in saved_iterations(checkpoint_dir) if n < before]):
+        folder = iteration_dir(checkpoint_dir, iteration)
+        try:
+            config, meta = _open_iteration(folder, "")
+            for path in _tensor_files(folder, config, meta):
+                record = file_record(folder, meta, path)
+                if record is not None:
+                    verify_file(path, record)
+        except CheckpointError:
+            continue
+        return iteration
+    return None
+
+
+def with_earlier_checkpoint(error: CheckpointError, checkpoint_dir: str, iteration: int) -> CheckpointError:
+    """`error` about iteration `iteration`, completed with the newest intact earlier iteration to load instead."""
+    earlier = newest_intact_iteration(checkpoint_dir, iteration)
+    hint = (f"the newest intact earlier checkpoint is iteration {earlier}: load it with --ckpt-step {earlier}"
+            if earlier is not None else f"{checkpoint_dir} holds no intact checkpoint before iteration {iteration}")
+    return CheckpointError(f"{error}; {hint}")
+
+
 def open_checkpoint(checkpoint_dir: str, iteration: int | None = None) -> tuple[str, RunConfig, dict]:
-    """Locate a complete checkpoint: returns (iteration folder, its run configuration, meta) or raises
-    CheckpointError."""
+    """Locate a complete checkpoint (the published one, or `iteration`): returns (iteration folder, its run
+    configuration, meta) or raises CheckpointError naming what is wrong and the iteration to load instead."""
     if iteration is None:
         iteration = read_tracker(checkpoint_dir)
         source = f"{tracker_path(checkpoint_dir)} names iteration {iteration}, but"
@@ -207,17 +183,37 @@ def open_checkpoint(checkpoint_dir: str, iteration: int | None = None) -> tuple[
             raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist; check --load")
         source = f"iteration {iteration} was requested, but"
     folder = iteration_dir(checkpoint_dir, iteration)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{source} {folder} does not exist; the checkpoint was deleted or moved")
-    config = read_run_config(folder)
-    meta = _read_json(os.path.join(folder, META_FILENAME), "metadata file")
-    missing = [path for path in checkpoint_files(folder, config, bool(meta.get("model_only")))
-               if not os.path.isfile(path)]
-    if missing:
-        shown = ", ".join(os.path.relpath(path, folder) for path in missing[:4])
-        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        raise CheckpointError(f"{source} {folder} is incomplete: missing {shown}{more}")
+    try:
+        config, meta = _open_iteration(folder, source)
+    except CheckpointError as error:
+        raise with_earlier_checkpoint(error, checkpoint_dir, iteration) from None
     return folder, config, meta
+
+
+def read_checkpoint_file(folder: str, meta: dict, path: str, mmap: bool = False):
+    """A tensor file of the checkpoint in `folder`, checked against meta.json's record before it is unpickled."""
+    try:
+        return load_tensor_file(path, mmap, file_record(folder, meta, path))
+    except CheckpointError as error:
+        raise with_earlier_checkpoint(error, os.path.dirname(folder), int(meta["iteration"])) from None
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """The sha256 of the files `tokenizer` was read from (its identity, recorded as DataConfig.tokenizer_hash):
+    a SentencePiece .model; a Hugging Face tokenizer.json and the tokenizer_config.json beside it (which names the
+    special tokens)."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        paths = [tokenizer.model_path]
+    else:
+        config = os.path.join(tokenizer.folder, "tokenizer_config.json")
+        paths = [tokenizer.tokenizer_file] + ([config] if os.path.isfile(config) else [])
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            content = handle.read()
+        digest.update(f"{os.path.basename(path)}:{len(content)}:".encode())
+        digest.update(content)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------- splitting and merging tp/pp shards
@@ -332,31 +328,35 @@ def write_model_checkpoint(save_dir: str, iteration: int, config: ModelConfig, s
     `run_config` records what else is known (e.g. the tokenizer), its model and layout replaced by these."""
     shards = split_state_dict(config, state_dict, tensor_parallel_size, pipeline_parallel_size)
     folder = iteration_dir(save_dir, iteration)
+    records = {}
     for (tensor_rank, pipeline_rank), shard in shards.items():
         directory = shard_dir(folder, tensor_rank, pipeline_rank)
         os.makedirs(directory, exist_ok=True)
-        atomic_torch_save(shard, os.path.join(directory, MODEL_FILENAME))
+        path = os.path.join(directory, MODEL_FILENAME)
+        records[os.path.relpath(path, folder)] = atomic_torch_save(shard, path)
     layout = ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
                             pipeline_model_parallel_size=pipeline_parallel_size)
     recorded = dataclasses.replace(run_config or RunConfig(), model=config, parallel=layout)
-    atomic_write_json(os.path.join(folder, CONFIG_FILENAME), recorded.to_dict())
+    records[CONFIG_FILENAME] = atomic_write_json(os.path.join(folder, CONFIG_FILENAME), recorded.to_dict())
     atomic_write_json(os.path.join(folder, META_FILENAME),
-                      dict(iteration=iteration, consumed_train_samples=0, model_only=True))
+                      {"iteration": iteration, "consumed_train_samples": 0, "model_only": True, FILE_RECORDS: records})
     write_tracker(save_dir, iteration)
 
 
-def read_model_shards(folder: str, config: RunConfig) -> dict[tuple[int, int], dict]:
+def read_model_shards(folder: str, config: RunConfig, meta: dict) -> dict[tuple[int, int], dict]:
+    """Every (tensor rank, pipeline rank)'s model.pt of the checkpoint in `folder`, each verified."""
     tp, pp, _ = parallel_sizes(config.parallel)
     return {(tensor_rank, pipeline_rank):
-            load_tensor_file(os.path.join(shard_dir(folder, tensor_rank, pipeline_rank), MODEL_FILENAME))
+            read_checkpoint_file(folder, meta, os.path.join(shard_dir(folder, tensor_rank, pipeline_rank),
+                                                            MODEL_FILENAME))
             for pipeline_rank in range(pp) for tensor_rank in range(tp)}
 
 
 def read_model_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[ModelConfig, dict, RunConfig]:
     """(ModelConfig, full state dict as a tp=1 model holds it, the run's configuration) of a saved checkpoint."""
-    folder, run_config, _ = open_checkpoint(load_dir, iteration)
+    folder, run_config, meta = open_checkpoint(load_dir, iteration)
     config = run_config.model
-    state_dict = merge_shards(config, read_model_shards(folder, run_config),
+    state_dict = merge_shards(config, read_model_shards(folder, run_config, meta),
                               run_config.parallel.tensor_model_parallel_size)
     return config, state_dict, run_config
 
@@ -405,25 +405,45 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
                     consumed_train_samples: int, lr_schedule_state: dict, loss_scaler_state: dict | None,
                     layout: ParallelLayout = ParallelLayout.single_process(), barrier=None):
-    """Write this rank's shards, then (rank 0, after every rank is done) the configuration, meta and the tracker."""
+    """Write this rank's shards and the receipt of their checksums; then rank 0 (after every rank is done) writes
+    the configuration, moves every rank's receipt into meta.json, and publishes the iteration in the tracker."""
     folder = iteration_dir(save_dir, iteration)
     directory = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
     os.makedirs(directory, exist_ok=True)
+    records = {}
+
+    def save(value, filename: str):
+        path = os.path.join(directory, filename)
+        records[os.path.relpath(path, folder)] = atomic_torch_save(value, path)
+
     if layout.data_rank == 0:
-        atomic_torch_save({name: _own_storage(value) for name, value in model.state_dict().items()},
-                          os.path.join(directory, MODEL_FILENAME))
-    atomic_torch_save(optimizer.state_dict(), os.path.join(directory, optimizer_filename(layout.data_rank)))
-    atomic_torch_save(capture_rng_state(), os.path.join(directory, rng_filename(layout.data_rank)))
+        save({name: _own_storage(value) for name, value in model.state_dict().items()}, MODEL_FILENAME)
+    save(optimizer.state_dict(), optimizer_filename(layout.data_rank))
+    save(capture_rng_state(), rng_filename(layout.data_rank))
+    atomic_write_json(os.path.join(directory, receipt_filename(layout.data_rank)), records)
     if barrier is not None:
         barrier()
     if layout.tensor_rank == layout.pipeline_rank == layout.data_rank == 0:
-        atomic_write_json(os.path.join(folder, CONFIG_FILENAME), config.to_dict())
+        records = {CONFIG_FILENAME: atomic_write_json(os.path.join(folder, CONFIG_FILENAME), config.to_dict())}
+        receipts = _receipt_paths(folder, config)
+        for receipt in receipts:
+            records.update(read_json(receipt, "checksum receipt"))
         atomic_write_json(os.path.join(folder, META_FILENAME),
-                          dict(iteration=iteration, consumed_train_samples=consumed_train_samples, model_only=False,
-                               lr_schedule=lr_schedule_state, loss_scaler=loss_scaler_state))
+                          {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
+                           "model_only": False, "lr_schedule": lr_schedule_state, "loss_scaler": loss_scaler_state,
+                           FILE_RECORDS: records})
+        for receipt in receipts:
+            os.remove(receipt)
         write_tracker(save_dir, iteration)
     if barrier is not None:
         barrier()
+
+
+def _receipt_paths(folder: str, config: RunConfig) -> list[str]:
+    """The checksum receipt of every rank of the layout that saved into `folder`."""
+    tp, pp, dp = parallel_sizes(config.parallel)
+    return [os.path.join(shard_dir(folder, tensor_rank, pipeline_rank), receipt_filename(data_rank))
+            for pipeline_rank in range(pp) for tensor_rank in range(tp) for data_rank in range(dp)]
 
 
 def check_state_dict_fits(loaded: dict, model: torch.nn.Module, source: str):
@@ -458,18 +478,35 @@ MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_atten
                       "use_stable_embedding")
 
 
-def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: bool = False):
+def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: bool = False) -> list[str]:
     """CheckpointError unless `run` can load the checkpoint in `folder` (saved with `saved`): the same model shape
-    always; for a full resume (not --finetune, not a model-only checkpoint) also the same tensor and pipeline
-    layout and optimizer format, since per-rank optimizer and RNG states are restored (the data-parallel size may
-    change)."""
+    always; for a full resume (not --finetune, not a model-only checkpoint) also the same tokenizer, sequence
+    length, tensor and pipeline layout and optimizer format, since the run goes on where the checkpoint stopped
+    and per-rank optimizer and RNG states are restored (the data-parallel size may change). Returns warnings for
+    the log: loading only the weights of a model trained with another tokenizer."""
     differences = [f"{name}: checkpoint {getattr(saved.model, name)!r}, this run {getattr(run.model, name)!r}"
                    for name in MODEL_SHAPE_FIELDS if getattr(saved.model, name) != getattr(run.model, name)]
     if differences:
         raise CheckpointError(f"--load {folder} holds a different model ({'; '.join(differences)}); "
                               f"change the model flags to match the checkpoint, or load another checkpoint")
-    if run.checkpoint.finetune or model_only:
-        return
+    weights_only = run.checkpoint.finetune or model_only
+    saved_hash, run_hash = saved.data.tokenizer_hash, run.data.tokenizer_hash
+    if saved_hash and run_hash and saved_hash != run_hash:
+        problem = (f"--load {folder} was trained with tokenizer {saved.data.tokenizer_model} (sha256 "
+                   f"{saved_hash[:12]}) but this run's --tokenizer-model {run.data.tokenizer_model} is another one "
+                   f"(sha256 {run_hash[:12]}): the same token ids may stand for other pieces")
+        if not weights_only:
+            raise CheckpointError(f"{problem}; resume with the checkpoint's tokenizer, or pass --finetune to start "
+                                  f"a new training from its weights on purpose")
+        return [f"WARNING: {problem}; the weights are loaded anyway, the embedding rows of every id whose piece "
+                f"changed start from what another piece learnt"]
+    if weights_only:
+        return []
+    if saved.training.seq_length != run.training.seq_length:
+        raise CheckpointError(f"--load {folder} was trained with --seq-length {saved.training.seq_length} but this "
+                              f"run has --seq-length {run.training.seq_length}; resuming would change the data order "
+                              f"and samples; use --seq-length {saved.training.seq_length}, or pass --finetune to "
+                              f"start a new training from its weights")
     saved_sizes, run_sizes = parallel_sizes(saved.parallel), parallel_sizes(run.parallel)
     if saved_sizes[:2] != run_sizes[:2]:
         raise CheckpointError(f"--load {folder} was saved with tensor/pipeline/data-parallel sizes {saved_sizes} but "
@@ -485,11 +522,13 @@ def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: b
         raise CheckpointError(f"--load {folder} splits the blocks over pipeline ranks as {saved_split} but this run "
                               f"as {run_split}; use the checkpoint's --num-layers-per-virtual-pipeline-stage / "
                               f"--decoder-first/last-pipeline-num-layers, or pass --finetune")
+    return []
 
 
 def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config: RunConfig,
                     layout: ParallelLayout = ParallelLayout.single_process()) -> tuple[ResumeState, str]:
-    """Load the newest checkpoint of `load_dir` into `model` and `optimizer`; returns its state and a log line.
+    """Load the newest checkpoint of `load_dir` (or iteration --ckpt-step) into `model` and `optimizer`; returns
+    its state and a log line. Every file read is first checked against its checksum in meta.json.
 
     A full checkpoint restores weights, master params, Adam states, every RNG and the sample count.
     A model-only checkpoint (write_model_checkpoint), or --finetune, restores the weights only and
@@ -500,7 +539,7 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
     saved data-parallel rank; a replicated optimizer state is the same on every data-parallel rank, so the first
     one's is read. Each rank takes the RNG state of its own data-parallel rank, else of rank 0.
     """
-    folder, saved, meta = open_checkpoint(load_dir)
+    folder, saved, meta = open_checkpoint(load_dir, config.checkpoint.ckpt_step)
     weights_only = config.checkpoint.finetune or bool(meta.get("model_only"))
     check_resumable(folder, saved, config, bool(meta.get("model_only")))
     saved_layout = parallel_sizes(saved.parallel)
@@ -508,9 +547,9 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
     same_layout = (saved_layout[:2] == (layout.tensor_size, layout.pipeline_size)
                    and saved.stage_split().ranges == config.stage_split().ranges)
     if same_layout:
-        model_state = load_tensor_file(os.path.join(shard, MODEL_FILENAME))
+        model_state = read_checkpoint_file(folder, meta, os.path.join(shard, MODEL_FILENAME))
     else:
-        full = merge_shards(saved.model, read_model_shards(folder, saved), saved_layout[0])
+        full = merge_shards(saved.model, read_model_shards(folder, saved, meta), saved_layout[0])
         model_state = split_state_dict(config.model, full, layout.tensor_size, layout.pipeline_size,
                                        config.stage_split())[(layout.tensor_rank, layout.pipeline_rank)]
     check_state_dict_fits(model_state, model, os.path.join(shard, MODEL_FILENAME))
@@ -521,14 +560,14 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
         return ResumeState(0, 0, None), f"loaded the weights of {folder} ({reason}); starting at iteration 0"
 
     def read_saved_optimizer_shard(data_rank: int) -> dict:
-        return load_tensor_file(os.path.join(shard, optimizer_filename(data_rank)), mmap=True)
+        return read_checkpoint_file(folder, meta, os.path.join(shard, optimizer_filename(data_rank)), mmap=True)
 
     try:  # the optimizer reads the files of the saved data-parallel ranks it needs (optim/base.py)
         optimizer.load_state_dict(read_saved_optimizer_shard, saved_layout[2], model_state)
     except ValueError as error:
         raise CheckpointError(f"{shard}: {error}") from None
     rng_rank = layout.data_rank if layout.data_rank < saved_layout[2] else 0
-    restore_rng_state(load_tensor_file(os.path.join(shard, rng_filename(rng_rank))))
+    restore_rng_state(read_checkpoint_file(folder, meta, os.path.join(shard, rng_filename(rng_rank))))
     state = ResumeState(int(meta["iteration"]), int(meta["consumed_train_samples"]), meta.get("loss_scaler"))
     return state, (f"resumed from {folder}: iteration {state.iteration}, "
                    f"{state.consumed_train_samples} samples consumed")

@@ -267,6 +267,9 @@ class DataConfig:
     """SentencePieceTokenizer or HuggingFaceTokenizer."""
     tokenizer_model: str | None = None
     """The tokenizer's file (tokenizer.model, or tokenizer.json / its folder)."""
+    tokenizer_hash: str | None = None
+    """sha256 of the tokenizer's files (checkpointing.tokenizer_hash), filled by the run's setup when it opens the
+    tokenizer; a resume with another tokenizer is refused. None: no tokenizer, or a checkpoint older than the field."""
 
 
 @dataclass
@@ -279,6 +282,8 @@ class CheckpointConfig:
     """Checkpoint folder to resume from (its newest published iteration)."""
     finetune: bool = False
     """Load only the model weights from `load` and start at iteration 0 (any layout)."""
+    ckpt_step: int | None = None
+    """The iteration of `load` to start from (None: the published one, named by its tracker file)."""
     save_interval: int | None = None
     """Save every N iterations (and at the end)."""
     exit_interval: int | None = None

@@ -12,13 +12,19 @@ Weight correspondence (ours -> Hugging Face; {i} = layer):
     output.weight [V_padded, h]                -> lm_head.weight [V, h] (absent when tied)
 Rotary embeddings use the same rotate-half convention on both sides, so q/k rows are not permuted.
 Open-Llama's stable embedding (a LayerNorm after the token embedding) has no Hugging Face Llama
-equivalent: exporting such a model raises ConversionError instead of writing a different model.
+equivalent: exporting such a model raises ConversionError instead of writing a different model; so does a
+weight holding NaN/Inf (a diverged checkpoint), named in the message.
+
+Reading a Hugging Face folder, a config.json that is not JSON or lacks a size, a safetensors file that is cut
+short or damaged, and a tensor whose shape config.json does not explain each give a ConversionError naming the
+file or tensor.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -99,10 +105,15 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json",
     model_type = hf_config.get("model_type")
     if model_type != "llama":
         raise ConversionError(f"{source}: model_type is {model_type!r}; only 'llama' (LlamaForCausalLM) converts")
-    missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if key not in hf_config]
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [key for key in sizes if key not in hf_config]
     if missing:
         raise ConversionError(f"{source}: missing {', '.join(missing)}")
+    wrong = [f"{key} {hf_config[key]!r}" for key in sizes + ("num_key_value_heads",)
+             if key in hf_config and hf_config[key] is not None
+             and (not isinstance(hf_config[key], int) or isinstance(hf_config[key], bool) or hf_config[key] <= 0)]
+    if wrong:
+        raise ConversionError(f"{source}: {', '.join(wrong)} should be positive whole numbers")
     hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
     if hf_config.get("head_dim") not in (None, hidden // heads):
         raise ConversionError(f"{source}: head_dim {hf_config['head_dim']} differs from hidden_size / "
@@ -197,6 +208,21 @@ def _our_names(config: ModelConfig) -> set[str]:
     return names
 
 
+def hf_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face weight name -> its shape for `config` (lm_head included even when tied: some exports hold it)."""
+    h, d, vocab, ffn = config.hidden_size, config.head_dim, config.vocab_size, config.ffn_hidden_size
+    per_layer = {"self_attn.q_proj.weight": (config.num_attention_heads * d, h),
+                 "self_attn.k_proj.weight": (config.kv_heads * d, h),
+                 "self_attn.v_proj.weight": (config.kv_heads * d, h),
+                 "self_attn.o_proj.weight": (h, config.num_attention_heads * d),
+                 "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                 "mlp.gate_proj.weight": (ffn, h), "mlp.up_proj.weight": (ffn, h), "mlp.down_proj.weight": (h, ffn)}
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
+    for i in range(config.num_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
 def _pad_vocab_rows(weight: torch.Tensor, padded_rows: int) -> torch.Tensor:
     """[V, h] -> [padded_rows, h], padding rows zero (the loss and logits of real tokens ignore them)."""
     padded = weight.new_zeros(padded_rows, weight.shape[1])
@@ -210,11 +236,16 @@ def from_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor],
     (vocabulary rows zero-padded to ModelConfig.padded_vocab_size(1))."""
     hf = {name: tensor for name, tensor in hf.items() if not name.endswith(_IGNORED_HF_SUFFIXES)}
     padded_vocab = config.padded_vocab_size(1)
+    shapes = hf_weight_shapes(config)
 
     def take(name: str) -> torch.Tensor:
         if name not in hf:
             raise ConversionError(f"the Hugging Face weights have no {name!r}; they do not match config.json")
-        return hf.pop(name).to(dtype)
+        tensor = hf.pop(name)
+        if tuple(tensor.shape) != shapes[name]:
+            raise ConversionError(f"the Hugging Face weight {name} has shape {list(tensor.shape)} but config.json "
+                                  f"implies {list(shapes[name])}; the weights and config.json do not belong together")
+        return tensor.to(dtype)
 
     ours = {"embedding.weight": _pad_vocab_rows(take("model.embed_tokens.weight"), padded_vocab)}
     for i in range(config.num_layers):
@@ -287,7 +318,9 @@ def load_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face folder's model.safetensors or sharded safetensors (local disk only)."""
     folder = Path(folder)
     if (folder / SAFETENSORS_INDEX).exists():
-        weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
+        weight_map = _read_json_file(folder / SAFETENSORS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{folder / SAFETENSORS_INDEX} has no \"weight_map\" object; fix or replace it")
         files = sorted(set(weight_map.values()))
     elif (folder / SAFETENSORS_SINGLE).exists():
         files = [SAFETENSORS_SINGLE]
@@ -297,9 +330,26 @@ def load_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
                               f"{present}); save the model with save_pretrained(..., safe_serialization=True)")
     tensors = {}
     for file_name in files:
-        with safe_open(folder / file_name, framework="pt") as shard:
-            tensors.update({name: shard.get_tensor(name) for name in shard.keys()})
+        path = folder / file_name
+        if not path.is_file():
+            raise ConversionError(f"{path} is missing; {SAFETENSORS_INDEX} names it")
+        try:
+            with safe_open(path, framework="pt") as shard:
+                tensors.update({name: shard.get_tensor(name) for name in shard.keys()})
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise ConversionError(f"{path} is not a readable safetensors file ({error}); it is probably cut short "
+                                  f"or damaged: copy or download it again") from None
     return tensors
+
+
+def _read_json_file(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path} is not valid JSON ({error}); fix or replace the file") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} should hold a JSON object; fix or replace the file")
+    return value
 
 
 def read_hf_config(folder: str | os.PathLike, make_vocab_size_divisible_by: int = 128) -> tuple[ModelConfig, dict]:
@@ -307,7 +357,7 @@ def read_hf_config(folder: str | os.PathLike, make_vocab_size_divisible_by: int 
     config_path = Path(folder) / "config.json"
     if not config_path.exists():
         raise ConversionError(f"{config_path} not found; --load must be a Hugging Face model folder")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = _read_json_file(config_path)
     return model_config_from_hf(hf_config, str(config_path), make_vocab_size_divisible_by), hf_config
 
 
@@ -326,8 +376,9 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
     and the tokenizer files when `tokenizer` (megatron_llama.data.tokenizer.Tokenizer) is given, their
     tokenizer_config.json carrying the named chat template (data/chat_template.py) for apply_chat_template.
 
-    dtype None keeps the checkpoint's dtype. Written into a temporary folder renamed at the end, so
-    `folder` never holds half an export; it must not exist yet or be empty.
+    dtype None keeps the checkpoint's dtype. Written into a new temporary folder beside it (a hidden name chosen
+    here, removed on failure) renamed at the end, so `folder` never holds half an export; it must not exist yet or
+    be empty. Weights holding NaN/Inf are refused (check_finite).
     """
     check_exportable(config)
     folder = Path(folder)
@@ -336,25 +387,50 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
     dtype = dtype or _require(state_dict, "embedding.weight").dtype
     if dtype not in _DTYPE_NAMES:
         raise ConversionError(f"cannot export weights as {dtype}; use one of {', '.join(_DTYPE_NAMES.values())}")
+    check_finite(state_dict)
     hf_tensors = to_hf_state_dict(config, state_dict)
     token_ids = {}
     if tokenizer is not None:
         token_ids = {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eod, "pad_token_id": tokenizer.pad}
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_hf_weights(partial, hf_tensors, dtype, max_shard_size)
-    _write_json(partial / "config.json", hf_config_dict(config, dtype, **token_ids))
-    generation = {key: value for key, value in token_ids.items() if value is not None}
-    _write_json(partial / "generation_config.json", {"_from_model_config": True, **generation})
-    if tokenizer is not None:
-        tokenizer.save_hf_files(str(partial))
-        tokenizer_config = json.loads((partial / "tokenizer_config.json").read_text())
-        tokenizer_config["chat_template"] = get_chat_template(chat_template).jinja()
-        _write_json(partial / "tokenizer_config.json", tokenizer_config)
-    if folder.exists():
-        folder.rmdir()
-    os.replace(partial, folder)
+    partial = _new_partial_folder(folder)
+    try:
+        save_hf_weights(partial, hf_tensors, dtype, max_shard_size)
+        _write_json(partial / "config.json", hf_config_dict(config, dtype, **token_ids))
+        generation = {key: value for key, value in token_ids.items() if value is not None}
+        _write_json(partial / "generation_config.json", {"_from_model_config": True, **generation})
+        if tokenizer is not None:
+            tokenizer.save_hf_files(str(partial))
+            tokenizer_config = json.loads((partial / "tokenizer_config.json").read_text())
+            tokenizer_config["chat_template"] = get_chat_template(chat_template).jinja()
+            _write_json(partial / "tokenizer_config.json", tokenizer_config)
+        if folder.exists():
+            folder.rmdir()
+        os.replace(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # ours alone: created above under a name nobody else uses
+        raise
+
+
+def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
+    """ConversionError naming the first weight that holds NaN/Inf (a checkpoint saved after training diverged)."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ConversionError(f"weight {name} holds {count} NaN/Inf values: the checkpoint diverged; export an "
+                                  f"earlier iteration (--ckpt-step N)")
+
+
+def _new_partial_folder(folder: Path) -> Path:
+    """A new, empty folder beside `folder` with a name this call chose (never one that exists: a user's files are
+    never touched); the export is written into it and renamed to `folder` when complete."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            partial.mkdir()
+            return partial
+        except FileExistsError:
+            continue
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -22,12 +22,14 @@ Any layout: torchrun --nproc_per_node 8 -m megatron_llama.pretrain --tensor-mode
     --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --use-distributed-optimizer \\
     --overlap-grad-reduce --recompute-granularity full --recompute-method uniform ...   # data-parallel 2
 
-`python -m megatron_llama.pretrain --help` lists every flag (arguments.py). Exit status: 0 when
-training finished or exited on request (--exit-interval, SIGTERM with --exit-signal-handler), 1 when
-it diverged (NaN/Inf), 2 for bad arguments or a bad checkpoint, 3 (EXIT_BAD_DATA) for bad data: token files,
-SFT records or an index cache that cannot be used (data.errors.DataError, one line naming the file).
-`main(argv)` is callable in-process, also inside an already started default process group (it then builds only
-the model-parallel groups).
+`python -m megatron_llama.pretrain --help` lists every flag (arguments.py). `main(argv)` is callable in-process,
+also inside an already started default process group (it then builds only the model-parallel groups).
+
+Exit status, by class (the error is one line on stderr, naming the flag, file or iteration and what to do):
+    0   training finished, or exited on request (--exit-interval, SIGTERM with --exit-signal-handler)
+    1   training diverged: a NaN/Inf loss, gradient norm or updated parameter; nothing of it was published
+    2   bad arguments, or a checkpoint that is missing, incomplete, corrupt (checksum) or does not fit the run
+    3   bad data: token files, SFT records or an index cache that cannot be used (data.errors.DataError)
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_llama.arguments import ArgumentsError, parse_args
+from megatron_llama.checkpoint_files import set_aside_unpublished, tracker_path
 from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint,
-                                          open_checkpoint, save_checkpoint)
+                                          open_checkpoint, save_checkpoint, tokenizer_hash)
 from megatron_llama.config import RunConfig
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets
 from megatron_llama.data.errors import DataError
@@ -65,7 +68,7 @@ from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingProgress, train
 
-EXIT_BAD_DATA = 3  # the exit status of a DataError; the others are listed in the module docstring
+EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_ARGUMENTS_OR_CHECKPOINT, EXIT_BAD_DATA = 0, 1, 2, 3  # the module docstring
 
 
 def open_tokenizer(config: RunConfig):
@@ -83,25 +86,35 @@ def open_tokenizer(config: RunConfig):
         raise ArgumentsError(f"--vocab-size {given} disagrees with the tokenizer {data.tokenizer_model} "
                              f"({tokenizer.vocab_size} entries); drop --vocab-size")
     config.model = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+    config.data = dataclasses.replace(config.data, tokenizer_hash=tokenizer_hash(tokenizer))
     return tokenizer
 
 
+def _rank() -> int:
+    """This process's global rank, also before the default process group starts (torchrun's RANK)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def find_resume_checkpoint(config: RunConfig, notes: list[str]) -> str | None:
-    """The iteration folder of --load this run starts from (checked against the run: checkpointing.check_resumable),
-    or None. An empty --load folder that is also the --save folder means "resume in place": the first run starts
-    at iteration 0."""
-    load, save = config.checkpoint.load, config.checkpoint.save
+    """The iteration folder of --load this run starts from (checked against the run: checkpointing.check_resumable,
+    whose warnings join `notes`), or None. A --load folder that is also the --save folder means "resume in place":
+    the first rank sets aside the folders of unpublished iterations (an interrupted save; it prints what it moved),
+    and without a published checkpoint the run starts at iteration 0."""
+    load, save, step = config.checkpoint.load, config.checkpoint.save, config.checkpoint.ckpt_step
     if load is None:
         return None
-    empty = not any(name.startswith("iter_") or name.endswith(".txt") for name in os.listdir(load))
-    if empty and save is not None and os.path.abspath(save) == os.path.abspath(load):
-        notes.append(f"no checkpoint in {load} yet: starting from iteration 0")
-        return None
+    if save is not None and os.path.abspath(save) == os.path.abspath(load):
+        if _rank() == 0:
+            for line in set_aside_unpublished(load, keep=step):
+                print(line, flush=True)
+        if step is None and not os.path.isfile(tracker_path(load)):
+            notes.append(f"no checkpoint published in {load} yet: starting from iteration 0")
+            return None
     try:
-        folder, saved, meta = open_checkpoint(load)
+        folder, saved, meta = open_checkpoint(load, step)
     except CheckpointError as error:
         raise CheckpointError(f"--load {load}: {error}") from None
-    check_resumable(folder, saved, config, bool(meta.get("model_only")))
+    notes.extend(check_resumable(folder, saved, config, bool(meta.get("model_only"))))
     return folder
 
 
@@ -288,12 +301,12 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         train(model, optimizer, lr_schedule, progress, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:
         stop_flag.restore()
-    return 0
+    return EXIT_DONE
 
 
 def _print_on_first_rank(message: str):
     """Every rank fails alike before the layout starts; one message is enough."""
-    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0:
+    if _rank() == 0:
         print(f"error: {message}", file=sys.stderr)
 
 
@@ -305,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         resume_from = find_resume_checkpoint(config, notes)
     except (ArgumentsError, CheckpointError) as error:
         _print_on_first_rank(str(error))
-        return 2
+        return EXIT_BAD_ARGUMENTS_OR_CHECKPOINT
     layout, started = initialize_distributed(config)
     logger = MetricsLogger(jsonl_path=config.logging.metrics_path, tensorboard_dir=config.logging.tensorboard_dir,
                            enabled=layout.is_logging_rank)
@@ -314,11 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         if logger.enabled:  # the loss and gradient norm are agreed by every rank
             print(f"error: training diverged at {error}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
     except CheckpointError as error:
         where = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
         print(f"error: {where}{error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_ARGUMENTS_OR_CHECKPOINT
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_DATA

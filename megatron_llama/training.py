@@ -14,6 +14,12 @@ iteration and nothing saved, so the last checkpoint stays as it was. (With fp16,
 step is skipped and the loss scale halved instead; only an overflow at the minimum loss scale
 stops the run.)
 
+Nothing non-finite is published: the loss and gradient norm are read on the host every step anyway (one sync)
+and checked there; the updated parameters are checked before each save (check_parameters_finite: one finiteness
+flag per tensor, one host sync, one all-reduce over every rank), not every step, because that reads every
+weight once more. A parameter that became NaN/Inf in a step that is not saved makes the next step's loss
+non-finite, which stops the run; the one moment it could slip through is a save, and that is where it is checked.
+
 Parallel layouts (pretrain.py builds the process groups before the model). Each data-parallel rank
 takes its own micro-batches of the global batch (data_loader.PretrainingSampler); the tensor and pipeline
 ranks of one data-parallel rank read identical micro-batches. `model` is this rank's StageModel (its
@@ -204,6 +210,46 @@ def _diverged(loss: float, outcome: StepOutcome, optimizer: TrainingOptimizer) -
     return isinstance(scaler, DynamicLossScaler) and scaler.scale <= scaler.min_scale and scaler.hysteresis_left <= 0
 
 
+def _stopped_without_saving(last_saved: int | None) -> str:
+    kept = (f"the last checkpoint is intact (iteration {last_saved})" if last_saved is not None
+            else "no checkpoint of this run was published")
+    return f"training stopped without saving, {kept} (lower --lr, raise --lr-warmup-iters or check the data)"
+
+
+_NAME_CHARACTERS = 200  # room for any parameter name
+
+
+@torch.no_grad()
+def check_parameters_finite(model: nn.Module, iteration: int, device: torch.device, last_saved: int | None):
+    """TrainingDiverged on every rank, naming a NaN/Inf parameter, when any rank's updated parameters hold one.
+    The first rank holding one sends the name (as character codes in an all-reduced tensor: every rank needs it,
+    only the logging rank prints)."""
+    named = list(model.named_parameters())
+    finite = torch.stack([torch.isfinite(param).all() for _, param in named]).tolist() if named else []
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.group.WORLD if dist.is_initialized() else None
+    first = torch.tensor([rank if bad else comm.group_size(world)], dtype=torch.int64, device=device)
+    comm.all_reduce(first, world, op=dist.ReduceOp.MIN)
+    if int(first.item()) == comm.group_size(world):
+        return
+    name = torch.zeros(_NAME_CHARACTERS, dtype=torch.int64, device=device)
+    if rank == int(first.item()):
+        codes = [ord(character) for character in bad[0][:_NAME_CHARACTERS]]
+        name[:len(codes)] = torch.tensor(codes, dtype=torch.int64)
+    comm.all_reduce(name, world)
+    shown = "".join(chr(code) for code in name.tolist() if code)
+    raise TrainingDiverged(f"iteration {iteration}: parameter {shown} (rank {int(first.item())}) holds NaN/Inf after "
+                           f"the update, though the loss and gradient norm were finite; "
+                           f"{_stopped_without_saving(last_saved)}")
+
+
+def _save_if_finite(model: nn.Module, setup: TrainingSetup, progress: TrainingProgress, last_saved: int | None):
+    setup.buffers.finish_param_sync()  # the distributed optimizer's updated parameters may still be gathering
+    check_parameters_finite(model, progress.iteration, setup.device, last_saved)
+    setup.save(progress)
+
+
 class _IntervalMeter:
     """Loss and training wall time accumulated between two log lines (evaluation and saving excluded)."""
 
@@ -248,8 +294,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
         loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers)
         if _diverged(loss, outcome, optimizer):
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
-                                   f"finite; training stopped without saving, the last checkpoint is intact "
-                                   f"(lower --lr, raise --lr-warmup-iters or check the data)")
+                                   f"finite; {_stopped_without_saving(last_saved)}")
         progress.iteration = iteration
         progress.consumed_train_samples += setup.global_batch_size
         progress.skipped_iterations += int(outcome.skipped)
@@ -264,7 +309,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
             meter.exclude(since)
         if setup.save is not None and _due(iteration, setup.save_interval):
             since = time.perf_counter()
-            setup.save(progress)
+            _save_if_finite(model, setup, progress, last_saved)
             last_saved = iteration
             meter.exclude(since)
         if _due(iteration, setup.exit_interval):
@@ -278,7 +323,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
             if dataset is not None and not (kind == "valid" and last_evaluated == progress.iteration):
                 _log_eval(logger, kind, progress.iteration, evaluate(model, eval_batches(dataset, setup)))
     if setup.save is not None and last_saved != progress.iteration:
-        setup.save(progress)
+        _save_if_finite(model, setup, progress, last_saved)
     logger.print(f"training stopped at iteration {progress.iteration}: {reason}")
     return reason
 

@@ -1,7 +1,7 @@
 """Export a megatron_llama checkpoint to the Hugging Face Llama format.
 
     python tools/convert_to_hf.py --load checkpoints/run1 --save hf/run1 \
-        [--iteration 2000] [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB] \
+        [--ckpt-step 2000] [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB] \
         [--tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/] [--chat-template openllama|llama2|chatml]
 
 Reads any tensor/pipeline layout (merged by checkpointing.read_model_checkpoint); default iteration:
@@ -10,7 +10,9 @@ model.safetensors.index.json above --max-shard-size) and the tokenizer files of 
 checkpoint was trained with (or the one given here), with the chat template (default openllama) that
 tokenizer.apply_chat_template renders. The folder loads with
 transformers.LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained. Models with
-Open-Llama's stable embedding are refused: Hugging Face Llama has no LayerNorm after the embedding.
+Open-Llama's stable embedding are refused: Hugging Face Llama has no LayerNorm after the embedding. So are
+weights holding NaN/Inf (a diverged checkpoint), files that fail their checksum, and a tokenizer whose files
+differ from the ones the checkpoint was trained with (its recorded sha256). Errors are one line, exit status 1.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import sys
 
 import torch
 
-from megatron_llama.checkpointing import CheckpointError, read_model_checkpoint
+from megatron_llama.checkpointing import CheckpointError, read_model_checkpoint, tokenizer_hash
 from megatron_llama.config import DataConfig
 from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
@@ -32,7 +34,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint directory (the trainer's --save)")
-    parser.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the latest)")
+    parser.add_argument("--ckpt-step", "--iteration", dest="iteration", type=int, default=None,
+                        help="iteration to export (default: the published one)")
     parser.add_argument("--save", required=True, help="new folder for the Hugging Face model")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="weight dtype of the export (auto: as stored in the checkpoint)")
@@ -58,6 +61,14 @@ def load_tokenizer(args: argparse.Namespace, recorded: DataConfig, vocab_size: i
         raise TokenizerError(f"the checkpoint was trained with tokenizer {tokenizer_model}, which does not exist "
                              "here; pass its current location with --tokenizer-type and --tokenizer-model")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+    if recorded.tokenizer_hash is not None and tokenizer_hash(tokenizer) != recorded.tokenizer_hash:
+        problem = (f"tokenizer {tokenizer_model} is not the one the checkpoint was trained with "
+                   f"({recorded.tokenizer_model}, sha256 {recorded.tokenizer_hash[:12]}): its ids may mean other "
+                   f"pieces")
+        if args.tokenizer_model is None:  # the recorded file changed since training
+            raise TokenizerError(f"{problem}; pass the tokenizer the model was trained with (--tokenizer-type and "
+                                 f"--tokenizer-model)")
+        print(f"convert_to_hf: WARNING: {problem}; exporting it as you asked")
     if tokenizer.vocab_size > vocab_size:
         raise TokenizerError(f"tokenizer {tokenizer_model} has {tokenizer.vocab_size} entries but the model's "
                              f"vocabulary only {vocab_size}; give the tokenizer the model was trained with")
