@@ -45,7 +45,6 @@ Converters and tools use:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ from megatron_llama.checkpoint_files import (CheckpointError, atomic_torch_save,
                                              read_tracker, receipt_filename, rng_filename, saved_iterations,
                                              shard_dir, tracker_path, verify_file, write_tracker)
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
-from megatron_llama.data.tokenizer import SentencePieceTokenizer
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.parallel.random import get_rng_tracker
 from megatron_llama.parallel.state import ParallelLayout
@@ -196,24 +194,6 @@ def read_checkpoint_file(folder: str, meta: dict, path: str, mmap: bool = False)
         return load_tensor_file(path, mmap, file_record(folder, meta, path))
     except CheckpointError as error:
         raise with_earlier_checkpoint(error, os.path.dirname(folder), int(meta["iteration"])) from None
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """The sha256 of the files `tokenizer` was read from (its identity, recorded as DataConfig.tokenizer_hash):
-    a SentencePiece .model; a Hugging Face tokenizer.json and the tokenizer_config.json beside it (which names the
-    special tokens)."""
-    if isinstance(tokenizer, SentencePieceTokenizer):
-        paths = [tokenizer.model_path]
-    else:
-        config = os.path.join(tokenizer.folder, "tokenizer_config.json")
-        paths = [tokenizer.tokenizer_file] + ([config] if os.path.isfile(config) else [])
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            content = handle.read()
-        digest.update(f"{os.path.basename(path)}:{len(content)}:".encode())
-        digest.update(content)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------- splitting and merging tp/pp shards

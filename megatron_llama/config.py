@@ -268,7 +268,7 @@ class DataConfig:
     tokenizer_model: str | None = None
     """The tokenizer's file (tokenizer.model, or tokenizer.json / its folder)."""
     tokenizer_hash: str | None = None
-    """sha256 of the tokenizer's files (checkpointing.tokenizer_hash), filled by the run's setup when it opens the
+    """sha256 of the tokenizer's files (data/tokenizer.tokenizer_hash), filled by the run's setup when it opens the
     tokenizer; a resume with another tokenizer is refused. None: no tokenizer, or a checkpoint older than the field."""
 
 

@@ -45,12 +45,13 @@ import torch.distributed as dist
 from megatron_llama.arguments import ArgumentsError, parse_args
 from megatron_llama.checkpoint_files import set_aside_unpublished, tracker_path
 from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint,
-                                          open_checkpoint, save_checkpoint, tokenizer_hash)
+                                          open_checkpoint, save_checkpoint)
 from megatron_llama.config import RunConfig
-from megatron_llama.data.blended_dataset import build_train_valid_test_datasets
+from megatron_llama.data.blended_dataset import build_train_valid_test_datasets, parse_data_path
+from megatron_llama.data.dataset_tokenizer import check_dataset_tokenizer
 from megatron_llama.data.errors import DataError
 from megatron_llama.data.sft_dataset import build_sft_datasets
-from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
+from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.model.compile import compile_blocks
@@ -131,6 +132,10 @@ def build_datasets(config: RunConfig, tokenizer, log):
         return (MockGPTDataset(train_samples, training.seq_length, vocab, training.seed),
                 MockGPTDataset(eval_samples, training.seq_length, vocab, training.seed + 1) if eval_samples else None,
                 None)
+    given = [paths for paths in (data.data_path, data.train_data_path, data.valid_data_path, data.test_data_path)
+             if paths]
+    check_dataset_tokenizer([prefix for paths in given for prefix in parse_data_path(paths)[0]],
+                            data.tokenizer_hash, data.tokenizer_model)
     return build_train_valid_test_datasets(
         data_path=data.data_path or None, split=data.split, seq_length=training.seq_length, seed=training.seed,
         num_samples=(train_samples, eval_samples, eval_samples), cache_path=data.data_cache_path,

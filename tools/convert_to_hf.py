@@ -22,10 +22,10 @@ import sys
 
 import torch
 
-from megatron_llama.checkpointing import CheckpointError, read_model_checkpoint, tokenizer_hash
+from megatron_llama.checkpointing import CheckpointError, read_model_checkpoint
 from megatron_llama.config import DataConfig
 from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
-from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
+from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash
 from megatron_llama.hf_conversion import DEFAULT_MAX_SHARD_SIZE, ConversionError, check_exportable, save_hf_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -17,6 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_llama.data.dataset_tokenizer import common_tokenizer_record, write_tokenizer_record  # noqa: E402
+from megatron_llama.data.errors import DataError  # noqa: E402
 from megatron_llama.data.indexed_dataset import (  # noqa: E402
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -61,12 +63,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def merge(prefixes: list[str], output_prefix: str) -> tuple[int, int]:
-    """Write the concatenation of `prefixes` to `output_prefix`; returns (documents, tokens)."""
+    """Write the concatenation of `prefixes` to `output_prefix`, with their common tokenizer record; returns
+    (documents, tokens)."""
+    record = common_tokenizer_record(prefixes)
     first = IndexedDataset(prefixes[0])
     dtype = first.dtype
     first.close()
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     builder = IndexedDatasetBuilder(data_file_path(output_prefix), dtype)
+    if record is not None:
+        write_tokenizer_record(output_prefix, record["tokenizer_type"], record["tokenizer_model"],
+                               record["tokenizer_hash"])
     with builder:
         for prefix in prefixes:
             builder.merge_file_(prefix)
@@ -81,7 +88,7 @@ def main(argv=None) -> int:
     started = time.time()
     try:
         documents, tokens = merge(args.prefixes, args.output_prefix)
-    except IndexedDatasetError as error:
+    except (IndexedDatasetError, DataError) as error:
         print(f"error: {error}\nno output written", file=sys.stderr)
         return 1
     print(

@@ -25,7 +25,8 @@ run, naming the file and the line where the damage begins: it is not a bad line,
 the rest of the file.
 Empty documents are never written; they are counted. Files are written under temporary names and renamed
 when complete (.bin, then .idx), so an interrupted run (Ctrl-C, kill -9) never leaves an .idx beside a
-partial .bin.
+partial .bin. Before them, `{prefix}.tokenizer.json` records the tokenizer (data/dataset_tokenizer.py): the trainer
+refuses to read the ids with another one.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ from megatron_llama.data.indexed_dataset import (  # noqa: E402
     data_file_path,
     index_file_path,
 )
-from megatron_llama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+from megatron_llama.data.dataset_tokenizer import write_tokenizer_record  # noqa: E402
+from megatron_llama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer, tokenizer_hash  # noqa: E402
 
 LOCATIONS_SHOWN = 5
 ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r"}
@@ -336,8 +338,10 @@ def run(args: argparse.Namespace) -> int:
             pool.close()
             pool.join()
             pool = None
+        identity = tokenizer_hash(tokenizer)
         for name in names:
             prefix = output_prefix(args.output_prefix, name)
+            write_tokenizer_record(prefix, args.tokenizer_type, args.tokenizer_model, identity)  # before the data
             builders[name].finalize(index_file_path(prefix))
     except (BadLineError, DamagedFileError, Interrupted, KeyboardInterrupt) as error:
         for builder in builders.values():

@@ -5,12 +5,14 @@
     ids = tokenizer.tokenize("床前明月光 and moonlight")       # no BOS/EOS added
     text = tokenizer.detokenize(ids)
     tokenizer.save_hf_files("export/")                       # for transformers.AutoTokenizer
+    tokenizer_hash(tokenizer)                                # sha256 of its files: its identity
 
 Every tokenizer has `vocab_size`, `eod` (the end-of-document id written between documents: the model's
 end-of-sequence token), `bos` and `pad` (None when the model has none).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -263,6 +265,24 @@ class HuggingFaceTokenizer:
             if self.pad is not None:
                 config["pad_token"] = self._tokenizer.id_to_token(self.pad)
             _write_json(os.path.join(folder, "tokenizer_config.json"), config)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """The sha256 of the files `tokenizer` was read from: its identity, recorded in checkpoints
+    (DataConfig.tokenizer_hash) and beside token files (data/dataset_tokenizer.py). A SentencePiece .model; a Hugging
+    Face tokenizer.json and the tokenizer_config.json beside it (which names the special tokens)."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        paths = [tokenizer.model_path]
+    else:
+        config = os.path.join(tokenizer.folder, "tokenizer_config.json")
+        paths = [tokenizer.tokenizer_file] + ([config] if os.path.isfile(config) else [])
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            content = handle.read()
+        digest.update(f"{os.path.basename(path)}:{len(content)}:".encode())
+        digest.update(content)
+    return digest.hexdigest()
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str):
