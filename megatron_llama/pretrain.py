@@ -293,9 +293,8 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save}")
 
     stop_flag = SignalFlag(checkpoint.exit_signal_handler, logger)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     profiler = (StepProfiler(trace_folder(logging.tensorboard_dir, logging.metrics_path), logging.profile_step_start,
-                             logging.profile_step_end, rank, device, enabled=rank in logging.profile_ranks)
+                             logging.profile_step_end, _rank(), device, enabled=_rank() in logging.profile_ranks)
                 if logging.profile else None)
     setup = TrainingSetup(
         train_iters=training.train_iters, global_batch_size=training.global_batch_size,
