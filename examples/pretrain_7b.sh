@@ -3,9 +3,11 @@
 #
 #   bash examples/pretrain_7b.sh                                   # one node, all its GPUs
 #   NNODES=20 NODE_RANK=$i MASTER_ADDR=node0 bash examples/pretrain_7b.sh   # on every node i of 20
+#   sbatch --nodes 20 examples/slurm/pretrain_7b.sbatch           # Slurm sets the four variables above
 #
 # Every variable below can be set from the environment. Data paths follow Megatron's
 # --data-path syntax (weight prefix pairs); DATA_PATH=mock trains on random tokens (a smoke test).
+# LAUNCHER is put before torchrun: LAUNCHER=echo prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +49,8 @@ else
 fi
 
 mkdir -p "$OUTPUT_DIR/checkpoints"  # --load of the empty --save folder starts fresh, later runs resume
-exec torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+# shellcheck disable=SC2086  # LAUNCHER is a command prefix of several words, or none
+exec ${LAUNCHER:-} torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m megatron_llama.pretrain --model-preset openllama-7b \
   "${parallel[@]}" "${data[@]}" \

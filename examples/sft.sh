@@ -9,7 +9,8 @@
 # (examples/sft_sample.jsonl shows both). Each record is tokenized as BOS prompt response EOD; only the
 # response tokens and the EOD are learned (megatron_llama/data/sft_dataset.py). --finetune loads the weights
 # of LOAD and starts a new run at iteration 0 with a fresh optimizer; the result goes to OUT.
-# Every variable below can be set from the environment; extra arguments are passed to the trainer.
+# Every variable below can be set from the environment; extra arguments are passed to the trainer. LAUNCHER is put
+# before the two commands (LAUNCHER=echo prints them instead of running them); on Slurm: examples/slurm/sft.sbatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -40,8 +41,8 @@ evaluation=(--eval-iters 0)
 
 mkdir -p "$OUT"
 echo "== 1/2 fine-tune $LOAD on $DATA"
-# shellcheck disable=SC2086  # MODEL_ARGS is a list of flags on purpose
-torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+# shellcheck disable=SC2086  # MODEL_ARGS is a list of flags on purpose, LAUNCHER a command prefix (or none)
+${LAUNCHER:-} torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m megatron_llama.pretrain $MODEL_ARGS \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
@@ -54,5 +55,6 @@ torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE
 
 if [ "$NODE_RANK" -eq 0 ]; then
   echo "== 2/2 export to Hugging Face format"
-  "$PYTHON" tools/convert_to_hf.py --load "$OUT/checkpoints" --save "$OUT/hf"
+  # shellcheck disable=SC2086
+  ${LAUNCHER:-} "$PYTHON" tools/convert_to_hf.py --load "$OUT/checkpoints" --save "$OUT/hf"
 fi

@@ -161,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="JSON-lines metrics file (default: metrics.jsonl in --save, else in --tensorboard-dir)")
     logging.add_argument("--eval-interval", type=int, default=1000)
     logging.add_argument("--eval-iters", type=int, default=100, help="global batches per evaluation; 0: no evaluation")
+    logging.add_argument("--profile", action="store_true",
+                         help="torch.profiler trace of iterations [--profile-step-start, --profile-step-end) into "
+                              "--tensorboard-dir (else beside the metrics file)")
+    logging.add_argument("--profile-step-start", type=int, default=10)
+    logging.add_argument("--profile-step-end", type=int, default=12)
+    logging.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that record a trace")
+    logging.add_argument("--log-memory-to-tensorboard", action="store_true",
+                         help="memory statistics in every training record (TensorBoard and metrics file)")
 
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -182,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="shard fp32 master params and Adam states over data-parallel ranks (ZeRO-1)")
     parallel.add_argument("--overlap-param-gather", action="store_true",
                           help="all-gather updated params behind the next forward (needs --use-distributed-optimizer)")
+    parallel.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                          help="minutes a collective waits for the other ranks before the run fails")
 
     recompute = parser.add_argument_group("activation recompute")
     recompute.add_argument("--recompute-granularity", choices=("full", "selective"),
@@ -209,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
     _check_schedule(config)
     _check_data(config)
     _check_checkpointing(config, notes)
+    _check_profiling(config)
     return config, notes
 
 
@@ -239,7 +250,7 @@ def launched_world_size() -> int:
 def _parallel_config(args: argparse.Namespace, notes: list[str]) -> ParallelConfig:
     config = _section(ParallelConfig, args, data_parallel_size=1)
     _positive(config, "tensor_model_parallel_size", "pipeline_model_parallel_size", "ddp_bucket_size",
-              "num_layers_per_virtual_pipeline_stage")
+              "num_layers_per_virtual_pipeline_stage", "distributed_timeout_minutes")
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     world_size = launched_world_size()
     if world_size % (tp * pp):
@@ -484,3 +495,24 @@ def _check_checkpointing(config: RunConfig, notes: list[str]):
     if checkpoint.load is not None and not os.path.isdir(checkpoint.load):
         raise ArgumentsError(f"--load {checkpoint.load} does not exist; check the path (or drop --load to start "
                              f"fresh)")
+
+
+def _check_profiling(config: RunConfig):
+    """--profile's iterations must lie in the run and its ranks exist; the trace needs a folder (metrics path set)."""
+    logging, world_size = config.logging, config.parallel.world_size
+    if not logging.profile:
+        return
+    start, end = logging.profile_step_start, logging.profile_step_end
+    if start < 1 or end <= start:
+        raise ArgumentsError(f"--profile-step-start {start} and --profile-step-end {end} must satisfy "
+                             f"1 <= start < end (iterations start..end-1 are profiled)")
+    if start > config.training.train_iters:
+        raise ArgumentsError(f"--profile-step-start {start} is after the last iteration (--train-iters "
+                             f"{config.training.train_iters}); no trace would be written")
+    outside = [rank for rank in logging.profile_ranks if not 0 <= rank < world_size]
+    if outside:
+        raise ArgumentsError(f"--profile-ranks {' '.join(map(str, outside))} outside the {world_size} ranks of the "
+                             f"run; give ranks 0..{world_size - 1}")
+    if logging.tensorboard_dir is None and logging.metrics_path is None:
+        raise ArgumentsError("--profile writes its trace into --tensorboard-dir, or beside the metrics file: give "
+                             "--tensorboard-dir, --save or --metrics-path")

@@ -169,6 +169,8 @@ class ParallelConfig:
     """Shard the fp32 master params and Adam states over data-parallel ranks (ZeRO stage 1)."""
     overlap_param_gather: bool = False
     """All-gather the updated parameters behind the next forward (distributed optimizer only)."""
+    distributed_timeout_minutes: int = 10
+    """Minutes a collective waits for the other ranks before the run fails (every process group)."""
 
     @property
     def world_size(self) -> int:
@@ -306,6 +308,16 @@ class LoggingConfig:
     """Iterations between evaluations on the validation set."""
     eval_iters: int = 100
     """Global batches per evaluation; 0: no evaluation."""
+    profile: bool = False
+    """Record a torch.profiler trace of iterations profile_step_start .. profile_step_end - 1 (profiling.py)."""
+    profile_step_start: int = 10
+    """First profiled iteration."""
+    profile_step_end: int = 12
+    """First iteration after the profiled ones."""
+    profile_ranks: list[int] = dataclasses.field(default_factory=lambda: [0])
+    """Global ranks that record a trace."""
+    log_memory_to_tensorboard: bool = False
+    """Add the device's memory statistics (metrics.memory_statistics) to every training record."""
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig, "data": DataConfig,

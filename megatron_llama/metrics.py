@@ -4,12 +4,15 @@ Each record is a flat dict with "kind" ("train" or "valid"/"test") and "iteratio
 file (--metrics-path, default metrics.jsonl in --save, else in --tensorboard-dir) gets one object
 per line, appended, so a resumed run continues the same file and two runs can be compared by a
 script. TensorBoard
-(--tensorboard-dir) gets every numeric field as a scalar "{kind}/{field}"; when tensorboard is not
-importable the logger says so once and carries on without it.
+(--tensorboard-dir) gets every numeric field as a scalar "{kind}/{field}", and each number of a dict field as
+"{kind}/{field}/{key}"; when tensorboard is not importable the logger says so once and carries on without it.
 
 Train records hold: iteration, consumed_samples, loss, lr, grad_norm, loss_scale, skipped_iterations,
 step_time_s, tokens_per_s_per_gpu, mfu (model FLOPs per token x tokens/s/GPU / 989e12, docs/performance.md),
-peak_mem_gib (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory).
+peak_mem_gib (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory),
+rank_step_time_min_s / rank_step_time_max_s (the least and the most time any rank spent per iteration in its own
+forward and backward: profiling.ComputeTimer), and samples_per_dataset ({data prefix: samples} drawn in the interval,
+when the training data is a blend). With --log-memory-to-tensorboard: memory_statistics' fields.
 Eval records hold: iteration, loss, perplexity. A NaN or Inf value is written to JSON as null.
 """
 from __future__ import annotations
@@ -35,6 +38,20 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
     return kib / 2**20
+
+
+def memory_statistics(device: torch.device) -> dict:
+    """The memory fields of --log-memory-to-tensorboard. GPU: allocated and reserved now, the most allocated so far,
+    allocator retries (cudaFree and retry: a sign of fragmentation). CPU: the process's resident memory now."""
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        return {"mem_allocated_gib": stats["allocated_bytes.all.current"] / 2**30,
+                "mem_reserved_gib": stats["reserved_bytes.all.current"] / 2**30,
+                "mem_max_allocated_gib": stats["allocated_bytes.all.peak"] / 2**30,
+                "mem_alloc_retries": stats["num_alloc_retries"]}
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return {"mem_resident_gib": resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
 
 
 def perplexity(loss: float) -> float:
@@ -80,6 +97,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key not in ("kind", "iteration") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["iteration"])
+                elif isinstance(value, dict):
+                    for part, number in value.items():
+                        self.tensorboard.add_scalar(f"{record['kind']}/{key}/{part}", number, record["iteration"])
             self.tensorboard.flush()
 
     def close(self):
@@ -98,7 +118,7 @@ def _strict_json(record: dict) -> dict:
 
 
 _SHOWN = {"train": ("consumed_samples", "loss", "lr", "grad_norm", "loss_scale", "skipped_iterations",
-                    "step_time_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib"),
+                    "step_time_s", "rank_step_time_max_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib"),
           "eval": ("loss", "perplexity")}
 
 

@@ -14,7 +14,8 @@ Order of start-up: arguments are checked and mapped onto the typed configuration
 tokenizer is opened (it gives the vocabulary size) and the --load checkpoint found and checked against the run
 (nothing started yet) -> the default process group from
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK; cuda.set_device(LOCAL_RANK) first; nccl on GPU,
-gloo on CPU) -> the tensor/data/pipeline groups (parallel.state) -> seeds (parallel.random) -> model
+gloo on CPU) -> the tensor/data/pipeline groups (parallel.state; every group's collectives fail after
+--distributed-timeout-minutes) -> seeds (parallel.random) -> model
 -> optimizer -> checkpoint -> data -> training loop. Logs and metrics come from the rank that holds
 the loss: tensor rank 0, data-parallel rank 0, last pipeline stage.
 
@@ -34,6 +35,7 @@ Exit status, by class (the error is one line on stderr, naming the flag, file or
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import signal
@@ -67,6 +69,7 @@ from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.state import ParallelLayout
+from megatron_llama.profiling import StepProfiler, trace_folder
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingProgress, train
 
 EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_ARGUMENTS_OR_CHECKPOINT, EXIT_BAD_DATA = 0, 1, 2, 3  # the module docstring
@@ -161,14 +164,16 @@ def initialize_distributed(config: RunConfig) -> tuple[ParallelLayout, bool]:
     if device == "cuda":
         torch.cuda.set_device(local_rank)  # before any NCCL call, so each rank's communicator is on its GPU
     started = False
+    timeout = datetime.timedelta(minutes=config.parallel.distributed_timeout_minutes)
     if config.parallel.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
         started = True
     if not dist.is_initialized():
         return parallel_state.current_layout(), started
     return parallel_state.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
                                                     config.parallel.pipeline_model_parallel_size,
-                                                    sequence_parallel=config.parallel.sequence_parallel), started
+                                                    sequence_parallel=config.parallel.sequence_parallel,
+                                                    timeout=timeout), started
 
 
 def shutdown_distributed(started: bool):
@@ -293,6 +298,9 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save}")
 
     stop_flag = SignalFlag(checkpoint.exit_signal_handler, logger)
+    profiler = (StepProfiler(trace_folder(logging.tensorboard_dir, logging.metrics_path), logging.profile_step_start,
+                             logging.profile_step_end, _rank(), device, enabled=_rank() in logging.profile_ranks)
+                if logging.profile else None)
     setup = TrainingSetup(
         train_iters=training.train_iters, global_batch_size=training.global_batch_size,
         micro_batch_size=training.micro_batch_size, num_micro_batches=config.num_micro_batches,
@@ -301,7 +309,8 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         eval_iters=logging.eval_iters, save_interval=checkpoint.save_interval, exit_interval=checkpoint.exit_interval,
         world_size=config.parallel.world_size, data_parallel_rank=layout.data_rank,
         data_parallel_size=layout.data_size, buffers=buffers, save=save if checkpoint.save else None,
-        stop_requested=stop_flag if checkpoint.exit_signal_handler else None, count_loss_tokens=config.data.sft)
+        stop_requested=stop_flag if checkpoint.exit_signal_handler else None, count_loss_tokens=config.data.sft,
+        profiler=profiler, log_memory=logging.log_memory_to_tensorboard)
     try:
         train(model, optimizer, lr_schedule, progress, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:

@@ -40,10 +40,17 @@ pipeline chunks; model/stage_model.py) or a plain LlamaModel. One step:
 Every rank's contribution is already divided by the GLOBAL token count, so the data-parallel
 reductions are sums, not averages. A loop stop (SIGTERM) is agreed by all ranks before it is acted on.
 
+Logging (every --log-interval iterations, metrics.py lists the fields): the interval's mean loss and throughput; each
+rank's own forward-backward time per iteration reduced to its minimum and maximum over all ranks (one small
+all-reduce at log time; profiling.ComputeTimer), so a slow GPU shows; with a blend, the samples each dataset gave in
+the interval (from the blend's order: no communication); with --log-memory-to-tensorboard, memory statistics.
+--profile traces the iterations it names (profiling.StepProfiler).
+
 Entry point: python -m megatron_llama.pretrain (pretrain.py builds the pieces and calls `train`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -54,7 +61,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_llama.data_loader import PretrainingSampler, micro_batches
-from megatron_llama.metrics import MetricsLogger, model_flops_utilization, peak_memory_gib, perplexity
+from megatron_llama.metrics import (MetricsLogger, memory_statistics, model_flops_utilization, peak_memory_gib,
+                                    perplexity)
 from megatron_llama.model.stage_model import llama_forward_step, model_chunks
 from megatron_llama.optim.base import StepOutcome, TrainingOptimizer
 from megatron_llama.optim.grad_scaler import DynamicLossScaler
@@ -64,6 +72,7 @@ from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.grad_finalize import finalize_model_grads
 from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
+from megatron_llama.profiling import ComputeTimer, StepProfiler
 
 
 class TrainingDiverged(RuntimeError):
@@ -100,6 +109,8 @@ class TrainingSetup:
     save: Callable[[TrainingProgress], None] | None = None  # writes a checkpoint at this progress
     stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
     count_loss_tokens: bool = False  # SFT: divide by the labels that are not IGNORE_INDEX, not by G x seq_length
+    profiler: StepProfiler | None = None  # --profile: traces the iterations it names
+    log_memory: bool = False  # --log-memory-to-tensorboard: memory statistics in every training record
 
 
 def as_micro_batch(batch) -> dict:
@@ -152,11 +163,14 @@ def reduce_loss_across_ranks(loss: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, optimizer: TrainingOptimizer, batches: Iterable, lr: float,
-               tokens_in_global_batch: int, buffers: DataParallelBuffers) -> tuple[float, StepOutcome]:
+               tokens_in_global_batch: int, buffers: DataParallelBuffers,
+               compute_timer: ComputeTimer | None = None) -> tuple[float, StepOutcome]:
     """One optimizer update: zero grads, accumulate over the micro-batches, finalize grads, step.
-    Returns (global-batch mean loss, outcome), equal on every rank."""
+    Returns (global-batch mean loss, outcome), equal on every rank. `compute_timer` measures the forward and
+    backward (not the wait for the other ranks' gradients that follows)."""
     optimizer.zero_grad()
-    loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers)
+    with compute_timer.measure() if compute_timer is not None else contextlib.nullcontext():
+        loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers)
     finalize_model_grads(model, buffers)
     loss = reduce_loss_across_ranks(loss)
     outcome = optimizer.step(lr)
@@ -251,13 +265,16 @@ def _save_if_finite(model: nn.Module, setup: TrainingSetup, progress: TrainingPr
 
 
 class _IntervalMeter:
-    """Loss and training wall time accumulated between two log lines (evaluation and saving excluded)."""
+    """Loss, training wall time and this rank's compute time accumulated between two log lines (evaluation and
+    saving excluded), from the sample `first_sample` of the training order on."""
 
-    def __init__(self):
-        self.reset()
+    def __init__(self, first_sample: int, device: torch.device):
+        self.compute_timer = ComputeTimer(device)
+        self.reset(first_sample)
 
-    def reset(self):
+    def reset(self, first_sample: int):
         self.loss_sum, self.iterations, self.applied, self.started = 0.0, 0, 0, time.perf_counter()
+        self.first_sample = first_sample
 
     def add(self, loss: float, skipped: bool):
         self.iterations += 1
@@ -279,7 +296,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
                                  setup.data_parallel_rank, setup.data_parallel_size)
     batches = micro_batches(train_dataset, sampler, setup.device)
     tokens_in_global_batch = setup.global_batch_size * setup.seq_length
-    meter = _IntervalMeter()
+    meter = _IntervalMeter(progress.consumed_train_samples, setup.device)
     last_saved = progress.iteration if progress.iteration > 0 else None  # a resumed iteration is already on disk
     last_evaluated = None
     if setup.device.type == "cuda":
@@ -291,7 +308,10 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
         lr = lr_schedule.lr_at(iteration)
         if setup.count_loss_tokens:
             tokens_in_global_batch = loss_token_count(step_batches, setup.device)
-        loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers)
+        if setup.profiler is not None:
+            setup.profiler.step_begins(iteration)
+        loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers,
+                                   meter.compute_timer)
         if _diverged(loss, outcome, optimizer):
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
                                    f"finite; {_stopped_without_saving(last_saved)}")
@@ -300,8 +320,8 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
         progress.skipped_iterations += int(outcome.skipped)
         meter.add(loss, outcome.skipped)
         if iteration % setup.log_interval == 0:
-            _log_train(logger, progress, setup, meter, lr, outcome, optimizer)
-            meter.reset()
+            _log_train(logger, progress, setup, meter, lr, outcome, optimizer, train_dataset)
+            meter.reset(progress.consumed_train_samples)
         if _due(iteration, setup.eval_interval) and setup.eval_iters > 0 and valid_dataset is not None:
             since = time.perf_counter()
             _log_eval(logger, "valid", iteration, evaluate(model, eval_batches(valid_dataset, setup)))
@@ -318,6 +338,8 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
         if setup.stop_requested is not None and stop_agreed(setup.stop_requested(), setup.device):
             reason = "exit signal received"
             break
+    if setup.profiler is not None:
+        setup.profiler.finish()
     if reason == "finished" and setup.eval_iters > 0:
         for kind, dataset in (("valid", valid_dataset), ("test", test_dataset)):
             if dataset is not None and not (kind == "valid" and last_evaluated == progress.iteration):
@@ -332,19 +354,37 @@ def _due(iteration: int, interval: int | None) -> bool:
     return bool(interval) and iteration % interval == 0
 
 
+def rank_step_time_range(seconds_per_iteration: float, device: torch.device) -> dict:
+    """The least and the most of every rank's `seconds_per_iteration` (one all-reduce over all ranks; call on every
+    rank)."""
+    both = torch.tensor([seconds_per_iteration, -seconds_per_iteration], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        comm.all_reduce(both, dist.group.WORLD, op=dist.ReduceOp.MAX)
+    return {"rank_step_time_min_s": -float(both[1]), "rank_step_time_max_s": float(both[0])}
+
+
 def _log_train(logger: MetricsLogger, progress: TrainingProgress, setup: TrainingSetup, meter: _IntervalMeter, lr: float,
-               outcome: StepOutcome, optimizer: TrainingOptimizer):
+               outcome: StepOutcome, optimizer: TrainingOptimizer, train_dataset):
+    """The interval's training record; every rank calls it (the step-time range is reduced over all ranks)."""
     elapsed = time.perf_counter() - meter.started
-    step_time = elapsed / max(meter.iterations, 1)
+    iterations = max(meter.iterations, 1)
+    step_time = elapsed / iterations
     tokens_per_s_per_gpu = setup.global_batch_size * setup.seq_length / step_time / setup.world_size
-    logger.log({
+    record = {
         "kind": "train", "iteration": progress.iteration, "consumed_samples": progress.consumed_train_samples,
         "loss": meter.loss_sum / meter.applied if meter.applied else None, "lr": lr, "grad_norm": outcome.grad_norm,
         "loss_scale": optimizer.loss_scale, "skipped_iterations": progress.skipped_iterations,
         "step_time_s": step_time, "tokens_per_s_per_gpu": tokens_per_s_per_gpu,
         "mfu": model_flops_utilization(setup.flops_per_token, tokens_per_s_per_gpu),
         "peak_mem_gib": peak_memory_gib(setup.device),
-    })
+        **rank_step_time_range(meter.compute_timer.take() / iterations, setup.device),
+    }
+    if hasattr(train_dataset, "samples_per_dataset"):  # a blend of several datasets
+        record["samples_per_dataset"] = train_dataset.samples_per_dataset(meter.first_sample,
+                                                                          progress.consumed_train_samples)
+    if setup.log_memory:
+        record.update(memory_statistics(setup.device))
+    logger.log(record)
 
 
 def _log_eval(logger: MetricsLogger, kind: str, iteration: int, loss: float):

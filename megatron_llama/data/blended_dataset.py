@@ -94,6 +94,12 @@ class BlendedDataset:
     def __len__(self) -> int:
         return self.size
 
+    def samples_per_dataset(self, start: int, stop: int) -> dict[str, int]:
+        """How many of samples [start, stop) each member gives, by the member's data prefix (the training log's
+        distribution of data categories per interval)."""
+        counts = np.bincount(self.dataset_index[start:stop], minlength=len(self.datasets))
+        return {dataset.prefix: int(count) for dataset, count in zip(self.datasets, counts)}
+
     def __getitem__(self, index: int) -> dict:
         if not -self.size <= index < self.size:
             raise IndexError(f"sample {index} out of range for a blend of {self.size} samples")

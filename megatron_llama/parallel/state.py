@@ -41,6 +41,7 @@ between layers along the sequence across the tensor group, so it needs tensor si
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -222,9 +223,12 @@ def use_layout(layout: ParallelLayout) -> Iterator[ParallelLayout]:
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, *,
-                              sequence_parallel: bool = False) -> ParallelLayout:
+                              sequence_parallel: bool = False, timeout: datetime.timedelta | None = None
+                              ) -> ParallelLayout:
     """Build every group of the layout on the started default process group (all ranks must call it), install
-    the layout and return it. Sequence parallelism has no effect at tensor size 1 (the layout then has it off)."""
+    the layout and return it. Sequence parallelism has no effect at tensor size 1 (the layout then has it off).
+    `timeout`: how long a collective of these groups waits before failing (None: torch's default for the backend;
+    a subgroup does not inherit the default group's)."""
     global _current
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel needs torch.distributed.init_process_group() first "
@@ -239,7 +243,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     for kind, rank_lists in compute_rank_groups(world_size, tp, pp).items():
         for ranks in rank_lists:
             if tuple(ranks) not in created:
-                created[tuple(ranks)] = dist.new_group(ranks)  # every rank creates every group, in the same order
+                created[tuple(ranks)] = dist.new_group(ranks, timeout=timeout)  # every rank creates every group, in the same order
             if rank in ranks:
                 mine[f"{kind}_group"] = created[tuple(ranks)]
     _current = ParallelLayout.for_rank(rank, world_size, tp, pp, sequence_parallel=sequence_parallel and tp > 1,
