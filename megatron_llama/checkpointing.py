@@ -399,32 +399,61 @@ def restore_rng_state(state: dict):
         get_rng_tracker().set_states(state["tracker"])
 
 
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor that is a view into a larger buffer (the distributed optimizer's parameter buckets) copied out,
-    so the file holds the tensor alone and not the whole buffer."""
-    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone()
+def _on_host(value, copy: bool):
+    """`value` (nested dicts, lists and tuples of tensors and plain values) with every tensor on the CPU, held by
+    its own storage: a view into a larger buffer (the distributed optimizer's parameter buckets) is copied out, so
+    the file holds the tensor alone; `copy` copies every tensor, so that training may go on changing the originals
+    while a background thread writes them (--async-save)."""
+    if torch.is_tensor(value):
+        value = value.detach()
+        if copy or value.device.type != "cpu" or (
+                value.untyped_storage().nbytes() != value.numel() * value.element_size()):
+            return value.to("cpu", copy=True)
+        return value
+    if isinstance(value, dict):
+        return {key: _on_host(item, copy) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(item, copy) for item in value)
+    return value
 
 
-def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
-                    consumed_train_samples: int, lr_schedule_state: dict, loss_scaler_state: dict | None,
-                    layout: ParallelLayout = ParallelLayout.single_process(), barrier=None):
-    """Write this rank's shards and the receipt of their checksums; then rank 0 (after every rank is done) writes
-    the configuration, moves every rank's receipt into meta.json, and publishes the iteration in the tracker."""
-    folder = iteration_dir(save_dir, iteration)
+@dataclass
+class CheckpointSnapshot:
+    """One rank's part of a checkpoint, in host memory: the files of its shard folder by name, and the entries
+    rank 0 writes into meta.json."""
+
+    iteration: int
+    files: dict[str, object]
+    meta: dict
+
+
+def snapshot_checkpoint(iteration: int, *, model: torch.nn.Module, optimizer, consumed_train_samples: int,
+                        lr_schedule_state: dict, loss_scaler_state: dict | None, layout: ParallelLayout,
+                        copy: bool = False) -> CheckpointSnapshot:
+    """What this rank saves for `iteration`: model.pt (first data-parallel rank only), its optimizer state and
+    every RNG state; with `copy`, a copy that no later training step changes."""
+    files = {}
+    if layout.data_rank == 0:
+        files[MODEL_FILENAME] = model.state_dict()
+    files[optimizer_filename(layout.data_rank)] = optimizer.state_dict()
+    files[rng_filename(layout.data_rank)] = capture_rng_state()
+    meta = {"iteration": iteration, "consumed_train_samples": consumed_train_samples, "model_only": False,
+            "lr_schedule": lr_schedule_state, "loss_scaler": loss_scaler_state}
+    return CheckpointSnapshot(iteration, _on_host(files, copy), _on_host(meta, True))
+
+
+def write_snapshot(save_dir: str, snapshot: CheckpointSnapshot, config: RunConfig, layout: ParallelLayout,
+                   barrier=None):
+    """Write this rank's shard files and the receipt of their checksums; then rank 0 (after every rank is done,
+    `barrier`) writes the configuration, moves every rank's receipt into meta.json, and publishes the iteration in
+    the tracker; a second `barrier` holds every rank until it is published."""
+    folder = iteration_dir(save_dir, snapshot.iteration)
     directory = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
     os.makedirs(directory, exist_ok=True)
     records = {}
-
-    def save(value, filename: str):
+    for filename, value in snapshot.files.items():
         path = os.path.join(directory, filename)
         records[os.path.relpath(path, folder)] = atomic_torch_save(value, path)
-
-    if layout.data_rank == 0:
-        save({name: _own_storage(value) for name, value in model.state_dict().items()}, MODEL_FILENAME)
-    save(optimizer.state_dict(), optimizer_filename(layout.data_rank))
-    save(capture_rng_state(), rng_filename(layout.data_rank))
     atomic_write_json(os.path.join(directory, receipt_filename(layout.data_rank)), records)
     if barrier is not None:
         barrier()
@@ -433,15 +462,23 @@ def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, op
         receipts = _receipt_paths(folder, config)
         for receipt in receipts:
             records.update(read_json(receipt, "checksum receipt"))
-        atomic_write_json(os.path.join(folder, META_FILENAME),
-                          {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
-                           "model_only": False, "lr_schedule": lr_schedule_state, "loss_scaler": loss_scaler_state,
-                           FILE_RECORDS: records})
+        atomic_write_json(os.path.join(folder, META_FILENAME), {**snapshot.meta, FILE_RECORDS: records})
         for receipt in receipts:
             os.remove(receipt)
-        write_tracker(save_dir, iteration)
+        write_tracker(save_dir, snapshot.iteration)
     if barrier is not None:
         barrier()
+
+
+def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
+                    consumed_train_samples: int, lr_schedule_state: dict, loss_scaler_state: dict | None,
+                    layout: ParallelLayout = ParallelLayout.single_process(), barrier=None):
+    """Save and publish `iteration` now (write_snapshot); every rank returns once it is published."""
+    snapshot = snapshot_checkpoint(iteration, model=model, optimizer=optimizer,
+                                   consumed_train_samples=consumed_train_samples,
+                                   lr_schedule_state=lr_schedule_state, loss_scaler_state=loss_scaler_state,
+                                   layout=layout)
+    write_snapshot(save_dir, snapshot, config, layout, barrier)
 
 
 def _receipt_paths(folder: str, config: RunConfig) -> list[str]:
