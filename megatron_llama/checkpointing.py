@@ -27,7 +27,13 @@ iteration, which `--ckpt-step N` loads. Checkpoints written before meta.json hel
 
 Pipeline shards: rank r's shard holds the state dicts of all its model chunks merged (names are global);
 which blocks a rank holds is the recorded configuration's stage split (RunConfig.stage_split).
-The data-parallel size may change between save and resume (load_checkpoint).
+
+Any layout resumes any checkpoint (load_checkpoint): at another tensor/pipeline split, or with the other optimizer
+kind, the weights and the optimizer state by parameter name (optim/named_state.py) are merged from every saved
+rank and re-split for this one; why the format allows it, and what happens to the RNG states: docs/formats.md.
+
+Saving: snapshot_checkpoint (this rank's state in host memory) then write_snapshot (files, receipt, barrier,
+publish); save_checkpoint does both now, async_save.py writes the snapshot on a background thread (--async-save).
 
 Tensor-parallel shards of a parameter are slices along its `tensor_parallel_dim` (set by
 parallel/layers.py), learnt by building the model on the meta device. The embedding and output head
@@ -565,16 +571,21 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
     The data-parallel size may differ from the saved one: the distributed optimizer reshards the shards of every
     saved data-parallel rank; a replicated optimizer state is the same on every data-parallel rank, so the first
     one's is read. Each rank takes the RNG state of its own data-parallel rank, else of rank 0.
+
+    The tensor/pipeline split and the optimizer kind may differ too: the optimizer state of every saved rank is
+    taken by parameter name, merged and re-split like the weights (resplit_optimizer_state); the RNG states are
+    then those this run seeded for its own layout (no saved rank's states fit a rank of another split).
     """
     folder, saved, meta = open_checkpoint(load_dir, config.checkpoint.ckpt_step)
     weights_only = config.checkpoint.finetune or bool(meta.get("model_only"))
     check_resumable(folder, saved, config, bool(meta.get("model_only")))
     shard = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
     same_split = same_model_split(saved, config)
+    saved_model_shards = None if same_split else read_model_shards(folder, saved, meta)
     if same_split:
         model_state = read_checkpoint_file(folder, meta, os.path.join(shard, MODEL_FILENAME))
     else:
-        model_state = resplit(saved, config, layout, read_model_shards(folder, saved, meta))
+        model_state = resplit(saved, config, layout, saved_model_shards)
     check_state_dict_fits(model_state, model, os.path.join(shard, MODEL_FILENAME))
     model.load_state_dict(model_state)
     if weights_only:
@@ -588,7 +599,8 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
             optimizer.load_state_dict(optimizer_file_reader(folder, meta, layout.tensor_rank, layout.pipeline_rank),
                                       saved_data_parallel_size, model_state)
         else:
-            optimizer.load_named_state(resplit_optimizer_state(folder, saved, meta, config, layout))
+            optimizer.load_named_state(resplit_optimizer_state(
+                folder, saved, meta, config, layout, saved_model_shards or read_model_shards(folder, saved, meta)))
     except ValueError as error:
         raise CheckpointError(f"{shard}: {error}") from None
     if same_split:
@@ -626,19 +638,16 @@ def optimizer_file_reader(folder: str, meta: dict, tensor_rank: int, pipeline_ra
                                                   mmap=True)
 
 
-def resplit_optimizer_state(folder: str, saved: RunConfig, meta: dict, run: RunConfig,
-                            layout: ParallelLayout) -> NamedOptimizerState:
-    """The optimizer state of this rank's parameters under `run`'s layout, from the files of every saved rank:
-    each (tp, pp) rank's state by parameter name (optim/named_state.py), every per-element state (masters,
-    exp_avg, exp_avg_sq) merged and split like the weights, with the same tensor-parallel slicing."""
-    tensor_size, pipeline_size, data_size = parallel_sizes(saved.parallel)
-    per_rank = {}
-    for pipeline_rank in range(pipeline_size):
-        for tensor_rank in range(tensor_size):
-            model_shard = read_checkpoint_file(folder, meta, os.path.join(shard_dir(folder, tensor_rank,
-                                                                                    pipeline_rank), MODEL_FILENAME))
-            per_rank[(tensor_rank, pipeline_rank)] = named_optimizer_state(
-                optimizer_file_reader(folder, meta, tensor_rank, pipeline_rank), data_size, model_shard)
+def resplit_optimizer_state(folder: str, saved: RunConfig, meta: dict, run: RunConfig, layout: ParallelLayout,
+                            saved_model_shards: dict[tuple[int, int], dict]) -> NamedOptimizerState:
+    """The optimizer state of this rank's parameters under `run`'s layout, from the files of every saved rank
+    (`saved_model_shards`: read_model_shards): each (tp, pp) rank's state by parameter name (optim/named_state.py),
+    every per-element state (masters, exp_avg, exp_avg_sq) merged and split like the weights, with the same
+    tensor-parallel slicing."""
+    data_size = saved.parallel.data_parallel_size
+    per_rank = {(tensor_rank, pipeline_rank): named_optimizer_state(
+                    optimizer_file_reader(folder, meta, tensor_rank, pipeline_rank), data_size, model_shard)
+                for (tensor_rank, pipeline_rank), model_shard in saved_model_shards.items()}
     first = per_rank[(0, 0)]
     tensors = {key: resplit(saved, run, layout, {position: state.tensors[key] for position, state in per_rank.items()})
                for key in first.tensors}
