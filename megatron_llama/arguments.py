@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--exit-interval", type=int, help="save (with --save) and exit when iteration %% N == 0")
     checkpoint.add_argument("--exit-signal-handler", action="store_true",
                             help="on SIGTERM, save a checkpoint after the current iteration and exit")
+    checkpoint.add_argument("--async-save", action="store_true",
+                            help="write checkpoints in the background; training waits only for a copy in host memory")
 
     logging = parser.add_argument_group("logging and evaluation")
     logging.add_argument("--log-interval", type=int, default=100)
@@ -482,7 +484,8 @@ def _check_sft_data(data: DataConfig, given: dict):
 def _check_checkpointing(config: RunConfig, notes: list[str]):
     checkpoint, logging = config.checkpoint, config.logging
     for flag, value in (("--save-interval", checkpoint.save_interval),
-                        ("--exit-signal-handler", checkpoint.exit_signal_handler)):
+                        ("--exit-signal-handler", checkpoint.exit_signal_handler),
+                        ("--async-save", checkpoint.async_save)):
         if value and checkpoint.save is None:
             raise ArgumentsError(f"{flag} needs --save DIR to write checkpoints to")
     beside = checkpoint.save or logging.tensorboard_dir  # metrics go beside the checkpoints, else beside the events

@@ -27,7 +27,13 @@ iteration, which `--ckpt-step N` loads. Checkpoints written before meta.json hel
 
 Pipeline shards: rank r's shard holds the state dicts of all its model chunks merged (names are global);
 which blocks a rank holds is the recorded configuration's stage split (RunConfig.stage_split).
-The data-parallel size may change between save and resume (load_checkpoint).
+
+Any layout resumes any checkpoint (load_checkpoint): at another tensor/pipeline split, or with the other optimizer
+kind, the weights and the optimizer state by parameter name (optim/named_state.py) are merged from every saved
+rank and re-split for this one; why the format allows it, and what happens to the RNG states: docs/formats.md.
+
+Saving: snapshot_checkpoint (this rank's state in host memory) then write_snapshot (files, receipt, barrier,
+publish); save_checkpoint does both now, async_save.py writes the snapshot on a background thread (--async-save).
 
 Tensor-parallel shards of a parameter are slices along its `tensor_parallel_dim` (set by
 parallel/layers.py), learnt by building the model on the meta device. The embedding and output head
@@ -58,6 +64,8 @@ from megatron_llama.checkpoint_files import (CheckpointError, atomic_torch_save,
                                              shard_dir, tracker_path, verify_file, write_tracker)
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
 from megatron_llama.model.llama import LlamaModel
+from megatron_llama.optim.base import NamedOptimizerState
+from megatron_llama.optim.named_state import named_optimizer_state
 from megatron_llama.parallel.random import get_rng_tracker
 from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.parallel.stages import split_layers
@@ -240,9 +248,10 @@ def resize_vocab_rows(tensor: torch.Tensor, rows: int, vocab_size: int, name: st
 
 
 def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size: int,
-                     pipeline_parallel_size: int, split=None) -> dict[tuple[int, int], dict]:
-    """A full state dict -> {(tp_rank, pp_rank): shard state dict}; `split` (a StageSplit) defaults to the even
-    split of the blocks over `pipeline_parallel_size` stages."""
+                     pipeline_parallel_size: int, split=None,
+                     only: tuple[int, int] | None = None) -> dict[tuple[int, int], dict]:
+    """A full state dict -> {(tp_rank, pp_rank): shard state dict}, or only the shard `only` (tp_rank, pp_rank);
+    `split` (a StageSplit) defaults to the even split of the blocks over `pipeline_parallel_size` stages."""
     try:
         config.check(tensor_parallel_size, "tensor-parallel size")
     except ValueError as error:
@@ -266,6 +275,8 @@ def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size
             raise CheckpointError(f"the state dict lacks {', '.join(absent[:4])} needed by pipeline stage "
                                   f"{pipeline_rank}")
         for tensor_rank in range(tensor_parallel_size):
+            if only is not None and only != (tensor_rank, pipeline_rank):
+                continue
             shard = {}
             for name in sorted(names):
                 value = full[name]
@@ -374,32 +385,61 @@ def restore_rng_state(state: dict):
         get_rng_tracker().set_states(state["tracker"])
 
 
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor that is a view into a larger buffer (the distributed optimizer's parameter buckets) copied out,
-    so the file holds the tensor alone and not the whole buffer."""
-    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone()
+def _on_host(value, copy: bool):
+    """`value` (nested dicts, lists and tuples of tensors and plain values) with every tensor on the CPU, held by
+    its own storage: a view into a larger buffer (the distributed optimizer's parameter buckets) is copied out, so
+    the file holds the tensor alone; `copy` copies every tensor, so that training may go on changing the originals
+    while a background thread writes them (--async-save)."""
+    if torch.is_tensor(value):
+        value = value.detach()
+        if copy or value.device.type != "cpu" or (
+                value.untyped_storage().nbytes() != value.numel() * value.element_size()):
+            return value.to("cpu", copy=True)
+        return value
+    if isinstance(value, dict):
+        return {key: _on_host(item, copy) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(item, copy) for item in value)
+    return value
 
 
-def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
-                    consumed_train_samples: int, lr_schedule_state: dict, loss_scaler_state: dict | None,
-                    layout: ParallelLayout = ParallelLayout.single_process(), barrier=None):
-    """Write this rank's shards and the receipt of their checksums; then rank 0 (after every rank is done) writes
-    the configuration, moves every rank's receipt into meta.json, and publishes the iteration in the tracker."""
-    folder = iteration_dir(save_dir, iteration)
+@dataclass
+class CheckpointSnapshot:
+    """One rank's part of a checkpoint, in host memory: the files of its shard folder by name, and the entries
+    rank 0 writes into meta.json."""
+
+    iteration: int
+    files: dict[str, object]
+    meta: dict
+
+
+def snapshot_checkpoint(iteration: int, *, model: torch.nn.Module, optimizer, consumed_train_samples: int,
+                        lr_schedule_state: dict, loss_scaler_state: dict | None, layout: ParallelLayout,
+                        copy: bool = False) -> CheckpointSnapshot:
+    """What this rank saves for `iteration`: model.pt (first data-parallel rank only), its optimizer state and
+    every RNG state; with `copy`, a copy that no later training step changes."""
+    files = {}
+    if layout.data_rank == 0:
+        files[MODEL_FILENAME] = model.state_dict()
+    files[optimizer_filename(layout.data_rank)] = optimizer.state_dict()
+    files[rng_filename(layout.data_rank)] = capture_rng_state()
+    meta = {"iteration": iteration, "consumed_train_samples": consumed_train_samples, "model_only": False,
+            "lr_schedule": lr_schedule_state, "loss_scaler": loss_scaler_state}
+    return CheckpointSnapshot(iteration, _on_host(files, copy), _on_host(meta, True))
+
+
+def write_snapshot(save_dir: str, snapshot: CheckpointSnapshot, config: RunConfig, layout: ParallelLayout,
+                   barrier=None):
+    """Write this rank's shard files and the receipt of their checksums; then rank 0 (after every rank is done,
+    `barrier`) writes the configuration, moves every rank's receipt into meta.json, and publishes the iteration in
+    the tracker; a second `barrier` holds every rank until it is published."""
+    folder = iteration_dir(save_dir, snapshot.iteration)
     directory = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
     os.makedirs(directory, exist_ok=True)
     records = {}
-
-    def save(value, filename: str):
+    for filename, value in snapshot.files.items():
         path = os.path.join(directory, filename)
         records[os.path.relpath(path, folder)] = atomic_torch_save(value, path)
-
-    if layout.data_rank == 0:
-        save({name: _own_storage(value) for name, value in model.state_dict().items()}, MODEL_FILENAME)
-    save(optimizer.state_dict(), optimizer_filename(layout.data_rank))
-    save(capture_rng_state(), rng_filename(layout.data_rank))
     atomic_write_json(os.path.join(directory, receipt_filename(layout.data_rank)), records)
     if barrier is not None:
         barrier()
@@ -408,15 +448,23 @@ def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, op
         receipts = _receipt_paths(folder, config)
         for receipt in receipts:
             records.update(read_json(receipt, "checksum receipt"))
-        atomic_write_json(os.path.join(folder, META_FILENAME),
-                          {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
-                           "model_only": False, "lr_schedule": lr_schedule_state, "loss_scaler": loss_scaler_state,
-                           FILE_RECORDS: records})
+        atomic_write_json(os.path.join(folder, META_FILENAME), {**snapshot.meta, FILE_RECORDS: records})
         for receipt in receipts:
             os.remove(receipt)
-        write_tracker(save_dir, iteration)
+        write_tracker(save_dir, snapshot.iteration)
     if barrier is not None:
         barrier()
+
+
+def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
+                    consumed_train_samples: int, lr_schedule_state: dict, loss_scaler_state: dict | None,
+                    layout: ParallelLayout = ParallelLayout.single_process(), barrier=None):
+    """Save and publish `iteration` now (write_snapshot); every rank returns once it is published."""
+    snapshot = snapshot_checkpoint(iteration, model=model, optimizer=optimizer,
+                                   consumed_train_samples=consumed_train_samples,
+                                   lr_schedule_state=lr_schedule_state, loss_scaler_state=loss_scaler_state,
+                                   layout=layout)
+    write_snapshot(save_dir, snapshot, config, layout, barrier)
 
 
 def _receipt_paths(folder: str, config: RunConfig) -> list[str]:
@@ -460,10 +508,10 @@ MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_atten
 
 def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: bool = False) -> list[str]:
     """CheckpointError unless `run` can load the checkpoint in `folder` (saved with `saved`): the same model shape
-    always; for a full resume (not --finetune, not a model-only checkpoint) also the same tokenizer, sequence
-    length, tensor and pipeline layout and optimizer format, since the run goes on where the checkpoint stopped
-    and per-rank optimizer and RNG states are restored (the data-parallel size may change). Returns warnings for
-    the log: loading only the weights of a model trained with another tokenizer."""
+    always; for a full resume (not --finetune, not a model-only checkpoint) also the same tokenizer and sequence
+    length, since the run goes on where the checkpoint stopped (the layout and optimizer kind may change:
+    load_checkpoint re-splits). Returns warnings for the log: loading only the weights of a model trained with
+    another tokenizer."""
     differences = [f"{name}: checkpoint {getattr(saved.model, name)!r}, this run {getattr(run.model, name)!r}"
                    for name in MODEL_SHAPE_FIELDS if getattr(saved.model, name) != getattr(run.model, name)]
     if differences:
@@ -487,21 +535,6 @@ def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: b
                               f"run has --seq-length {run.training.seq_length}; resuming would change the data order "
                               f"and samples; use --seq-length {saved.training.seq_length}, or pass --finetune to "
                               f"start a new training from its weights")
-    saved_sizes, run_sizes = parallel_sizes(saved.parallel), parallel_sizes(run.parallel)
-    if saved_sizes[:2] != run_sizes[:2]:
-        raise CheckpointError(f"--load {folder} was saved with tensor/pipeline/data-parallel sizes {saved_sizes} but "
-                              f"this run has {run_sizes}; resume with the same tensor and pipeline sizes (the "
-                              f"data-parallel size may change), or pass --finetune to load only the weights into "
-                              f"the new layout")
-    if saved.parallel.use_distributed_optimizer != run.parallel.use_distributed_optimizer:
-        used = "with" if saved.parallel.use_distributed_optimizer else "without"
-        raise CheckpointError(f"--load {folder} was saved {used} --use-distributed-optimizer, whose optimizer state "
-                              f"has another format; resume {used} it, or pass --finetune to load only the weights")
-    saved_split, run_split = saved.stage_split().ranges, run.stage_split().ranges
-    if saved_split != run_split:
-        raise CheckpointError(f"--load {folder} splits the blocks over pipeline ranks as {saved_split} but this run "
-                              f"as {run_split}; use the checkpoint's --num-layers-per-virtual-pipeline-stage / "
-                              f"--decoder-first/last-pipeline-num-layers, or pass --finetune")
     return []
 
 
@@ -518,36 +551,84 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
     The data-parallel size may differ from the saved one: the distributed optimizer reshards the shards of every
     saved data-parallel rank; a replicated optimizer state is the same on every data-parallel rank, so the first
     one's is read. Each rank takes the RNG state of its own data-parallel rank, else of rank 0.
+
+    The tensor/pipeline split and the optimizer kind may differ too: the optimizer state of every saved rank is
+    taken by parameter name, merged and re-split like the weights (resplit_optimizer_state); the RNG states are
+    then those this run seeded for its own layout (no saved rank's states fit a rank of another split).
     """
     folder, saved, meta = open_checkpoint(load_dir, config.checkpoint.ckpt_step)
     weights_only = config.checkpoint.finetune or bool(meta.get("model_only"))
     check_resumable(folder, saved, config, bool(meta.get("model_only")))
-    saved_layout = parallel_sizes(saved.parallel)
     shard = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
-    same_layout = (saved_layout[:2] == (layout.tensor_size, layout.pipeline_size)
-                   and saved.stage_split().ranges == config.stage_split().ranges)
-    if same_layout:
+    same_split = same_model_split(saved, config)
+    saved_model_shards = None if same_split else read_model_shards(folder, saved, meta)
+    if same_split:
         model_state = read_checkpoint_file(folder, meta, os.path.join(shard, MODEL_FILENAME))
     else:
-        full = merge_shards(saved.model, read_model_shards(folder, saved, meta), saved_layout[0])
-        model_state = split_state_dict(config.model, full, layout.tensor_size, layout.pipeline_size,
-                                       config.stage_split())[(layout.tensor_rank, layout.pipeline_rank)]
+        model_state = resplit(saved, config, layout, saved_model_shards)
     check_state_dict_fits(model_state, model, os.path.join(shard, MODEL_FILENAME))
     model.load_state_dict(model_state)
     if weights_only:
         optimizer.set_master_params(model_state)
         reason = "--finetune" if config.checkpoint.finetune else "a model-only checkpoint"
         return ResumeState(0, 0, None), f"loaded the weights of {folder} ({reason}); starting at iteration 0"
-
-    def read_saved_optimizer_shard(data_rank: int) -> dict:
-        return read_checkpoint_file(folder, meta, os.path.join(shard, optimizer_filename(data_rank)), mmap=True)
-
-    try:  # the optimizer reads the files of the saved data-parallel ranks it needs (optim/base.py)
-        optimizer.load_state_dict(read_saved_optimizer_shard, saved_layout[2], model_state)
+    saved_data_parallel_size = saved.parallel.data_parallel_size
+    same_optimizer = saved.parallel.use_distributed_optimizer == config.parallel.use_distributed_optimizer
+    try:
+        if same_split and same_optimizer:  # the optimizer reads the saved data-parallel ranks' files it needs
+            optimizer.load_state_dict(optimizer_file_reader(folder, meta, layout.tensor_rank, layout.pipeline_rank),
+                                      saved_data_parallel_size, model_state)
+        else:
+            optimizer.load_named_state(resplit_optimizer_state(
+                folder, saved, meta, config, layout, saved_model_shards or read_model_shards(folder, saved, meta)))
     except ValueError as error:
         raise CheckpointError(f"{shard}: {error}") from None
-    rng_rank = layout.data_rank if layout.data_rank < saved_layout[2] else 0
-    restore_rng_state(read_checkpoint_file(folder, meta, os.path.join(shard, rng_filename(rng_rank))))
+    if same_split:
+        rng_rank = layout.data_rank if layout.data_rank < saved_data_parallel_size else 0
+        restore_rng_state(read_checkpoint_file(folder, meta, os.path.join(shard, rng_filename(rng_rank))))
     state = ResumeState(int(meta["iteration"]), int(meta["consumed_train_samples"]), meta.get("loss_scaler"))
+    relayout = "" if same_split and same_optimizer else (
+        f", re-split from tensor/pipeline/data {parallel_sizes(saved.parallel)} "
+        f"{'with' if saved.parallel.use_distributed_optimizer else 'without'} the distributed optimizer"
+        f"{'' if same_split else '; random generators as seeded for this layout'}")
     return state, (f"resumed from {folder}: iteration {state.iteration}, "
-                   f"{state.consumed_train_samples} samples consumed")
+                   f"{state.consumed_train_samples} samples consumed{relayout}")
+
+
+def same_model_split(saved: RunConfig, run: RunConfig) -> bool:
+    """Whether every rank of `run` holds exactly the parameters (and slices) the same rank of `saved` held."""
+    return (parallel_sizes(saved.parallel)[:2] == parallel_sizes(run.parallel)[:2]
+            and saved.stage_split().ranges == run.stage_split().ranges)
+
+
+def resplit(saved: RunConfig, run: RunConfig, layout: ParallelLayout, shards: dict[tuple[int, int], dict]) -> dict:
+    """This rank's part of the per-parameter tensors `shards` ({(tp, pp) rank: {name: slice}} as `saved` split
+    them): merged into whole parameters, then split as `run` splits them."""
+    full = merge_shards(saved.model, shards, saved.parallel.tensor_model_parallel_size)
+    position = (layout.tensor_rank, layout.pipeline_rank)
+    return split_state_dict(run.model, full, layout.tensor_size, layout.pipeline_size, run.stage_split(),
+                            only=position)[position]
+
+
+def optimizer_file_reader(folder: str, meta: dict, tensor_rank: int, pipeline_rank: int):
+    """saved data-parallel rank -> the optimizer file it wrote in shard folder (tensor_rank, pipeline_rank),
+    verified and memory-mapped (the optimizer copies what it keeps)."""
+    shard = shard_dir(folder, tensor_rank, pipeline_rank)
+    return lambda data_rank: read_checkpoint_file(folder, meta, os.path.join(shard, optimizer_filename(data_rank)),
+                                                  mmap=True)
+
+
+def resplit_optimizer_state(folder: str, saved: RunConfig, meta: dict, run: RunConfig, layout: ParallelLayout,
+                            saved_model_shards: dict[tuple[int, int], dict]) -> NamedOptimizerState:
+    """The optimizer state of this rank's parameters under `run`'s layout, from the files of every saved rank
+    (`saved_model_shards`: read_model_shards): each (tp, pp) rank's state by parameter name (optim/named_state.py),
+    every per-element state (masters, exp_avg, exp_avg_sq) merged and split like the weights, with the same
+    tensor-parallel slicing."""
+    data_size = saved.parallel.data_parallel_size
+    per_rank = {(tensor_rank, pipeline_rank): named_optimizer_state(
+                    optimizer_file_reader(folder, meta, tensor_rank, pipeline_rank), data_size, model_shard)
+                for (tensor_rank, pipeline_rank), model_shard in saved_model_shards.items()}
+    first = per_rank[(0, 0)]
+    tensors = {key: resplit(saved, run, layout, {position: state.tensors[key] for position, state in per_rank.items()})
+               for key in first.tensors}
+    return NamedOptimizerState(tensors, first.scalar_states, first.param_groups)

@@ -292,6 +292,9 @@ class CheckpointConfig:
     """Save and exit when the iteration is a multiple of N."""
     exit_signal_handler: bool = False
     """On SIGTERM, save after the current iteration and exit."""
+    async_save: bool = False
+    """Write checkpoints on a background thread: the step waits only for a copy of the state in host memory
+    (async_save.py); the next save and the end of training wait for the previous one."""
 
 
 @dataclass

@@ -45,9 +45,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_llama.arguments import ArgumentsError, parse_args
+from megatron_llama.async_save import AsyncCheckpointSaver
 from megatron_llama.checkpoint_files import set_aside_unpublished, tracker_path
 from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint,
-                                          open_checkpoint, save_checkpoint)
+                                          open_checkpoint, save_checkpoint, snapshot_checkpoint)
 from megatron_llama.config import RunConfig
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets, parse_data_path
 from megatron_llama.data.dataset_tokenizer import check_dataset_tokenizer
@@ -287,14 +288,27 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         logger.print(message)
     train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer, logger.print)
 
+    # --async-save: a background writer whose barrier has a gloo group of its own (the training thread's
+    # collectives never share it)
+    saver = None
+    if checkpoint.async_save and checkpoint.save:
+        writer_group = dist.new_group(backend="gloo") if config.parallel.world_size > 1 else None
+        saver = AsyncCheckpointSaver((lambda: dist.barrier(group=writer_group)) if writer_group else None)
+
     def save(current: TrainingProgress):
         if config.parallel.use_distributed_optimizer:
             buffers.finish_param_sync()  # an overlapped all-gather of the updated params may still be in flight
-        save_checkpoint(checkpoint.save, current.iteration, model=model, optimizer=optimizer, config=config,
-                        consumed_train_samples=current.consumed_train_samples,
-                        lr_schedule_state=lr_schedule.state_dict(),
-                        loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
-                        layout=layout, barrier=dist.barrier if config.parallel.world_size > 1 else None)
+        state = dict(model=model, optimizer=optimizer, consumed_train_samples=current.consumed_train_samples,
+                     lr_schedule_state=lr_schedule.state_dict(),
+                     loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
+                     layout=layout)
+        if saver is not None:
+            saver.save(checkpoint.save, lambda: snapshot_checkpoint(current.iteration, copy=True, **state), config,
+                       layout)
+            logger.print(f"saving checkpoint of iteration {current.iteration} to {checkpoint.save} in the background")
+            return
+        save_checkpoint(checkpoint.save, current.iteration, config=config,
+                        barrier=dist.barrier if config.parallel.world_size > 1 else None, **state)
         logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save}")
 
     stop_flag = SignalFlag(checkpoint.exit_signal_handler, logger)
@@ -315,6 +329,8 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         train(model, optimizer, lr_schedule, progress, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:
         stop_flag.restore()
+        if saver is not None:
+            saver.wait()  # the last save is written and published before the process ends
     return EXIT_DONE
 
 

@@ -108,6 +108,7 @@ def test_metrics_path_defaults_to_the_save_directory_else_the_tensorboard_direct
     ("--tokenizer-type HuggingFaceTokenizer", "--tokenizer-type and --tokenizer-model go together"),
     ("--save-interval 2", "--save-interval needs --save DIR"),
     ("--exit-signal-handler", "--exit-signal-handler needs --save DIR"),
+    ("--async-save", "--async-save needs --save DIR"),
     ("--loss-scale 128", "--loss-scale applies only to --fp16"),
     ("--tie-embeddings-and-output-weights --untie-embeddings-and-output-weights", "were both given; choose one"),
     ("--micro-batch-size 0", "--micro-batch-size must be positive, got 0"),

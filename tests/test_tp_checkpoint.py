@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from megatron_llama.arguments import parse_args
-from megatron_llama.checkpointing import CheckpointError, read_model_checkpoint
+from megatron_llama.checkpointing import read_model_checkpoint
 from megatron_llama.data_loader import MockGPTDataset, collate
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.pretrain import find_resume_checkpoint, main
@@ -130,12 +130,11 @@ def test_tp2_checkpoint_finetunes_in_one_process_from_its_merged_weights(root, t
     assert first["loss"] == pytest.approx(mean_token_loss(hf_model, MockGPTDataset(4, SEQ, VOCAB, SEED)), rel=1e-5)
 
 
-def test_resume_of_a_tp2_checkpoint_in_another_layout_is_refused_unless_finetuning(root, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # tp 1 on 2 processes: data-parallel 2
+def test_resume_of_a_tp2_checkpoint_in_another_layout_is_accepted_with_or_without_finetuning(root, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # tp 1 on 2 processes: data-parallel 2 (re-split: test_elastic_checkpoint)
     flags = TRAIN + ["--load", str(root / "straight")]
-    with pytest.raises(CheckpointError) as caught:
-        find_resume_checkpoint(parse_args(flags)[0], [])
-    assert "saved with tensor/pipeline/data-parallel sizes (2, 1, 1) but this run has (1, 1, 2)" in str(caught.value)
+    resume, _ = parse_args(flags)
+    assert find_resume_checkpoint(resume, []) is not None and resume.parallel.data_parallel_size == 2
     finetune, _ = parse_args(flags + ["--finetune"])
     assert find_resume_checkpoint(finetune, []) is not None and finetune.parallel.data_parallel_size == 2
 

@@ -16,6 +16,8 @@ data-parallel size calls `load_state_dict(read_saved_shard, saved_data_parallel_
 `read_saved_shard(r)` loads the file of saved data-parallel rank r (memory-mapped: the optimizer copies what
 it keeps) and `model_state` is the model weights just loaded; each optimizer reads only the files it needs.
 `set_master_params(values)` takes the weights alone (a model-only checkpoint, --finetune).
+A run resuming at another tensor/pipeline layout or with the other optimizer kind instead calls
+`load_named_state(state)` with a NamedOptimizerState (optim/named_state.py) re-split for this rank's parameters.
 """
 from __future__ import annotations
 
@@ -29,6 +31,23 @@ import torch
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 
 ShardReader = Callable[[int], dict]  # saved data-parallel rank -> the state_dict() that rank saved
+
+
+MASTER = "master"  # the key of the fp32 master values among a NamedOptimizerState's per-element states
+
+
+@dataclass
+class NamedOptimizerState:
+    """Optimizer state by parameter name, whatever the layout and optimizer kind that saved it."""
+
+    tensors: dict[str, dict[str, torch.Tensor]]  # state key (MASTER, exp_avg, ...) -> parameter name -> values
+    scalar_states: dict  # states equal for every parameter (Adam's step)
+    param_groups: list[dict]  # group settings (lr, betas, weight_decay, ...), without their parameters
+
+
+def matching_group_settings(saved_groups: list[dict], weight_decay: float) -> dict:
+    """The saved settings of the group with this weight decay (the decayed or the undecayed one), else {}."""
+    return next((dict(group) for group in saved_groups if group.get("weight_decay") == weight_decay), {})
 
 
 @dataclass
@@ -68,6 +87,11 @@ class TrainingOptimizer(ABC):
                         model_state: dict[str, torch.Tensor]):
         """Restore from a checkpoint saved by `saved_data_parallel_size` data-parallel ranks (module docstring);
         a ValueError says what does not fit."""
+
+    @abstractmethod
+    def load_named_state(self, state: NamedOptimizerState):
+        """Restore master params, per-element states, scalar states and group settings from `state`, whose
+        tensors have the shapes of this rank's parameters."""
 
     @abstractmethod
     def set_master_params(self, values: dict[str, torch.Tensor]):

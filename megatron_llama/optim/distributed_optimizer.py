@@ -32,7 +32,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from megatron_llama.optim.base import ShardReader, StepOutcome, TrainingOptimizer
+from megatron_llama.optim.base import (MASTER, NamedOptimizerState, ShardReader, StepOutcome, TrainingOptimizer,
+                                       matching_group_settings)
 from megatron_llama.optim.clip import clip_grads_, counts_in_grad_norm, global_grad_norm
 from megatron_llama.optim.optimizer import excluded_from_weight_decay
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
@@ -143,7 +144,7 @@ class DistributedOptimizer(TrainingOptimizer):
         total = sum(master.numel() * master.element_size() for master in self.master_pieces)
         for master in self.master_pieces:
             for value in self.optimizer.state.get(master, {}).values():
-                if _is_per_element(value):
+                if is_per_element(value):
                     total += value.numel() * value.element_size()
         return total
 
@@ -151,12 +152,12 @@ class DistributedOptimizer(TrainingOptimizer):
 
     def state_dict(self) -> dict:
         """This rank's shard (see the module docstring); every tensor is a flat fp32 copy on the CPU."""
-        element_states: dict[str, list[torch.Tensor]] = {"master": [torch.zeros(0)]}
+        element_states: dict[str, list[torch.Tensor]] = {MASTER: [torch.zeros(0)]}
         scalar_states: dict[str, torch.Tensor] = {}
         for master in self.master_pieces:
-            element_states["master"].append(master.detach().cpu())
+            element_states[MASTER].append(master.detach().cpu())
             for key, value in self.optimizer.state.get(master, {}).items():
-                if _is_per_element(value):
+                if is_per_element(value):
                     element_states.setdefault(key, [torch.zeros(0)]).append(value.detach().reshape(-1).cpu())
                 else:  # per-piece scalars (Adam's step) are equal on every piece: kept once
                     scalar_states[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
@@ -183,9 +184,9 @@ class DistributedOptimizer(TrainingOptimizer):
         inner_state = {}
         for position, master in enumerate(ordered):
             start = start_of[id(master)]
-            master.copy_(mine["tensors"]["master"][start:start + master.numel()])
+            master.copy_(mine["tensors"][MASTER][start:start + master.numel()])
             piece_state = {key: values[start:start + master.numel()].clone()
-                           for key, values in mine["tensors"].items() if key != "master"}
+                           for key, values in mine["tensors"].items() if key != MASTER}
             if piece_state:
                 piece_state.update({key: value.clone() if torch.is_tensor(value) else value
                                     for key, value in mine["scalar_states"].items()})
@@ -193,12 +194,22 @@ class DistributedOptimizer(TrainingOptimizer):
         groups, position = [], 0
         for group in self.optimizer.param_groups:
             settings = {key: value for key, value in group.items() if key != "params"}
-            settings.update(next((saved for saved in mine["param_groups"]
-                                  if saved.get("weight_decay") == group["weight_decay"]), {}))
+            settings.update(matching_group_settings(mine["param_groups"], group["weight_decay"]))
             groups.append({**settings, "params": list(range(position, position + len(group["params"])))})
             position += len(group["params"])
         self.optimizer.load_state_dict({"state": inner_state, "param_groups": groups})
         self._publish_master_params()
+
+    def load_named_state(self, state: NamedOptimizerState):
+        """Restore from whole parameters' states (optim/base.py): they form one saved shard holding every
+        parameter, from which load_state_dict cuts this rank's pieces."""
+        names = list(self.params_by_name)
+        whole_shard = {"format": STATE_FORMAT, "data_parallel_rank": 0, "data_parallel_size": 1,
+                       "pieces": [(name, 0, self.params_by_name[name].numel()) for name in names],
+                       "tensors": {key: torch.cat([values[name].reshape(-1).float() for name in names])
+                                   for key, values in state.tensors.items()},
+                       "scalar_states": state.scalar_states, "param_groups": state.param_groups}
+        self.load_state_dict(lambda rank: whole_shard, 1, {})
 
     @torch.no_grad()
     def set_master_params(self, values: dict[str, torch.Tensor]):
@@ -210,7 +221,7 @@ class DistributedOptimizer(TrainingOptimizer):
             param.copy_(values[name])
 
 
-def _is_per_element(value) -> bool:
+def is_per_element(value) -> bool:
     """A state with one value per element of its (one-dimensional) piece, like exp_avg; Adam's step is 0-dim."""
     return torch.is_tensor(value) and value.dim() > 0
 

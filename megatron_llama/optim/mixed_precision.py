@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from megatron_llama.optim.base import ShardReader, StepOutcome, TrainingOptimizer
+from megatron_llama.optim.base import (MASTER, NamedOptimizerState, ShardReader, StepOutcome, TrainingOptimizer,
+                                       matching_group_settings)
 from megatron_llama.optim.clip import clip_grads_, counts_in_grad_norm, global_grad_norm
 from megatron_llama.optim.optimizer import weight_decay_groups
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
@@ -111,6 +112,26 @@ class MixedPrecisionOptimizer(TrainingOptimizer):
         self.set_master_params(saved.get("master_params") or model_state)
         # A copy: the saved file may be memory-mapped, and the run must not keep states backed by it.
         self.optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
+
+    @torch.no_grad()
+    def load_named_state(self, state: NamedOptimizerState):
+        """Restore from whole parameters' states (optim/base.py), packed as torch's state dict of our groups."""
+        inner_state, groups, position = {}, [], 0
+        for group in self.optimizer.param_groups:
+            positions = list(range(position, position + len(group["params"])))
+            for index, name in zip(positions, group["names"]):
+                per_element = {key: values[name].clone() for key, values in state.tensors.items()
+                               if key != MASTER and name in values}
+                if per_element:
+                    per_element.update({key: value.clone() if torch.is_tensor(value) else value
+                                        for key, value in state.scalar_states.items()})
+                    inner_state[index] = per_element
+            settings = {key: value for key, value in group.items() if key != "params"}
+            settings.update(matching_group_settings(state.param_groups, group["weight_decay"]))
+            groups.append({**settings, "params": positions})
+            position += len(positions)
+        self.set_master_params(state.tensors[MASTER])
+        self.optimizer.load_state_dict({"state": inner_state, "param_groups": groups})
 
     @torch.no_grad()
     def set_master_params(self, values: dict[str, torch.Tensor]):
