@@ -61,7 +61,7 @@ def parse_record(raw_line: bytes, where: str) -> list[dict]:
     messages = _messages(record, where)
     for number, message in enumerate(messages):
         try:
-            check_encodable(message["content"], f"message {number}")
+            check_encodable(message["content"], f"turn {number}")
         except BadLineError as error:
             raise SFTDataError(f"{where}: {error}") from None
     return messages
