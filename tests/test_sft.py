@@ -1,6 +1,8 @@
 """Instruction tuning: response-only loss masks, masked-mean loss, record errors, and a short --sft run."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -216,3 +218,42 @@ def test_sft_flag_rejects_a_binary_corpus_and_a_missing_file(tmp_path, tokenizer
     assert "--sft takes --train-data-path" in capsys.readouterr().err
     assert main(base + ["--train-data-path", str(tmp_path / "absent.jsonl")]) == 2
     assert "absent.jsonl does not exist" in capsys.readouterr().err
+
+
+def run_preprocess_sft(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_sft.py"), *argv],
+                          capture_output=True, text=True)
+
+
+def test_preprocessed_files_give_the_samples_of_the_jsonl_file_packed_or_not(tmp_path, tokenizer_path, tokenizer):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "moon"},
+             {"role": "user", "content": "more"}, {"role": "assistant", "content": "moon light " * 40}]
+    records = [json.loads(line) for line in open(SAMPLE, encoding="utf-8")] + [
+        {"messages": turns}, {"prompt": "word " * 200, "response": "a"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", records)
+    prefix = str(tmp_path / "out" / "sft")
+    done = run_preprocess_sft("--input", path, "--output-prefix", prefix, "--tokenizer-type", "SentencePieceTokenizer",
+                              "--tokenizer-model", tokenizer_path, "--chat-template", "llama2", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert f"{len(records)} records" in done.stdout
+    for packing in (False, True):
+        options = dict(num_samples=40, seed=4, chat_template="llama2", packing=packing)
+        from_jsonl = SFTDataset(path, tokenizer, 3 * SEQ_LENGTH, **options)
+        from_files = SFTDataset(prefix, tokenizer, 3 * SEQ_LENGTH, **options)
+        assert (from_files.truncated, from_files.dropped, from_files.longest) == \
+            (from_jsonl.truncated, from_jsonl.dropped, from_jsonl.longest)
+        assert from_jsonl.truncated >= 1 and from_jsonl.dropped == 1
+        for index in range(40):
+            expected, got = from_jsonl[index], from_files[index]
+            assert set(got) == set(expected)
+            for field in expected:
+                assert got[field].tolist() == expected[field].tolist(), (packing, index, field)
+
+
+def test_preprocess_sft_names_the_file_and_line_of_a_bad_record_and_leaves_no_output(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "q"}])
+    prefix = tmp_path / "out" / "sft"
+    done = run_preprocess_sft("--input", path, "--output-prefix", str(prefix), "--tokenizer-type",
+                              "SentencePieceTokenizer", "--tokenizer-model", tokenizer_path)
+    assert done.returncode == 1 and f"{path} line 2: needs a string \"prompt\"" in done.stderr
+    assert os.listdir(prefix.parent) == []
