@@ -210,6 +210,26 @@ def test_sft_losses_with_data_and_pipeline_parallelism_equal_one_process(tmp_pat
         assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference], rel=1e-5), name
 
 
+def test_packed_sft_losses_at_tensor_pipeline_and_data_parallel_layouts_equal_one_process(tmp_path, tokenizer_path):
+    """Document ids and positions reach every pipeline stage and tensor rank with the micro-batch."""
+    packed = ["--sft-packing", "--seq-length", str(2 * SEQ_LENGTH)]
+    layouts = {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"],
+               "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"]}
+
+    def run_layouts():
+        return [main(sft_layout_flags(tokenizer_path, str(tmp_path / name), *flags, *packed))
+                for name, flags in layouts.items()]
+
+    run_in_process([sft_layout_flags(tokenizer_path, str(tmp_path / "one"), *packed)])
+    assert run_distributed(run_layouts, world_size=2) == [[0, 0, 0], [0, 0, 0]]
+    reference = [(row["kind"], row["loss"]) for row in metrics(tmp_path / "one")]
+    assert len(reference) == 4
+    for name in layouts:
+        losses = [(row["kind"], row["loss"]) for row in metrics(tmp_path / name)]
+        assert [kind for kind, _ in losses] == [kind for kind, _ in reference]
+        assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference], rel=1e-5), name
+
+
 def test_sft_flag_rejects_a_binary_corpus_and_a_missing_file(tmp_path, tokenizer_path, capsys):
     base = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 1 "
             "--train-iters 1 --lr 1e-3 --device cpu --sft --tokenizer-type SentencePieceTokenizer").split() + [
