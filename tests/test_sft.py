@@ -210,9 +210,13 @@ def test_sft_losses_with_data_and_pipeline_parallelism_equal_one_process(tmp_pat
         assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference], rel=1e-5), name
 
 
-def test_packed_sft_losses_at_tensor_pipeline_and_data_parallel_layouts_equal_one_process(tmp_path, tokenizer_path):
+def test_packed_sft_losses_at_tensor_pipeline_and_data_parallel_layouts_equal_one_process(tmp_path, tokenizer_path,
+                                                                                        tokenizer):
     """Document ids and positions reach every pipeline stage and tensor rank with the micro-batch."""
-    packed = ["--sft-packing", "--seq-length", str(2 * SEQ_LENGTH)]
+    packed = ["--sft-packing", "--seq-length", str(4 * SEQ_LENGTH)]
+    rows = SFTDataset(SAMPLE, tokenizer, 4 * SEQ_LENGTH, num_samples=8, seed=5, packing=True)
+    for row in (rows[index] for index in range(8)):  # each row holds two or more records with answers
+        assert len(set(row["document_ids"][row["loss_mask"] == 1].tolist())) >= 2
     layouts = {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"],
                "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"]}
 
