@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-cache-path", help="where index files are cached (default: beside the data)")
     data.add_argument("--sft", action="store_true",
                       help="instruction tuning: --train-data-path (and --valid-data-path) name one jsonl file of "
-                           "{prompt, response} or {messages} records; the loss covers response tokens only")
+                           "{prompt, response} or {messages} records, or the PREFIX of tools/preprocess_sft.py; the "
+                           "loss covers the assistant turns only")
     data.add_argument("--chat-template", default="openllama", choices=tuple(CHAT_TEMPLATES),
                       help="--sft: how records are rendered (Open-Llama's 'user: ...<s>system: ...</s>' by default)")
     data.add_argument("--sft-packing", action="store_true",

@@ -250,9 +250,10 @@ class DataConfig:
     data_path: list[str] | None = None
     """PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (blended), split into train/valid/test by `split`."""
     train_data_path: list[str] | None = None
-    """Training data with its own prefixes (instead of data_path); SFT: one jsonl file."""
+    """Training data with its own prefixes (instead of data_path); SFT: one jsonl file, or tools/preprocess_sft.py's
+    PREFIX."""
     valid_data_path: list[str] | None = None
-    """Validation data with its own prefixes; SFT: one jsonl file."""
+    """Validation data with its own prefixes; SFT: one jsonl file, or tools/preprocess_sft.py's PREFIX."""
     test_data_path: list[str] | None = None
     """Test data with its own prefixes."""
     split: str = "969,30,1"
