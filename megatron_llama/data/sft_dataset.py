@@ -34,8 +34,7 @@ from megatron_llama.data.chat_template import DEFAULT_CHAT_TEMPLATE, get_chat_te
 from megatron_llama.data.corpus import iter_raw_lines
 from megatron_llama.data.indexed_dataset import IndexedDataset, dataset_exists
 from megatron_llama.data.packing import pack_greedily, positions_within_documents
-from megatron_llama.data.sft_records import (EncodedRecord, SFTDataError, encode_conversation, fit_record,
-                                             parse_record)
+from megatron_llama.data.sft_records import SFTDataError, encode_conversation, fitted_length, parse_record
 
 LOSS_MASK_SUFFIX = "_loss_mask"  # PREFIX holds the tokens, PREFIX_loss_mask the masks (tools/preprocess_sft.py)
 
@@ -48,21 +47,20 @@ def is_jsonl(path: str) -> bool:
 
 
 class _FitRecords:
-    """Records cut to a sequence (sft_records.fit_record), with the counts of those cut and dropped."""
+    """Records cut to a sequence (sft_records.fitted_length), with the counts of those cut and dropped."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.truncated = self.dropped = self.longest = 0
 
-    def fit(self, record: EncodedRecord) -> tuple[np.ndarray, np.ndarray] | None:
-        if len(record.ids) > self.limit:
-            self.longest = max(self.longest, len(record.ids))
-        fitted = fit_record(record, self.limit)
-        if fitted is None:
-            self.dropped += 1
-        elif len(fitted[0]) < len(record.ids):
-            self.truncated += 1
-        return fitted
+    def kept_length(self, turn_ends: tuple[int, ...]) -> int | None:
+        """Tokens kept of a record whose assistant turns end at `turn_ends`; None: dropped. Counts both."""
+        length = fitted_length(turn_ends, self.limit)
+        if turn_ends[-1] > self.limit:
+            self.longest = max(self.longest, turn_ends[-1])
+            self.dropped += length is None
+            self.truncated += length is not None
+        return length
 
 
 class _IndexedRecords:
@@ -76,12 +74,10 @@ class _IndexedRecords:
         documents = self.tokens.document_indices
         self.spans = []  # (first sequence, kept sequence count, kept tokens) per kept record
         for first, stop in zip(documents[:-1], documents[1:]):
-            turn_ends = np.cumsum(self.tokens.sequence_lengths[first:stop])
-            record = EncodedRecord(np.empty(int(turn_ends[-1])), np.empty(0), tuple(int(end) for end in turn_ends))
-            fitted = fitter.fit(record)
-            if fitted is not None:
-                kept = record.turn_ends.index(len(fitted[0])) + 1
-                self.spans.append((int(first), kept, len(fitted[0])))
+            turn_ends = tuple(int(end) for end in np.cumsum(self.tokens.sequence_lengths[first:stop]))
+            length = fitter.kept_length(turn_ends)
+            if length is not None:
+                self.spans.append((int(first), turn_ends.index(length) + 1, length))
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -110,9 +106,10 @@ def _read_jsonl(path: str, tokenizer, template_name: str, fitter: _FitRecords) -
         if not raw_line.strip():
             continue
         where = f"{path} line {line_number}"
-        fitted = fitter.fit(encode_conversation(parse_record(raw_line, where), template, tokenizer, where))
-        if fitted is not None:
-            records.append((fitted[0], fitted[1].astype(np.int64)))
+        record = encode_conversation(parse_record(raw_line, where), template, tokenizer, where)
+        length = fitter.kept_length(record.turn_ends)
+        if length is not None:
+            records.append((record.ids[:length], record.loss_mask[:length].astype(np.int64)))
     return records
 
 

@@ -17,12 +17,12 @@ conversation's ids part from those of the prompt rendered with the generation pr
 last. Messages after the last assistant turn teach nothing and are left out.
 
 Too long for a sequence of `limit` tokens: the record is cut after its last assistant turn that fits whole
-(`fit_record`), so every kept answer keeps its end marker; a record whose first answer does not fit is dropped.
+(`fitted_length`), so every kept answer keeps its end marker; a record whose first answer does not fit is dropped.
 The caller counts both and logs them (data/sft_dataset.py).
 
     record = parse_record(line_bytes, "sft.jsonl line 3")             # SFTDataError names the file and line
     encoded = encode_conversation(record, get_chat_template("openllama"), tokenizer)
-    ids, mask = fit_record(encoded, limit)                              # None: dropped
+    kept = fitted_length(encoded.turn_ends, limit)                      # tokens kept; None: dropped
 """
 from __future__ import annotations
 
@@ -121,12 +121,8 @@ def encode_conversation(messages: list[dict], template: ChatTemplate, tokenizer,
     return EncodedRecord(np.asarray(ids, dtype=np.int64), mask, tuple(turn_ends))
 
 
-def fit_record(record: EncodedRecord, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(ids, mask) of the record cut after its last assistant turn that ends within `limit` tokens (the whole record
-    when it fits); None when even the first answer does not fit with its end marker."""
-    if len(record.ids) <= limit:
-        return record.ids, record.loss_mask
-    fitting = [end for end in record.turn_ends if end <= limit]
-    if not fitting:
-        return None
-    return record.ids[:fitting[-1]], record.loss_mask[:fitting[-1]]
+def fitted_length(turn_ends: tuple[int, ...], limit: int) -> int | None:
+    """Tokens kept of a record whose assistant turns end at `turn_ends` (the last: its length): all when they fit in
+    `limit`, else up to its last turn that ends within `limit`; None when even the first answer does not fit."""
+    fitting = [end for end in turn_ends if end <= limit]
+    return fitting[-1] if fitting else None
