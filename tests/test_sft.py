@@ -193,45 +193,38 @@ def sft_layout_flags(tokenizer_path, save, *layout):
         "--tokenizer-model", tokenizer_path, "--save", save, *layout]
 
 
-def test_sft_losses_with_data_and_pipeline_parallelism_equal_one_process(tmp_path, tokenizer_path):
-    """The response-token count is summed over data-parallel ranks and known on every pipeline stage."""
-    layouts = {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"]}
-
+def assert_layout_losses_equal_one_process(tmp_path, tokenizer_path, layouts: dict, *common: str):
+    """Run one process, then each layout on 2 ranks (sft_layout_flags + `common`); the losses must agree."""
     def run_layouts():
-        return [main(sft_layout_flags(tokenizer_path, str(tmp_path / name), *flags)) for name, flags in layouts.items()]
+        return [main(sft_layout_flags(tokenizer_path, str(tmp_path / name), *flags, *common))
+                for name, flags in layouts.items()]
 
-    run_in_process([sft_layout_flags(tokenizer_path, str(tmp_path / "one"))])
-    assert run_distributed(run_layouts, world_size=2) == [[0, 0], [0, 0]]
+    run_in_process([sft_layout_flags(tokenizer_path, str(tmp_path / "one"), *common)])
+    assert run_distributed(run_layouts, world_size=2) == [[0] * len(layouts)] * 2
     reference = [(row["kind"], row["loss"]) for row in metrics(tmp_path / "one")]
     assert len(reference) == 4
     for name in layouts:
         losses = [(row["kind"], row["loss"]) for row in metrics(tmp_path / name)]
         assert [kind for kind, _ in losses] == [kind for kind, _ in reference]
         assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference], rel=1e-5), name
+
+
+def test_sft_losses_with_data_and_pipeline_parallelism_equal_one_process(tmp_path, tokenizer_path):
+    """The response-token count is summed over data-parallel ranks and known on every pipeline stage."""
+    assert_layout_losses_equal_one_process(tmp_path, tokenizer_path,
+                                           {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"]})
 
 
 def test_packed_sft_losses_at_tensor_pipeline_and_data_parallel_layouts_equal_one_process(tmp_path, tokenizer_path,
                                                                                         tokenizer):
     """Document ids and positions reach every pipeline stage and tensor rank with the micro-batch."""
-    packed = ["--sft-packing", "--seq-length", str(4 * SEQ_LENGTH)]
     rows = SFTDataset(SAMPLE, tokenizer, 4 * SEQ_LENGTH, num_samples=8, seed=5, packing=True)
     for row in (rows[index] for index in range(8)):  # each row holds two or more records with answers
         assert len(set(row["document_ids"][row["loss_mask"] == 1].tolist())) >= 2
     layouts = {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"],
                "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"]}
-
-    def run_layouts():
-        return [main(sft_layout_flags(tokenizer_path, str(tmp_path / name), *flags, *packed))
-                for name, flags in layouts.items()]
-
-    run_in_process([sft_layout_flags(tokenizer_path, str(tmp_path / "one"), *packed)])
-    assert run_distributed(run_layouts, world_size=2) == [[0, 0, 0], [0, 0, 0]]
-    reference = [(row["kind"], row["loss"]) for row in metrics(tmp_path / "one")]
-    assert len(reference) == 4
-    for name in layouts:
-        losses = [(row["kind"], row["loss"]) for row in metrics(tmp_path / name)]
-        assert [kind for kind, _ in losses] == [kind for kind, _ in reference]
-        assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference], rel=1e-5), name
+    assert_layout_losses_equal_one_process(tmp_path, tokenizer_path, layouts,
+                                           "--sft-packing", "--seq-length", str(4 * SEQ_LENGTH))
 
 
 def test_sft_flag_rejects_a_binary_corpus_and_a_missing_file(tmp_path, tokenizer_path, capsys):
