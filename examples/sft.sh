@@ -6,9 +6,12 @@
 #     MODEL_ARGS="--model-preset openllama-7b --bf16" SEQ_LENGTH=2048 DATA=my_sft.jsonl bash examples/sft.sh
 #
 # DATA is a jsonl file of {"prompt": ..., "response": ...} or {"messages": [{"role", "content"}, ...]} records
-# (examples/sft_sample.jsonl shows both). Each record is tokenized as BOS prompt response EOD; only the
-# response tokens and the EOD are learned (megatron_llama/data/sft_dataset.py). --finetune loads the weights
-# of LOAD and starts a new run at iteration 0 with a fresh optimizer; the result goes to OUT.
+# (examples/sft_sample.jsonl shows both), or the PREFIX that tools/preprocess_sft.py wrote from such files (for
+# large data sets). Each record is rendered with the chat template CHAT_TEMPLATE (Open-Llama's
+# "<s>user: {prompt}<s>system: {response}</s>" by default; the Hugging Face export carries the same template);
+# only the assistant turns and their end markers are learned (megatron_llama/data/sft_dataset.py). PACKING puts
+# several records in each sequence, each attending only to itself. --finetune loads the weights of LOAD and starts
+# a new run at iteration 0 with a fresh optimizer; the result goes to OUT.
 # Every variable below can be set from the environment; extra arguments are passed to the trainer. LAUNCHER is put
 # before the two commands (LAUNCHER=echo prints them instead of running them); on Slurm: examples/slurm/sft.sbatch.
 set -euo pipefail
@@ -28,7 +31,9 @@ MODEL_ARGS=${MODEL_ARGS:-"--model-preset tiny --num-layers 4 --hidden-size 128 -
 DATA=${DATA:-examples/sft_sample.jsonl}
 VALID_DATA=${VALID_DATA:-}                         # optional held-out jsonl; empty: no evaluation
 OUT=${OUT:-runs/sft}
-SEQ_LENGTH=${SEQ_LENGTH:-128}                      # longer records are truncated
+SEQ_LENGTH=${SEQ_LENGTH:-128}                      # longer records are cut after their last answer that fits
+CHAT_TEMPLATE=${CHAT_TEMPLATE:-openllama}          # openllama, llama2 or chatml
+PACKING=${PACKING:---sft-packing}                  # empty: one record per sequence, padded
 MICRO_BATCH=${MICRO_BATCH:-4}
 GLOBAL_BATCH=${GLOBAL_BATCH:-8}                    # a multiple of MICRO_BATCH x data-parallel size
 TRAIN_ITERS=${TRAIN_ITERS:-40}
@@ -46,7 +51,7 @@ ${LAUNCHER:-} torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --no
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m megatron_llama.pretrain $MODEL_ARGS \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
-  --sft --train-data-path "$DATA" "${evaluation[@]}" \
+  --sft --train-data-path "$DATA" --chat-template "$CHAT_TEMPLATE" $PACKING "${evaluation[@]}" \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
   --load "$LOAD" --finetune --save "$OUT/checkpoints" --save-interval "$TRAIN_ITERS" \
   --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" \

@@ -52,7 +52,9 @@ import torch
 from megatron_llama.config import (PRESETS, CheckpointConfig, DataConfig, LoggingConfig, ModelConfig,
                                    ParallelConfig, RunConfig, TrainingConfig)
 from megatron_llama.data.blended_dataset import parse_data_path
+from megatron_llama.data.chat_template import CHAT_TEMPLATES
 from megatron_llama.data.gpt_dataset import parse_split
+from megatron_llama.data.indexed_dataset import dataset_exists
 from megatron_llama.model.attention import ATTENTION_BACKENDS
 from megatron_llama.model.compile import default_on_cuda
 from megatron_llama.optim.lr_schedule import DECAY_STYLES
@@ -137,7 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-cache-path", help="where index files are cached (default: beside the data)")
     data.add_argument("--sft", action="store_true",
                       help="instruction tuning: --train-data-path (and --valid-data-path) name one jsonl file of "
-                           "{prompt, response} or {messages} records; the loss covers response tokens only")
+                           "{prompt, response} or {messages} records, or the PREFIX of tools/preprocess_sft.py; the "
+                           "loss covers the assistant turns only")
+    data.add_argument("--chat-template", default="openllama", choices=tuple(CHAT_TEMPLATES),
+                      help="--sft: how records are rendered (Open-Llama's 'user: ...<s>system: ...</s>' by default)")
+    data.add_argument("--sft-packing", action="store_true",
+                      help="--sft: pack several records per sequence; attention never crosses a record boundary")
+    data.add_argument("--reset-position-ids", action="store_true",
+                      help="positions restart after each end-of-document token")
+    data.add_argument("--reset-attention-mask", action="store_true",
+                      help="attention never crosses an end-of-document token")
+    data.add_argument("--eod-mask-loss", action="store_true",
+                      help="no loss on the token that follows an end-of-document token")
     data.add_argument("--mock-data", action="store_true", help="random tokens instead of a corpus (smoke tests)")
     data.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
     data.add_argument("--tokenizer-model")
@@ -439,9 +452,21 @@ def _check_data(config: RunConfig):
     data = config.data
     given = {_flag(name): getattr(data, name) for name in ("data_path", "train_data_path", "valid_data_path",
                                                             "test_data_path") if getattr(data, name)}
+    document_flags = [_flag(name) for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+                      if getattr(data, name)]
+    if (data.sft_packing or data.reset_attention_mask) and config.model.attention_backend == "xformers":
+        raise ArgumentsError("--attention-backend xformers takes no document mask; --sft-packing and "
+                             "--reset-attention-mask need --attention-backend sdpa or eager")
     if data.sft:
+        if document_flags:
+            raise ArgumentsError(f"{', '.join(document_flags)} apply to pretraining; with --sft use --sft-packing")
         _check_sft_data(data, given)
         return
+    if data.sft_packing or data.chat_template != "openllama":
+        raise ArgumentsError("--sft-packing and --chat-template apply to --sft only; add --sft or drop them")
+    if document_flags and data.mock_data:
+        raise ArgumentsError(f"{', '.join(document_flags)} find documents by their end-of-document tokens, which "
+                             f"--mock-data has none of; give --data-path or drop them")
     if data.mock_data:
         if given:
             raise ArgumentsError(f"--mock-data and {', '.join(given)} were both given; choose one")
@@ -470,13 +495,14 @@ def _check_sft_data(data: DataConfig, given: dict):
         raise ArgumentsError("--sft takes --train-data-path FILE.jsonl (and --valid-data-path FILE.jsonl) only; "
                              "drop --mock-data, --data-path and --test-data-path")
     if "--train-data-path" not in given:
-        raise ArgumentsError("--sft needs --train-data-path FILE.jsonl")
+        raise ArgumentsError("--sft needs --train-data-path FILE.jsonl (or the PREFIX of tools/preprocess_sft.py)")
     for flag in ("--train-data-path", "--valid-data-path"):
         files = given.get(flag, [])
         if len(files) > 1:
             raise ArgumentsError(f"--sft reads one file per split but {flag} names {len(files)}; merge them")
-        if files and not os.path.isfile(files[0]):
-            raise ArgumentsError(f"{flag} {files[0]} does not exist")
+        if files and not (os.path.isfile(files[0]) or dataset_exists(files[0])):
+            raise ArgumentsError(f"{flag} {files[0]} does not exist (neither a jsonl file nor a PREFIX of "
+                                 f"PREFIX.bin and PREFIX.idx)")
     if data.tokenizer_type is None:
         raise ArgumentsError("--sft tokenizes the records: give --tokenizer-type and --tokenizer-model")
 

@@ -252,9 +252,10 @@ class DataConfig:
     data_path: list[str] | None = None
     """PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (blended), split into train/valid/test by `split`."""
     train_data_path: list[str] | None = None
-    """Training data with its own prefixes (instead of data_path); SFT: one jsonl file."""
+    """Training data with its own prefixes (instead of data_path); SFT: one jsonl file, or tools/preprocess_sft.py's
+    PREFIX."""
     valid_data_path: list[str] | None = None
-    """Validation data with its own prefixes; SFT: one jsonl file."""
+    """Validation data with its own prefixes; SFT: one jsonl file, or tools/preprocess_sft.py's PREFIX."""
     test_data_path: list[str] | None = None
     """Test data with its own prefixes."""
     split: str = "969,30,1"
@@ -262,7 +263,18 @@ class DataConfig:
     data_cache_path: str | None = None
     """Folder of the cached sample indices (None: beside the data)."""
     sft: bool = False
-    """Instruction tuning on {prompt, response} / {messages} jsonl records; the loss covers responses only."""
+    """Instruction tuning on {prompt, response} / {messages} jsonl records (or tools/preprocess_sft.py's files);
+    the loss covers the assistant turns only."""
+    chat_template: str = "openllama"
+    """SFT: the chat template that renders the records (data/chat_template.py: openllama, llama2, chatml)."""
+    sft_packing: bool = False
+    """SFT: several records per sequence, each attending only to itself, positions restarting at each."""
+    reset_position_ids: bool = False
+    """Pretraining: rotary positions restart after every end-of-document token."""
+    reset_attention_mask: bool = False
+    """Pretraining: attention never crosses an end-of-document token (block-diagonal causal attention)."""
+    eod_mask_loss: bool = False
+    """Pretraining: no loss on the prediction made from an end-of-document token (the next document's first)."""
     mock_data: bool = False
     """Random tokens instead of a corpus (smoke tests and benchmarks)."""
     tokenizer_type: str | None = None

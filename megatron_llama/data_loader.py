@@ -10,7 +10,10 @@ micro-batch m as the indices
 so resuming at `consumed_samples` continues exactly where the previous run stopped, replaying and
 skipping nothing. A sample is {"text": int64 array of seq_length + 1 tokens}; the model's input is
 text[:-1] and its labels are text[1:]. An SFT sample (data/sft_dataset.py) adds "loss_mask" [seq_length + 1];
-labels whose mask is 0 become IGNORE_INDEX (-100), which the cross entropy skips.
+labels whose mask is 0 become IGNORE_INDEX (-100), which the cross entropy skips. A packed sample (data/packing.py)
+adds "position_ids" and/or "document_ids" [seq_length + 1], cut like the tokens to [seq_length].
+A micro-batch is a dict {"tokens", "labels"[, "position_ids", "document_ids"]}, each [b, s] int64
+(collate_micro_batch): what the pipeline's forward step (model/stage_model.py) reads on every stage.
 
 MockGPTDataset (--mock-data) gives random tokens that depend only on (seed, index), for smoke tests
 and benchmarks without a corpus.
@@ -58,14 +61,27 @@ def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, labels
 
 
-def micro_batches(dataset, sampler: PretrainingSampler, device: torch.device
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens, labels) on `device` for each micro-batch the sampler names."""
+PACKING_FIELDS = ("position_ids", "document_ids")
+
+
+def collate_micro_batch(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Samples -> {"tokens", "labels"} (collate) plus the packing fields the samples carry, cut to the inputs."""
+    tokens, labels = collate(samples)
+    batch = {"tokens": tokens, "labels": labels}
+    for field in PACKING_FIELDS:
+        if field in samples[0]:
+            values = np.stack([np.asarray(sample[field], dtype=np.int64) for sample in samples])  # [b, s + 1]
+            batch[field] = torch.from_numpy(values[:, :-1].copy())  # [b, s], aligned with tokens
+    return batch
+
+
+def micro_batches(dataset, sampler: PretrainingSampler, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batch (collate_micro_batch) on `device` for each micro-batch the sampler names."""
     for indices in sampler:
-        tokens, labels = collate([dataset[index] for index in indices])
+        batch = collate_micro_batch([dataset[index] for index in indices])
         if device.type == "cuda":
-            tokens, labels = tokens.pin_memory(), labels.pin_memory()
-        yield tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
+        yield {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
 class MockGPTDataset:

@@ -53,6 +53,7 @@ from megatron_llama.config import RunConfig
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets, parse_data_path
 from megatron_llama.data.dataset_tokenizer import check_dataset_tokenizer
 from megatron_llama.data.errors import DataError
+from megatron_llama.data.packing import EodDocuments
 from megatron_llama.data.sft_dataset import build_sft_datasets
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash
 from megatron_llama.data_loader import MockGPTDataset
@@ -130,7 +131,8 @@ def build_datasets(config: RunConfig, tokenizer, log):
     eval_samples = config.logging.eval_iters * training.global_batch_size
     if data.sft:
         return build_sft_datasets(data.train_data_path[0], data.valid_data_path[0] if data.valid_data_path else None,
-                                  tokenizer, training.seq_length, (train_samples, eval_samples), training.seed, log)
+                                  tokenizer, training.seq_length, (train_samples, eval_samples), training.seed, log,
+                                  chat_template=data.chat_template, packing=data.sft_packing)
     if data.mock_data:
         vocab = config.model.vocab_size
         return (MockGPTDataset(train_samples, training.seq_length, vocab, training.seed),
@@ -140,11 +142,16 @@ def build_datasets(config: RunConfig, tokenizer, log):
              if paths]
     check_dataset_tokenizer([prefix for paths in given for prefix in parse_data_path(paths)[0]],
                             data.tokenizer_hash, data.tokenizer_model)
-    return build_train_valid_test_datasets(
+    datasets = build_train_valid_test_datasets(
         data_path=data.data_path or None, split=data.split, seq_length=training.seq_length, seed=training.seed,
         num_samples=(train_samples, eval_samples, eval_samples), cache_path=data.data_cache_path,
         train_data_path=data.train_data_path, valid_data_path=data.valid_data_path,
         test_data_path=data.test_data_path, vocab_size=config.model.vocab_size)
+    if not (data.reset_position_ids or data.reset_attention_mask or data.eod_mask_loss):
+        return datasets
+    return tuple(None if dataset is None else EodDocuments(dataset, tokenizer.eod, data.reset_position_ids,
+                                                           data.reset_attention_mask, data.eod_mask_loss)
+                 for dataset in datasets)
 
 
 def build_loss_scaler(config: RunConfig):
@@ -323,8 +330,9 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         eval_iters=logging.eval_iters, save_interval=checkpoint.save_interval, exit_interval=checkpoint.exit_interval,
         world_size=config.parallel.world_size, data_parallel_rank=layout.data_rank,
         data_parallel_size=layout.data_size, buffers=buffers, save=save if checkpoint.save else None,
-        stop_requested=stop_flag if checkpoint.exit_signal_handler else None, count_loss_tokens=config.data.sft,
-        profiler=profiler, log_memory=logging.log_memory_to_tensorboard)
+        stop_requested=stop_flag if checkpoint.exit_signal_handler else None,
+        count_loss_tokens=config.data.sft or config.data.eod_mask_loss, profiler=profiler,
+        log_memory=logging.log_memory_to_tensorboard)
     try:
         train(model, optimizer, lr_schedule, progress, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:

@@ -205,7 +205,7 @@ def stop_agreed(requested: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def eval_batches(dataset, setup: TrainingSetup) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(dataset, setup: TrainingSetup) -> Iterator[dict[str, torch.Tensor]]:
     """The same --eval-iters global batches from the start of `dataset` at every evaluation (comparable curves)."""
     count = setup.eval_iters * setup.global_batch_size
     if len(dataset) < count:

@@ -116,6 +116,11 @@ def test_metrics_path_defaults_to_the_save_directory_else_the_tensorboard_direct
     ("--adam-beta2 1.0", "--adam-beta2 1.0 must lie in [0, 1)"),
     ("--data-path somewhere", "--mock-data and --data-path were both given; choose one"),
     ("--load /nonexistent/checkpoints", "--load /nonexistent/checkpoints does not exist"),
+    ("--sft-packing", "--sft-packing and --chat-template apply to --sft only"),
+    ("--chat-template chatml", "--sft-packing and --chat-template apply to --sft only"),
+    ("--reset-attention-mask", "--reset-attention-mask find documents by their end-of-document tokens, which "
+                               "--mock-data has none of"),
+    ("--reset-position-ids --eod-mask-loss", "--reset-position-ids, --eod-mask-loss find documents"),
 ])
 def test_bad_flag_combination_gives_its_message(extra, message):
     assert message in error_of(extra)

@@ -241,8 +241,8 @@ def test_sft_record_too_long_is_left_out_and_counted_with_its_eod_never_dropped(
     tokenizer = build_tokenizer("SentencePieceTokenizer", tiny_sentencepiece_model)
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "q", "response": "long answer " * 40},
                                                 {"prompt": "q", "response": "short"}])
-    dataset = SFTDataset(path, tokenizer, seq_length=16, num_samples=4, seed=0)
-    assert dataset.too_long == 1 and "1 longer than --seq-length + 1 tokens left out" in dataset.describe()
+    dataset = SFTDataset(path, tokenizer, seq_length=40, num_samples=4, seed=0)
+    assert dataset.dropped == 1 and "1 left out: their first answer does not fit" in dataset.describe()
     for index in range(4):
         sample = dataset[index]
         assert sample["text"][sample["loss_mask"].nonzero()[0][-1]] == tokenizer.eod

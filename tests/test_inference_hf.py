@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from inference_helpers import sentencepiece_tokenizer, small_model, write_checkpoint
 from megatron_llama.data.chat_template import CHAT_TEMPLATES
+from megatron_llama.data.sft_dataset import SFTDataset
 from megatron_llama.inference.generator import Generator, encode_prompt
 from megatron_llama.inference.loading import ModelSource, load_for_inference
 
@@ -95,3 +96,20 @@ def test_generate_tool_names_the_line_of_a_bad_record(exported, tmp_path):
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
     with pytest.raises(SystemExit, match="prompts.jsonl line 2"):
         load_tool("generate").main(["--load", checkpoint, "--input-file", str(tmp_path / "prompts.jsonl")])
+
+
+def test_sft_records_are_the_token_ids_of_the_exports_apply_chat_template(exported, tmp_path):
+    """SFT trains on exactly what the exported tokenizer renders (data/sft_dataset.py), every template."""
+    _, hf = exported
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf)
+    _, tokenizer = load_for_inference(ModelSource(hf=hf), device="cpu", dtype=torch.float32)
+    conversation = MESSAGES + [{"role": "assistant", "content": "fine, and you?"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"messages": conversation}) + "\n")
+    for name, template in CHAT_TEMPLATES.items():
+        hf_tokenizer.chat_template = template.jinja()
+        text = hf_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
+        expected = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+        sample = SFTDataset(str(path), tokenizer, 256, num_samples=1, seed=0, chat_template=name)[0]
+        assert sample["text"][:len(expected)].tolist() == expected, name
+        assert sample["loss_mask"][len(expected):].sum() == 0 and sample["loss_mask"][len(expected) - 1] == 1, name

@@ -1,7 +1,10 @@
 """Instruction tuning: response-only loss masks, masked-mean loss, record errors, and a short --sft run."""
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from trainer_runs import metrics, run_in_process
 from megatron_llama.config import ModelConfig
+from megatron_llama.data.chat_template import CHAT_TEMPLATES
 from megatron_llama.data.sft_dataset import SFTDataError, SFTDataset
 from megatron_llama.data.tokenizer import build_tokenizer
 from megatron_llama.data_loader import collate
@@ -54,52 +58,76 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def test_mask_is_zero_exactly_on_bos_prompt_and_padding_and_labels_are_minus_100_there(tmp_path, tokenizer):
+def learned_and_prompt(sample):
+    """(tokens the mask learns, tokens it does not) of a sample, padding cut off."""
+    text, mask = sample["text"], sample["loss_mask"].astype(bool)
+    return text[mask].tolist(), text[~mask].tolist()
+
+
+def test_record_is_rendered_with_the_openllama_template_and_only_the_answer_and_its_eos_are_learned(tmp_path,
+                                                                                                     tokenizer):
     prompt, response = "What does len() return?", "The number of items."
     path = write_jsonl(tmp_path / "one.jsonl", [{"prompt": prompt, "response": response}])
     sample = SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=1, seed=0)[0]
-    prompt_ids, response_ids = tokenizer.tokenize(prompt), tokenizer.tokenize(response)
-    used = 1 + len(prompt_ids) + len(response_ids) + 1
-    assert used < SEQ_LENGTH + 1  # the sample must hold padding for this test to mean anything
-    assert sample["text"][:used].tolist() == [tokenizer.bos] + prompt_ids + response_ids + [tokenizer.eod]
-    expected_mask = [0] * (1 + len(prompt_ids)) + [1] * (len(response_ids) + 1) + [0] * (SEQ_LENGTH + 1 - used)
-    assert sample["loss_mask"].tolist() == expected_mask
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    ids = CHAT_TEMPLATES["openllama"].encode(messages, tokenizer, add_generation_prompt=False)
+    assert ids[0] == tokenizer.bos and ids[-1] == tokenizer.eod and len(ids) < SEQ_LENGTH + 1
+    assert sample["text"][:len(ids)].tolist() == ids
+    learned, _ = learned_and_prompt(sample)
+    assert learned[-1] == tokenizer.eod and tokenizer.detokenize(learned[:-1]).strip() == response
+    prompt_ids = CHAT_TEMPLATES["openllama"].encode(messages[:1], tokenizer, add_generation_prompt=True)
+    assert sample["loss_mask"][:len(ids)].tolist() == [0] * (len(ids) - len(learned)) + [1] * len(learned)
+    assert ids[:len(ids) - len(learned)] == prompt_ids[:len(ids) - len(learned)]  # the prompt and "system:" unlearned
+    assert not sample["loss_mask"][len(ids):].any()
 
     tokens, labels = collate([sample])
     assert tokens[0].tolist() == sample["text"][:-1].tolist()
-    kept = labels[0] != -100
-    assert kept.tolist() == [bool(m) for m in expected_mask[1:]]
-    assert labels[0][kept].tolist() == response_ids + [tokenizer.eod]
+    assert labels[0][labels[0] != -100].tolist() == learned
 
 
-def test_messages_record_learns_only_the_assistant_turns(tmp_path, tokenizer):
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
-                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_messages_record_learns_exactly_the_assistant_turns_and_their_end_markers(tmp_path, tokenizer, template):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "good day"}, {"role": "user", "content": "unanswered"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
-    sample = SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=1, seed=0)[0]
-    pieces = [tokenizer.tokenize(message["content"]) for message in messages]
-    expected = [0] + [0] * len(pieces[0]) + [1] * len(pieces[1]) + [0] * len(pieces[2]) + [1] * (len(pieces[3]) + 1)
-    assert sample["loss_mask"][:len(expected)].tolist() == expected
-    assert not sample["loss_mask"][len(expected):].any()
+    sample = SFTDataset(path, tokenizer, 4 * SEQ_LENGTH, num_samples=1, seed=0, chat_template=template)[0]
+    ids = CHAT_TEMPLATES[template].encode(messages[:5], tokenizer, add_generation_prompt=False)
+    assert sample["text"][:len(ids)].tolist() == ids  # the trailing user turn teaches nothing: left out
+    mask = sample["loss_mask"]
+    assert not mask[len(ids):].any()
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))  # [start, end) of each learned stretch
+    answers = [tokenizer.detokenize(sample["text"][start:end].tolist()) for start, end in spans.reshape(-1, 2)]
+    assert len(answers) == 2
+    for answer, expected in zip(answers, ("hello there", "good day")):  # the answer, none of the prompt
+        assert answer.strip().startswith(expected) and "hi" not in answer and "bye" not in answer
+    if template != "chatml":  # openllama and llama2 end an answer with </s>
+        assert [sample["text"][end - 1] for _, end in spans.reshape(-1, 2)] == [tokenizer.eod] * 2
 
 
-def test_record_longer_than_seq_length_plus_one_is_left_out_and_counted_never_cut(tmp_path, tokenizer):
-    records = [{"prompt": "Hi", "response": "moon light " * 100}, {"prompt": "Hi", "response": "moon"},
+def test_long_record_is_cut_after_its_last_answer_that_fits_and_one_whose_first_answer_cannot_is_dropped(
+        tmp_path, tokenizer):
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "moon"},
+             {"role": "user", "content": "more"}, {"role": "assistant", "content": "moon light " * 100}]
+    records = [{"messages": turns}, {"prompt": "Hi", "response": "moon"},
                {"prompt": "word " * 200, "response": "a"}]
-    dataset = SFTDataset(write_jsonl(tmp_path / "long.jsonl", records), tokenizer, SEQ_LENGTH, num_samples=3, seed=0)
-    assert len(dataset.records) == 1 and dataset.too_long == 2
-    for index in range(3):  # every sample is the short record, whole: its EOD is there and learned
+    dataset = SFTDataset(write_jsonl(tmp_path / "long.jsonl", records), tokenizer, SEQ_LENGTH, num_samples=2, seed=0)
+    assert len(dataset.records) == 2 and dataset.truncated == 1 and dataset.dropped == 1
+    first_turn = CHAT_TEMPLATES["openllama"].encode(turns[:2], tokenizer, add_generation_prompt=False)
+    kept = sorted(len(ids) for ids, _ in dataset.records)
+    assert kept == [len(first_turn)] * 2  # the cut record is its first exchange, exactly as the short record
+    for index in range(2):
         sample = dataset[index]
         assert sample["text"].shape == sample["loss_mask"].shape == (SEQ_LENGTH + 1,)
-        end = sample["loss_mask"].nonzero()[0][-1]
-        assert sample["text"][end] == tokenizer.eod
-    assert "2 longer than --seq-length + 1 tokens left out" in dataset.describe()
-    assert f"--seq-length {dataset.longest - 1} would keep them" in dataset.describe()
+        assert sample["text"][sample["loss_mask"].nonzero()[0][-1]] == tokenizer.eod  # every answer keeps its </s>
+    assert "1 longer than --seq-length + 1 = 49 tokens cut after their last assistant turn" in dataset.describe()
+    assert "1 left out: their first answer does not fit with its end marker" in dataset.describe()
+    assert f"--seq-length {dataset.longest - 1} keeps all whole" in dataset.describe()
 
 
 def test_file_whose_every_record_is_too_long_says_to_raise_seq_length(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi", "response": "moon light " * 100}])
-    with pytest.raises(SFTDataError, match="all 1 records are longer than --seq-length"):
+    with pytest.raises(SFTDataError, match="the first answer of all 1 records does not fit"):
         SFTDataset(path, tokenizer, SEQ_LENGTH, num_samples=3, seed=0)
 
 
@@ -107,6 +135,8 @@ def test_file_whose_every_record_is_too_long_says_to_raise_seq_length(tmp_path, 
     ("{not json", "not valid JSON"),
     (json.dumps({"prompt": "q"}), "response"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "assistant"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "needs a user message before it"),
+    (json.dumps({"messages": [{"role": "robot", "content": "a"}]}), "role"),
 ])
 def test_bad_record_error_names_file_and_line(tmp_path, tokenizer, bad_line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, "", bad_line])
@@ -163,21 +193,38 @@ def sft_layout_flags(tokenizer_path, save, *layout):
         "--tokenizer-model", tokenizer_path, "--save", save, *layout]
 
 
-def test_sft_losses_with_data_and_pipeline_parallelism_equal_one_process(tmp_path, tokenizer_path):
-    """The response-token count is summed over data-parallel ranks and known on every pipeline stage."""
-    layouts = {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"]}
-
+def assert_layout_losses_equal_one_process(tmp_path, tokenizer_path, layouts: dict, *common: str):
+    """Run one process, then each layout on 2 ranks (sft_layout_flags + `common`); the losses must agree."""
     def run_layouts():
-        return [main(sft_layout_flags(tokenizer_path, str(tmp_path / name), *flags)) for name, flags in layouts.items()]
+        return [main(sft_layout_flags(tokenizer_path, str(tmp_path / name), *flags, *common))
+                for name, flags in layouts.items()]
 
-    run_in_process([sft_layout_flags(tokenizer_path, str(tmp_path / "one"))])
-    assert run_distributed(run_layouts, world_size=2) == [[0, 0], [0, 0]]
+    run_in_process([sft_layout_flags(tokenizer_path, str(tmp_path / "one"), *common)])
+    assert run_distributed(run_layouts, world_size=2) == [[0] * len(layouts)] * 2
     reference = [(row["kind"], row["loss"]) for row in metrics(tmp_path / "one")]
     assert len(reference) == 4
     for name in layouts:
         losses = [(row["kind"], row["loss"]) for row in metrics(tmp_path / name)]
         assert [kind for kind, _ in losses] == [kind for kind, _ in reference]
         assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference], rel=1e-5), name
+
+
+def test_sft_losses_with_data_and_pipeline_parallelism_equal_one_process(tmp_path, tokenizer_path):
+    """The response-token count is summed over data-parallel ranks and known on every pipeline stage."""
+    assert_layout_losses_equal_one_process(tmp_path, tokenizer_path,
+                                           {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"]})
+
+
+def test_packed_sft_losses_at_tensor_pipeline_and_data_parallel_layouts_equal_one_process(tmp_path, tokenizer_path,
+                                                                                        tokenizer):
+    """Document ids and positions reach every pipeline stage and tensor rank with the micro-batch."""
+    rows = SFTDataset(SAMPLE, tokenizer, 4 * SEQ_LENGTH, num_samples=8, seed=5, packing=True)
+    for row in (rows[index] for index in range(8)):  # each row holds two or more records with answers
+        assert len(set(row["document_ids"][row["loss_mask"] == 1].tolist())) >= 2
+    layouts = {"dp2": [], "pp2": ["--pipeline-model-parallel-size", "2"],
+               "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"]}
+    assert_layout_losses_equal_one_process(tmp_path, tokenizer_path, layouts,
+                                           "--sft-packing", "--seq-length", str(4 * SEQ_LENGTH))
 
 
 def test_sft_flag_rejects_a_binary_corpus_and_a_missing_file(tmp_path, tokenizer_path, capsys):
@@ -188,3 +235,42 @@ def test_sft_flag_rejects_a_binary_corpus_and_a_missing_file(tmp_path, tokenizer
     assert "--sft takes --train-data-path" in capsys.readouterr().err
     assert main(base + ["--train-data-path", str(tmp_path / "absent.jsonl")]) == 2
     assert "absent.jsonl does not exist" in capsys.readouterr().err
+
+
+def run_preprocess_sft(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_sft.py"), *argv],
+                          capture_output=True, text=True)
+
+
+def test_preprocessed_files_give_the_samples_of_the_jsonl_file_packed_or_not(tmp_path, tokenizer_path, tokenizer):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "moon"},
+             {"role": "user", "content": "more"}, {"role": "assistant", "content": "moon light " * 40}]
+    records = [json.loads(line) for line in open(SAMPLE, encoding="utf-8")] + [
+        {"messages": turns}, {"prompt": "word " * 200, "response": "a"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", records)
+    prefix = str(tmp_path / "out" / "sft")
+    done = run_preprocess_sft("--input", path, "--output-prefix", prefix, "--tokenizer-type", "SentencePieceTokenizer",
+                              "--tokenizer-model", tokenizer_path, "--chat-template", "llama2", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert f"{len(records)} records" in done.stdout
+    for packing in (False, True):
+        options = dict(num_samples=40, seed=4, chat_template="llama2", packing=packing)
+        from_jsonl = SFTDataset(path, tokenizer, 3 * SEQ_LENGTH, **options)
+        from_files = SFTDataset(prefix, tokenizer, 3 * SEQ_LENGTH, **options)
+        assert (from_files.truncated, from_files.dropped, from_files.longest) == \
+            (from_jsonl.truncated, from_jsonl.dropped, from_jsonl.longest)
+        assert from_jsonl.truncated >= 1 and from_jsonl.dropped == 1
+        for index in range(40):
+            expected, got = from_jsonl[index], from_files[index]
+            assert set(got) == set(expected)
+            for field in expected:
+                assert got[field].tolist() == expected[field].tolist(), (packing, index, field)
+
+
+def test_preprocess_sft_names_the_file_and_line_of_a_bad_record_and_leaves_no_output(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "q"}])
+    prefix = tmp_path / "out" / "sft"
+    done = run_preprocess_sft("--input", path, "--output-prefix", str(prefix), "--tokenizer-type",
+                              "SentencePieceTokenizer", "--tokenizer-model", tokenizer_path)
+    assert done.returncode == 1 and f"{path} line 2: needs a string \"prompt\"" in done.stderr
+    assert os.listdir(prefix.parent) == []

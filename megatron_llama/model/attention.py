@@ -11,7 +11,12 @@ the q heads of one group sit next to each other.
   kernels run (it has no CPU kernels); otherwise selecting it raises AttentionBackendError.
 - "eager": plain matmul + causal mask + fp32 softmax; the reference the tests compare against.
 
-Usage: `core_attention = get_core_attention("sdpa"); out = core_attention(q, k, v)`.
+Packed sequences (several documents in one row: --sft-packing, --reset-attention-mask) pass document ids
+[b, s]: a query attends only to the keys of its own document at or before it (block-diagonal causal attention),
+through a boolean mask (`document_causal_mask`) that "sdpa" and "eager" take; "xformers" takes none. Without
+document ids every backend runs its plain causal path, unchanged.
+
+Usage: `core_attention = get_core_attention("sdpa"); out = core_attention(q, k, v)` (or `(q, k, v, document_ids)`).
 """
 from __future__ import annotations
 
@@ -53,23 +58,42 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> t
     return out.transpose(1, 2)  # [b, heads, s, d] -> [b, s, heads, d]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return grouped_sdpa(q, k, v, is_causal=True)
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> [b, 1, s, s] boolean mask, True where query i may attend key j: j <= i, same document."""
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()  # [s, s]
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]  # [b, s, s]
+    return (same_document & causal)[:, None]  # [b, 1, s, s], broadcast over heads
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    if document_ids is None:
+        return grouped_sdpa(q, k, v, is_causal=True)
+    return grouped_sdpa(q, k, v, attn_mask=document_causal_mask(document_ids))
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    document_ids: torch.Tensor | None = None) -> torch.Tensor:
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
     repeats = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, repeats), repeat_kv(v, repeats)
     scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [b, heads, s, s]
     s = q.shape[2]
-    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(diagonal=1)
-    scores = scores.masked_fill(future, float("-inf"))
+    if document_ids is None:
+        hidden = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(diagonal=1)  # the future
+    else:
+        hidden = ~document_causal_mask(document_ids)  # the future and other documents
+    scores = scores.masked_fill(hidden, float("-inf"))
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probabilities, v).transpose(1, 2)  # [b, heads, s, d] -> [b, s, heads, d]
 
 
-def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    if document_ids is not None:
+        raise AttentionBackendError("--attention-backend xformers takes no document mask; packed sequences "
+                                    "(--sft-packing, --reset-attention-mask) need --attention-backend sdpa or eager")
     import xformers.ops as xops
 
     causal = xops.LowerTriangularMask()
@@ -103,7 +127,7 @@ def xformers_unavailable_reason() -> str | None:
     return None
 
 
-_BACKEND_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+_BACKEND_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "sdpa": sdpa_attention,
     "xformers": xformers_attention,
     "eager": eager_attention,
@@ -111,7 +135,7 @@ _BACKEND_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor
 ATTENTION_BACKENDS = tuple(_BACKEND_FUNCTIONS)  # the names --attention-backend accepts
 
 
-def get_core_attention(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def get_core_attention(name: str) -> Callable[..., torch.Tensor]:
     """The backend function for `name`; raises AttentionBackendError when it cannot run here."""
     if name not in _BACKEND_FUNCTIONS:
         raise ValueError(f"unknown attention backend {name!r} (--attention-backend); "

@@ -16,6 +16,7 @@ Usage:
     model = build_model(model_config_from_preset("tiny"), seed=1234)
     logits = model(input_ids)              # [b, s] -> [b, s, padded_vocab]
     loss = model(input_ids, labels)        # per-token loss [b, s], fp32
+    loss = model(input_ids, labels, position_ids, document_ids)   # packed rows: several documents each
     compile_blocks(model)                  # model/compile.py: fused elementwise kernels (CUDA default)
 
 The elementwise work between the matmuls (norms, residual adds, rotary, SwiGLU, the cross entropy's
@@ -23,6 +24,10 @@ softmax) goes through `model.kernels` (model/compile.py: eager, or torch.compile
 `fuse_cross_entropy = True` (pretrain.py sets it on CUDA) the output head and the cross entropy run fused over
 chunks of tokens (parallel/fused_cross_entropy.py), never materialising the logits in fp32; otherwise the
 logits come first and vocab_parallel_cross_entropy follows (the reference path).
+
+Packed rows (--sft-packing, --reset-position-ids, --reset-attention-mask): position_ids [b, s] restart the rotary
+positions at each document and document_ids [b, s] keep attention inside each document (model/attention.py); a
+row's documents then compute what each would alone. Either may be None (positions 0..s-1; plain causal attention).
 """
 from __future__ import annotations
 
@@ -71,8 +76,11 @@ class CoreAttention(nn.Module):
         # tools) where the backend cannot run; build_model checks it up front.
         self.backend = backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return get_core_attention(self.backend)(q, k, v)  # [b, s, q_heads, d]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if document_ids is None:
+            return get_core_attention(self.backend)(q, k, v)  # [b, s, q_heads, d]
+        return get_core_attention(self.backend)(q, k, v, document_ids)  # block-diagonal causal
 
 
 class SelfAttention(nn.Module):
@@ -91,11 +99,17 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(heads * d, config.hidden_size, init_std=output_projection_std(config))
         self.core_attention = CoreAttention(config.attention_backend)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, kernels: ElementwiseKernels) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, kernels: ElementwiseKernels,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # x: [b, s, h], or the sequence shard [b, s/tp, h] that the column-parallel qkv all-gathers.
         qkv = self._grouped_qkv(x)
         cos, sin = rotary(qkv.shape[1], qkv.device, qkv.dtype)  # [s, d/2] each
-        return self._attend(qkv, cos, sin, self.core_attention, kernels)
+        if position_ids is not None:
+            cos, sin = cos[position_ids], sin[position_ids]  # [b, s, d/2]: each token at its document's position
+        if document_ids is None:
+            return self._attend(qkv, cos, sin, self.core_attention, kernels)
+        # positional, so a recomputed core attention (model/recompute.py) replays it with the same ids
+        return self._attend(qkv, cos, sin, lambda q, k, v: self.core_attention(q, k, v, document_ids), kernels)
 
     def forward_with_cache(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -142,9 +156,10 @@ class TransformerBlock(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_epsilon)
         self.mlp = SwiGLUMLP(config)
 
-    def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding,
-                kernels: ElementwiseKernels = EAGER_KERNELS) -> torch.Tensor:
-        return self._around_attention(hidden, lambda normed: self.attention(normed, rotary, kernels), kernels)
+    def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding, kernels: ElementwiseKernels = EAGER_KERNELS,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self._around_attention(
+            hidden, lambda normed: self.attention(normed, rotary, kernels, position_ids, document_ids), kernels)
 
     def forward_with_cache(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
                            kernels: ElementwiseKernels = EAGER_KERNELS) -> torch.Tensor:
@@ -200,11 +215,12 @@ class LlamaModel(nn.Module):
             if not self.tied_output:
                 self.output = ColumnParallelLinear(h, padded_vocab, init_std=config.init_method_std)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # token ids [b, s] -> [b, s, h], or hidden states [b, s, h] from the previous pipeline stage
         hidden = self._embed(input_ids) if self.pre_process else input_ids
         for block in self.layers.values():
-            hidden = block(hidden, self.rotary, self.kernels)
+            hidden = block(hidden, self.rotary, self.kernels, position_ids, document_ids)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden, self.kernels.rms_norm)

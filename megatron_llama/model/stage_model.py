@@ -78,7 +78,9 @@ def model_chunks(model: nn.Module) -> list[nn.Module]:
 
 def llama_forward_step(chunk: LlamaModel, input_tensor: torch.Tensor | None, micro_batch: dict | None) -> torch.Tensor:
     """run_schedule's forward step for LlamaModel chunks: token ids [b, s] on the first stage, the received hidden
-    states [b, s, h] elsewhere; labels on the last stage, which returns the per-token loss [b, s]."""
+    states [b, s, h] elsewhere; labels on the last stage, which returns the per-token loss [b, s]. A packed
+    micro-batch's "position_ids" and "document_ids" [b, s] (data_loader.py) go to every stage's blocks."""
     inputs = micro_batch["tokens"] if input_tensor is None else input_tensor
     labels = micro_batch["labels"] if chunk.post_process else None
-    return chunk(inputs, labels)
+    packing = micro_batch or {}
+    return chunk(inputs, labels, packing.get("position_ids"), packing.get("document_ids"))

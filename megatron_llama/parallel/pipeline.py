@@ -230,19 +230,23 @@ def release_storage(output: torch.Tensor) -> None:
 
 
 class _MicroBatchSource:
-    """Draws micro-batches in order from a list or an iterator; only stages that use data draw."""
+    """Micro-batches by index, drawn in order from a list or an iterator and kept until the schedule ends: every
+    forward of micro-batch i, on any stage and chunk, reads item i (per-token inputs such as a packed row's document
+    ids reach the middle stages too). A stage given None gets None."""
 
     def __init__(self, micro_batches, count: int):
-        self.iterator, self.count, self.drawn = iter(micro_batches), count, 0
+        self.iterator, self.count, self.drawn = iter(micro_batches) if micro_batches is not None else None, count, []
 
-    def next(self) -> dict:
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            raise ValueError(f"micro_batches ran out after {self.drawn} items; num_micro_batches is "
-                             f"{self.count}") from None
-        self.drawn += 1
-        return batch
+    def get(self, index: int):
+        if self.iterator is None:
+            return None
+        while len(self.drawn) <= index:
+            try:
+                self.drawn.append(next(self.iterator))
+            except StopIteration:
+                raise ValueError(f"micro_batches ran out after {len(self.drawn)} items; num_micro_batches is "
+                                 f"{self.count}") from None
+        return self.drawn[index]
 
 
 class _StageRunner:
@@ -268,7 +272,9 @@ class _StageRunner:
     def forward(self, action: Action) -> torch.Tensor | None:
         """Run a forward; returns the output to send (None on the last stage, which keeps the loss)."""
         key, first, last = (action.chunk, action.micro_batch), self.is_first(action.chunk), self.is_last(action.chunk)
-        micro_batch = self.data.next() if first or last else None
+        micro_batch = self.data.get(action.micro_batch)
+        if micro_batch is None and (first or last):
+            raise ValueError("the first and last pipeline stages need the micro-batches; pass them to run_schedule")
         input_tensor = None if first else self.inputs.pop(key)
         with torch.set_grad_enabled(not self.forward_only):
             output = self.forward_step(self.model_chunks[action.chunk], input_tensor, micro_batch)
@@ -323,9 +329,9 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable | None,
     """Forward (and, unless forward_only, backward) `num_micro_batches` micro-batches through the pipeline.
 
     micro_batches: whatever forward_step and loss_fn read (e.g. dicts of "tokens" and "labels"), drawn in
-    order only by the stages that use them, the first and the last (others may pass None).
+    order; the first and last stages need them, a middle stage may pass None (its forward_step then gets None).
     forward_step(chunk, received input or None, micro-batch or None) runs a chunk: the first stage gets no
-    input, the middle stages no micro-batch; the last stage's output goes to loss_fn(output, micro-batch).
+    input; the last stage's output goes to loss_fn(output, micro-batch).
     seq_length and hidden_size are the full sizes: the exchanged activations are [b, s, h], or [b, s/tp, h]
     under sequence parallelism. Gradients accumulate into the parameters (zero them before). Returns the
     detached loss_fn value of every micro-batch on the last stage, [] on the others.
@@ -338,7 +344,7 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable | None,
     sequence = seq_length // state.get_tensor_model_parallel_world_size() if state.get_sequence_parallel() \
         else seq_length
     shape = (micro_batch_size, sequence, hidden_size)  # [b, s, h], or the sequence shard [b, s/tp, h]
-    data = _MicroBatchSource(micro_batches if micro_batches is not None else [], num_micro_batches)
+    data = _MicroBatchSource(micro_batches, num_micro_batches)
     runner = _StageRunner(model_chunks, data, loss_fn, forward_step, scale_loss, forward_only,
                           stats if stats is not None else ScheduleStats())
     last_backward = max((index for index, step in enumerate(plan) if step.action and step.action.kind == BACKWARD),
