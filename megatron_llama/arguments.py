@@ -52,6 +52,7 @@ import torch
 from megatron_llama.config import (PRESETS, CheckpointConfig, DataConfig, LoggingConfig, ModelConfig,
                                    ParallelConfig, RunConfig, TrainingConfig)
 from megatron_llama.data.blended_dataset import parse_data_path
+from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from megatron_llama.data.gpt_dataset import parse_split
 from megatron_llama.model.attention import ATTENTION_BACKENDS
 from megatron_llama.model.compile import default_on_cuda
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--sft", action="store_true",
                       help="instruction tuning: --train-data-path (and --valid-data-path) name one jsonl file of "
                            "{prompt, response} or {messages} records; the loss covers response tokens only")
+    data.add_argument("--dpo", action="store_true",
+                      help="direct preference optimization: --train-data-path names one jsonl file of {prompt, "
+                           "chosen, rejected} pairs; the reference policy is the --load checkpoint, frozen")
+    data.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (IPO's tau)")
+    data.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid")
+    data.add_argument("--chat-template", choices=tuple(CHAT_TEMPLATES), default=DEFAULT_CHAT_TEMPLATE,
+                      help="how conversations are rendered")
     data.add_argument("--mock-data", action="store_true", help="random tokens instead of a corpus (smoke tests)")
     data.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
     data.add_argument("--tokenizer-model")
@@ -426,6 +434,9 @@ def _check_data(config: RunConfig):
     data = config.data
     given = {_flag(name): getattr(data, name) for name in ("data_path", "train_data_path", "valid_data_path",
                                                             "test_data_path") if getattr(data, name)}
+    if data.dpo:
+        _check_dpo_data(config, given)
+        return
     if data.sft:
         _check_sft_data(data, given)
         return
@@ -449,6 +460,27 @@ def _check_data(config: RunConfig):
         parse_split(data.split)
     except (ValueError, FileNotFoundError) as error:
         raise ArgumentsError(str(error)) from None
+
+
+def _check_dpo_data(config: RunConfig, given: dict):
+    """--dpo reads one jsonl file of preference pairs with the run's tokenizer (data/preference_dataset.py) and
+    trains against the model it starts from (megatron_llama/dpo.py)."""
+    data, checkpoint = config.data, config.checkpoint
+    if data.sft:
+        raise ArgumentsError("--sft and --dpo were both given; choose one")
+    if data.mock_data or list(given) != ["--train-data-path"]:
+        raise ArgumentsError("--dpo takes --train-data-path FILE.jsonl only (it does not evaluate yet); drop "
+                             "--mock-data, --data-path, --valid-data-path and --test-data-path")
+    if len(data.train_data_path) > 1 or not os.path.isfile(data.train_data_path[0]):
+        raise ArgumentsError(f"--dpo reads one jsonl file: --train-data-path {' '.join(data.train_data_path)} is not "
+                             f"one existing file")
+    if data.tokenizer_type is None:
+        raise ArgumentsError("--dpo tokenizes the records: give --tokenizer-type and --tokenizer-model")
+    if data.dpo_beta <= 0:
+        raise ArgumentsError(f"--dpo-beta must be positive, got {data.dpo_beta}")
+    if checkpoint.load is not None and not checkpoint.finetune:
+        raise ArgumentsError("--dpo takes its frozen reference from --load: add --finetune (a DPO run starts at "
+                             "iteration 0 from the loaded weights; resuming a DPO run is not supported)")
 
 
 def _check_sft_data(data: DataConfig, given: dict):

@@ -261,6 +261,15 @@ class DataConfig:
     """Folder of the cached sample indices (None: beside the data)."""
     sft: bool = False
     """Instruction tuning on {prompt, response} / {messages} jsonl records; the loss covers responses only."""
+    dpo: bool = False
+    """Direct preference optimization on {prompt, chosen, rejected} jsonl pairs against the loaded model, frozen
+    (megatron_llama/dpo.py)."""
+    dpo_beta: float = 0.1
+    """DPO's beta: how far the policy may move from the reference (IPO's tau)."""
+    dpo_loss: str = "sigmoid"
+    """sigmoid (DPO) or ipo."""
+    chat_template: str = "openllama"
+    """The chat format conversations are rendered in (data/chat_template.py)."""
     mock_data: bool = False
     """Random tokens instead of a corpus (smoke tests and benchmarks)."""
     tokenizer_type: str | None = None

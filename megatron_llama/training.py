@@ -6,7 +6,8 @@ loss is the mean over every token of the global batch: each micro-batch contribu
 sum(per-token loss) / (G x seq_length), so accumulation gives the gradient of one big batch.
 With SFT (--sft) labels outside the responses are -100 and contribute nothing; the divisor is then the
 count of the other labels over the global batch (loss_token_count), so the loss is the mean over
-response tokens: sum(loss x mask) / sum(mask).
+response tokens: sum(loss x mask) / sum(mask). With DPO (--dpo) a sample is a preference pair and the loss is
+dpo.DPOObjective's: the mean DPO loss over the global batch's pairs, against a frozen reference run in the same step.
 
 Stops: after --train-iters; at --exit-interval or on SIGTERM with --exit-signal-handler (both save
 first when --save is set); on a NaN/Inf loss or gradient norm, with TrainingDiverged naming the
@@ -54,6 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_llama.data_loader import PretrainingSampler, micro_batches
+from megatron_llama.dpo import DPOObjective
 from megatron_llama.metrics import MetricsLogger, model_flops_utilization, peak_memory_gib, perplexity
 from megatron_llama.model.stage_model import llama_forward_step, model_chunks
 from megatron_llama.optim.base import StepOutcome, TrainingOptimizer
@@ -100,6 +102,7 @@ class TrainingSetup:
     save: Callable[[TrainingProgress], None] | None = None  # writes a checkpoint at this progress
     stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
     count_loss_tokens: bool = False  # SFT: divide by the labels that are not IGNORE_INDEX, not by G x seq_length
+    dpo: DPOObjective | None = None  # DPO: its loss over preference pairs instead of the per-token mean
 
 
 def as_micro_batch(batch) -> dict:
@@ -119,14 +122,16 @@ def _schedule_shapes(chunks: list[nn.Module], batches: list[dict]) -> dict:
 
 
 def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_global_batch: int,
-                     buffers: DataParallelBuffers) -> torch.Tensor:
+                     buffers: DataParallelBuffers, loss_fn: Callable | None = None) -> torch.Tensor:
     """Accumulate the gradient of the global-batch mean loss over `batches` through the pipeline schedule
     (gradient accumulation alone at pp=1); returns this rank's share of the loss (0 off the last stage).
-    The data-parallel gradient sync of `buffers` is off until the last backward (overlap starts there)."""
+    The data-parallel gradient sync of `buffers` is off until the last backward (overlap starts there).
+    `loss_fn(per_token_loss, micro_batch)` replaces the per-token mean (e.g. DPOObjective.loss_fn)."""
     chunks = model_chunks(model)
     batches = [as_micro_batch(batch) for batch in batches]
     buffers.disable_grad_sync()
-    losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.sum() / tokens_in_global_batch,
+    losses = run_schedule(chunks, batches, loss_fn or (lambda per_token_loss, _: per_token_loss.sum()
+                                                       / tokens_in_global_batch),
                           forward_step=llama_forward_step, **_schedule_shapes(chunks, batches),
                           scale_loss=optimizer.scale_loss, before_last_backward=buffers.enable_grad_sync)
     buffers.enable_grad_sync()
@@ -152,11 +157,12 @@ def reduce_loss_across_ranks(loss: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, optimizer: TrainingOptimizer, batches: Iterable, lr: float,
-               tokens_in_global_batch: int, buffers: DataParallelBuffers) -> tuple[float, StepOutcome]:
+               tokens_in_global_batch: int, buffers: DataParallelBuffers, loss_fn: Callable | None = None
+               ) -> tuple[float, StepOutcome]:
     """One optimizer update: zero grads, accumulate over the micro-batches, finalize grads, step.
-    Returns (global-batch mean loss, outcome), equal on every rank."""
+    Returns (global-batch mean loss, outcome), equal on every rank. `loss_fn`: forward_backward's."""
     optimizer.zero_grad()
-    loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers)
+    loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers, loss_fn)
     finalize_model_grads(model, buffers)
     loss = reduce_loss_across_ranks(loss)
     outcome = optimizer.step(lr)
@@ -291,7 +297,10 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
         lr = lr_schedule.lr_at(iteration)
         if setup.count_loss_tokens:
             tokens_in_global_batch = loss_token_count(step_batches, setup.device)
-        loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers)
+        if setup.dpo is not None:
+            step_batches = setup.dpo.with_reference(step_batches)
+        loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers,
+                                   setup.dpo.loss_fn if setup.dpo is not None else None)
         if _diverged(loss, outcome, optimizer):
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
                                    f"finite; {_stopped_without_saving(last_saved)}")
@@ -300,7 +309,8 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
         progress.skipped_iterations += int(outcome.skipped)
         meter.add(loss, outcome.skipped)
         if iteration % setup.log_interval == 0:
-            _log_train(logger, progress, setup, meter, lr, outcome, optimizer)
+            _log_train(logger, progress, setup, meter, lr, outcome, optimizer,
+                       setup.dpo.metrics(setup.device) if setup.dpo is not None else {})
             meter.reset()
         if _due(iteration, setup.eval_interval) and setup.eval_iters > 0 and valid_dataset is not None:
             since = time.perf_counter()
@@ -333,7 +343,7 @@ def _due(iteration: int, interval: int | None) -> bool:
 
 
 def _log_train(logger: MetricsLogger, progress: TrainingProgress, setup: TrainingSetup, meter: _IntervalMeter, lr: float,
-               outcome: StepOutcome, optimizer: TrainingOptimizer):
+               outcome: StepOutcome, optimizer: TrainingOptimizer, extra: dict):
     elapsed = time.perf_counter() - meter.started
     step_time = elapsed / max(meter.iterations, 1)
     tokens_per_s_per_gpu = setup.global_batch_size * setup.seq_length / step_time / setup.world_size
@@ -343,7 +353,7 @@ def _log_train(logger: MetricsLogger, progress: TrainingProgress, setup: Trainin
         "loss_scale": optimizer.loss_scale, "skipped_iterations": progress.skipped_iterations,
         "step_time_s": step_time, "tokens_per_s_per_gpu": tokens_per_s_per_gpu,
         "mfu": model_flops_utilization(setup.flops_per_token, tokens_per_s_per_gpu),
-        "peak_mem_gib": peak_memory_gib(setup.device),
+        "peak_mem_gib": peak_memory_gib(setup.device), **extra,
     })
 
 
