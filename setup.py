@@ -41,7 +41,7 @@ setup(
     install_requires=["numpy", "sentencepiece", "zstandard", "safetensors", "tokenizers", "protobuf"],
     extras_require={
         "serve": ["fastapi", "uvicorn"],
-        "test": ["pytest", "transformers", "tokenizers", "tensorboard", "fastapi", "uvicorn", "openai"],
+        "test": ["pytest", "transformers", "tokenizers", "tensorboard", "fastapi", "uvicorn", "openai", "trl"],
     },
     package_data={"megatron_llama.inference": ["chat_page.html"]},
     ext_modules=helper_extensions(),
