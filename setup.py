@@ -41,7 +41,8 @@ setup(
     install_requires=["numpy", "sentencepiece", "zstandard", "safetensors", "tokenizers", "protobuf"],
     extras_require={
         "serve": ["fastapi", "uvicorn"],
-        "test": ["pytest", "transformers", "tokenizers", "tensorboard", "fastapi", "uvicorn", "openai", "selenium"],
+        "test": ["pytest", "transformers", "tokenizers", "tensorboard", "fastapi", "uvicorn", "openai", "selenium",
+                 "trl"],
     },
     package_data={"megatron_llama.inference": ["chat_page.html"]},
     ext_modules=helper_extensions(),

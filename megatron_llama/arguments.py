@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "{prompt, response} or {messages} records, or the PREFIX of tools/preprocess_sft.py; the "
                            "loss covers the assistant turns only")
     data.add_argument("--chat-template", default="openllama", choices=tuple(CHAT_TEMPLATES),
-                      help="--sft: how records are rendered (Open-Llama's 'user: ...<s>system: ...</s>' by default)")
+                      help="--sft, --dpo: how records are rendered (Open-Llama's 'user: ...<s>system: ...</s>' by default)")
     data.add_argument("--sft-packing", action="store_true",
                       help="--sft: pack several records per sequence; attention never crosses a record boundary")
     data.add_argument("--reset-position-ids", action="store_true",
@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attention never crosses an end-of-document token")
     data.add_argument("--eod-mask-loss", action="store_true",
                       help="no loss on the token that follows an end-of-document token")
+    data.add_argument("--dpo", action="store_true",
+                      help="direct preference optimization: --train-data-path names one jsonl file of {prompt, "
+                           "chosen, rejected} pairs; the reference policy is the --load checkpoint, frozen")
+    data.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (IPO's tau)")
+    data.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid")
     data.add_argument("--mock-data", action="store_true", help="random tokens instead of a corpus (smoke tests)")
     data.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
     data.add_argument("--tokenizer-model")
@@ -457,13 +462,20 @@ def _check_data(config: RunConfig):
     if (data.sft_packing or data.reset_attention_mask) and config.model.attention_backend == "xformers":
         raise ArgumentsError("--attention-backend xformers takes no document mask; --sft-packing and "
                              "--reset-attention-mask need --attention-backend sdpa or eager")
+    if data.dpo:
+        if document_flags or data.sft_packing:
+            raise ArgumentsError(f"{', '.join(document_flags + ['--sft-packing'] * data.sft_packing)} do not apply "
+                                 f"to --dpo; drop them")
+        _check_dpo_data(config, given)
+        return
     if data.sft:
         if document_flags:
             raise ArgumentsError(f"{', '.join(document_flags)} apply to pretraining; with --sft use --sft-packing")
         _check_sft_data(data, given)
         return
     if data.sft_packing or data.chat_template != "openllama":
-        raise ArgumentsError("--sft-packing and --chat-template apply to --sft only; add --sft or drop them")
+        raise ArgumentsError("--sft-packing and --chat-template apply to --sft (--chat-template also to --dpo) only; "
+                             "add --sft or drop them")
     if document_flags and data.mock_data:
         raise ArgumentsError(f"{', '.join(document_flags)} find documents by their end-of-document tokens, which "
                              f"--mock-data has none of; give --data-path or drop them")
@@ -487,6 +499,27 @@ def _check_data(config: RunConfig):
         parse_split(data.split)
     except (ValueError, FileNotFoundError) as error:
         raise ArgumentsError(str(error)) from None
+
+
+def _check_dpo_data(config: RunConfig, given: dict):
+    """--dpo reads one jsonl file of preference pairs with the run's tokenizer (data/preference_dataset.py) and
+    trains against the model it starts from (megatron_llama/dpo.py)."""
+    data, checkpoint = config.data, config.checkpoint
+    if data.sft:
+        raise ArgumentsError("--sft and --dpo were both given; choose one")
+    if data.mock_data or list(given) != ["--train-data-path"]:
+        raise ArgumentsError("--dpo takes --train-data-path FILE.jsonl only (it does not evaluate yet); drop "
+                             "--mock-data, --data-path, --valid-data-path and --test-data-path")
+    if len(data.train_data_path) > 1 or not os.path.isfile(data.train_data_path[0]):
+        raise ArgumentsError(f"--dpo reads one jsonl file: --train-data-path {' '.join(data.train_data_path)} is not "
+                             f"one existing file")
+    if data.tokenizer_type is None:
+        raise ArgumentsError("--dpo tokenizes the records: give --tokenizer-type and --tokenizer-model")
+    if data.dpo_beta <= 0:
+        raise ArgumentsError(f"--dpo-beta must be positive, got {data.dpo_beta}")
+    if checkpoint.load is not None and not checkpoint.finetune:
+        raise ArgumentsError("--dpo takes its frozen reference from --load: add --finetune (a DPO run starts at "
+                             "iteration 0 from the loaded weights; resuming a DPO run is not supported)")
 
 
 def _check_sft_data(data: DataConfig, given: dict):

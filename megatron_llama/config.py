@@ -275,6 +275,13 @@ class DataConfig:
     """Pretraining: attention never crosses an end-of-document token (block-diagonal causal attention)."""
     eod_mask_loss: bool = False
     """Pretraining: no loss on the prediction made from an end-of-document token (the next document's first)."""
+    dpo: bool = False
+    """Direct preference optimization on {prompt, chosen, rejected} jsonl pairs against the loaded model, frozen
+    (megatron_llama/dpo.py)."""
+    dpo_beta: float = 0.1
+    """DPO's beta: how far the policy may move from the reference (IPO's tau)."""
+    dpo_loss: str = "sigmoid"
+    """sigmoid (DPO) or ipo."""
     mock_data: bool = False
     """Random tokens instead of a corpus (smoke tests and benchmarks)."""
     tokenizer_type: str | None = None

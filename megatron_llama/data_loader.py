@@ -14,6 +14,8 @@ labels whose mask is 0 become IGNORE_INDEX (-100), which the cross entropy skips
 adds "position_ids" and/or "document_ids" [seq_length + 1], cut like the tokens to [seq_length].
 A micro-batch is a dict {"tokens", "labels"[, "position_ids", "document_ids"]}, each [b, s] int64
 (collate_micro_batch): what the pipeline's forward step (model/stage_model.py) reads on every stage.
+A DPO sample (data/preference_dataset.py) is a pair, [2, seq_length + 1]: it becomes two adjacent rows, chosen then
+rejected.
 
 MockGPTDataset (--mock-data) gives random tokens that depend only on (seed, index), for smoke tests
 and benchmarks without a corpus.
@@ -51,12 +53,20 @@ class PretrainingSampler:
             start += step
 
 
+def _rows(samples: list[dict], key: str, dtype=None) -> torch.Tensor:
+    """The samples' `key` arrays as rows: [s + 1] each -> [b, s + 1]; [n, s + 1] each (n sequences that stay together,
+    e.g. a preference pair) -> [b * n, s + 1], a sample's sequences adjacent and in order."""
+    stacked = np.stack([np.asarray(sample[key], dtype=dtype) for sample in samples])
+    return torch.from_numpy(stacked.reshape(-1, stacked.shape[-1]))
+
+
 def collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[{"text": [s + 1], optional "loss_mask": [s + 1]}] * b -> (tokens [b, s], labels [b, s]), int64."""
-    text = torch.from_numpy(np.stack([np.asarray(sample["text"], dtype=np.int64) for sample in samples]))
+    """[{"text": [s + 1], optional "loss_mask": [s + 1]}] * b -> (tokens [b, s], labels [b, s]), int64.
+    Samples of n sequences ([n, s + 1] each) give n * b rows (_rows)."""
+    text = _rows(samples, "text", np.int64)
     tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()  # [b, s + 1] -> 2 x [b, s]
     if "loss_mask" in samples[0]:
-        mask = torch.from_numpy(np.stack([np.asarray(sample["loss_mask"]) for sample in samples]))[:, 1:]  # [b, s]
+        mask = _rows(samples, "loss_mask")[:, 1:]  # [b, s]
         labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
     return tokens, labels
 

@@ -118,7 +118,8 @@ def _strict_json(record: dict) -> dict:
 
 
 _SHOWN = {"train": ("consumed_samples", "loss", "lr", "grad_norm", "loss_scale", "skipped_iterations",
-                    "step_time_s", "rank_step_time_max_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib"),
+                    "step_time_s", "rank_step_time_max_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib",
+                    "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin"),  # the last four: DPO
           "eval": ("loss", "perplexity")}
 
 

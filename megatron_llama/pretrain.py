@@ -30,7 +30,12 @@ Exit status, by class (the error is one line on stderr, naming the flag, file or
     0   training finished, or exited on request (--exit-interval, SIGTERM with --exit-signal-handler)
     1   training diverged: a NaN/Inf loss, gradient norm or updated parameter; nothing of it was published
     2   bad arguments, or a checkpoint that is missing, incomplete, corrupt (checksum) or does not fit the run
-    3   bad data: token files, SFT records or an index cache that cannot be used (data.errors.DataError)
+    3   bad data: token files, SFT records, preference pairs or an index cache that cannot be used
+        (data.errors.DataError)
+
+DPO (--dpo --train-data-path prefs.jsonl --load sft_ckpt --finetune): the loaded weights become the policy and,
+frozen, a second copy of this rank's chunks, the reference (megatron_llama/dpo.py); --global-batch-size and
+--micro-batch-size count preference pairs.
 """
 from __future__ import annotations
 
@@ -51,12 +56,15 @@ from megatron_llama.checkpointing import (CheckpointError, check_resumable, load
                                           open_checkpoint, save_checkpoint, snapshot_checkpoint)
 from megatron_llama.config import RunConfig
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets, parse_data_path
+from megatron_llama.data.chat_template import get_chat_template
 from megatron_llama.data.dataset_tokenizer import check_dataset_tokenizer
 from megatron_llama.data.errors import DataError
 from megatron_llama.data.packing import EodDocuments
+from megatron_llama.data.preference_dataset import PreferenceDataset
 from megatron_llama.data.sft_dataset import build_sft_datasets
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash
 from megatron_llama.data_loader import MockGPTDataset
+from megatron_llama.dpo import DPOObjective
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.model.compile import compile_blocks
 from megatron_llama.model.llama import LlamaModel
@@ -129,6 +137,11 @@ def build_datasets(config: RunConfig, tokenizer, log):
     training, data = config.training, config.data
     train_samples = training.train_iters * training.global_batch_size
     eval_samples = config.logging.eval_iters * training.global_batch_size
+    if data.dpo:
+        train = PreferenceDataset(data.train_data_path[0], tokenizer, get_chat_template(data.chat_template),
+                                  training.seq_length, train_samples, training.seed)
+        log(train.describe())
+        return train, None, None
     if data.sft:
         return build_sft_datasets(data.train_data_path[0], data.valid_data_path[0] if data.valid_data_path else None,
                                   tokenizer, training.seq_length, (train_samples, eval_samples), training.seed, log,
@@ -294,6 +307,13 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
             optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
         logger.print(message)
     train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer, logger.print)
+    dpo = None
+    if config.data.dpo:
+        reference, _ = build_stage_model(config, device)
+        reference.load_state_dict(model.state_dict())
+        dpo = DPOObjective(reference, config.data.dpo_beta, config.data.dpo_loss, training.global_batch_size)
+        logger.print(f"DPO: {config.data.dpo_loss} loss, beta {config.data.dpo_beta}, reference policy: the "
+                     f"{'loaded' if resume_from else 'initial'} weights, frozen")
 
     # --async-save: a background writer whose barrier has a gloo group of its own (the training thread's
     # collectives never share it)
@@ -332,7 +352,7 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         data_parallel_size=layout.data_size, buffers=buffers, save=save if checkpoint.save else None,
         stop_requested=stop_flag if checkpoint.exit_signal_handler else None,
         count_loss_tokens=config.data.sft or config.data.eod_mask_loss, profiler=profiler,
-        log_memory=logging.log_memory_to_tensorboard)
+        log_memory=logging.log_memory_to_tensorboard, dpo=dpo)
     try:
         train(model, optimizer, lr_schedule, progress, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:

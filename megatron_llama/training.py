@@ -6,7 +6,8 @@ loss is the mean over every token of the global batch: each micro-batch contribu
 sum(per-token loss) / (G x seq_length), so accumulation gives the gradient of one big batch.
 With SFT (--sft) labels outside the responses are -100 and contribute nothing; the divisor is then the
 count of the other labels over the global batch (loss_token_count), so the loss is the mean over
-response tokens: sum(loss x mask) / sum(mask).
+response tokens: sum(loss x mask) / sum(mask). With DPO (--dpo) a sample is a preference pair and the loss is
+dpo.DPOObjective's: the mean DPO loss over the global batch's pairs, against a frozen reference run in the same step.
 
 Stops: after --train-iters; at --exit-interval or on SIGTERM with --exit-signal-handler (both save
 first when --save is set); on a NaN/Inf loss or gradient norm, with TrainingDiverged naming the
@@ -61,6 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_llama.data_loader import PretrainingSampler, micro_batches
+from megatron_llama.dpo import DPOObjective
 from megatron_llama.metrics import (MetricsLogger, memory_statistics, model_flops_utilization, peak_memory_gib,
                                     perplexity)
 from megatron_llama.model.stage_model import llama_forward_step, model_chunks
@@ -111,6 +113,7 @@ class TrainingSetup:
     count_loss_tokens: bool = False  # SFT: divide by the labels that are not IGNORE_INDEX, not by G x seq_length
     profiler: StepProfiler | None = None  # --profile: traces the iterations it names
     log_memory: bool = False  # --log-memory-to-tensorboard: memory statistics in every training record
+    dpo: DPOObjective | None = None  # DPO: its loss over preference pairs instead of the per-token mean
 
 
 def as_micro_batch(batch) -> dict:
@@ -130,14 +133,16 @@ def _schedule_shapes(chunks: list[nn.Module], batches: list[dict]) -> dict:
 
 
 def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_global_batch: int,
-                     buffers: DataParallelBuffers) -> torch.Tensor:
+                     buffers: DataParallelBuffers, loss_fn: Callable | None = None) -> torch.Tensor:
     """Accumulate the gradient of the global-batch mean loss over `batches` through the pipeline schedule
     (gradient accumulation alone at pp=1); returns this rank's share of the loss (0 off the last stage).
-    The data-parallel gradient sync of `buffers` is off until the last backward (overlap starts there)."""
+    The data-parallel gradient sync of `buffers` is off until the last backward (overlap starts there).
+    `loss_fn(per_token_loss, micro_batch)` replaces the per-token mean (e.g. DPOObjective.loss_fn)."""
     chunks = model_chunks(model)
     batches = [as_micro_batch(batch) for batch in batches]
     buffers.disable_grad_sync()
-    losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.sum() / tokens_in_global_batch,
+    losses = run_schedule(chunks, batches, loss_fn or (lambda per_token_loss, _: per_token_loss.sum()
+                                                       / tokens_in_global_batch),
                           forward_step=llama_forward_step, **_schedule_shapes(chunks, batches),
                           scale_loss=optimizer.scale_loss, before_last_backward=buffers.enable_grad_sync)
     buffers.enable_grad_sync()
@@ -164,13 +169,13 @@ def reduce_loss_across_ranks(loss: torch.Tensor) -> torch.Tensor:
 
 def train_step(model: nn.Module, optimizer: TrainingOptimizer, batches: Iterable, lr: float,
                tokens_in_global_batch: int, buffers: DataParallelBuffers,
-               compute_timer: ComputeTimer | None = None) -> tuple[float, StepOutcome]:
+               compute_timer: ComputeTimer | None = None, loss_fn: Callable | None = None) -> tuple[float, StepOutcome]:
     """One optimizer update: zero grads, accumulate over the micro-batches, finalize grads, step.
     Returns (global-batch mean loss, outcome), equal on every rank. `compute_timer` measures the forward and
-    backward (not the wait for the other ranks' gradients that follows)."""
+    backward (not the wait for the other ranks' gradients that follows); `loss_fn`: forward_backward's."""
     optimizer.zero_grad()
     with compute_timer.measure() if compute_timer is not None else contextlib.nullcontext():
-        loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers)
+        loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers, loss_fn)
     finalize_model_grads(model, buffers)
     loss = reduce_loss_across_ranks(loss)
     outcome = optimizer.step(lr)
@@ -310,8 +315,10 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
             tokens_in_global_batch = loss_token_count(step_batches, setup.device)
         if setup.profiler is not None:
             setup.profiler.step_begins(iteration)
+        if setup.dpo is not None:
+            step_batches = setup.dpo.with_reference(step_batches)
         loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers,
-                                   meter.compute_timer)
+                                   meter.compute_timer, setup.dpo.loss_fn if setup.dpo is not None else None)
         if _diverged(loss, outcome, optimizer):
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
                                    f"finite; {_stopped_without_saving(last_saved)}")
@@ -320,7 +327,8 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
         progress.skipped_iterations += int(outcome.skipped)
         meter.add(loss, outcome.skipped)
         if iteration % setup.log_interval == 0:
-            _log_train(logger, progress, setup, meter, lr, outcome, optimizer, train_dataset)
+            _log_train(logger, progress, setup, meter, lr, outcome, optimizer, train_dataset,
+                       setup.dpo.metrics(setup.device) if setup.dpo is not None else {})
             meter.reset(progress.consumed_train_samples)
         if _due(iteration, setup.eval_interval) and setup.eval_iters > 0 and valid_dataset is not None:
             since = time.perf_counter()
@@ -364,8 +372,9 @@ def rank_step_time_range(seconds_per_iteration: float, device: torch.device) -> 
 
 
 def _log_train(logger: MetricsLogger, progress: TrainingProgress, setup: TrainingSetup, meter: _IntervalMeter, lr: float,
-               outcome: StepOutcome, optimizer: TrainingOptimizer, train_dataset):
-    """The interval's training record; every rank calls it (the step-time range is reduced over all ranks)."""
+               outcome: StepOutcome, optimizer: TrainingOptimizer, train_dataset, extra: dict):
+    """The interval's training record (with `extra` fields, e.g. DPO's rewards); every rank calls it (the step-time
+    range is reduced over all ranks)."""
     elapsed = time.perf_counter() - meter.started
     iterations = max(meter.iterations, 1)
     step_time = elapsed / iterations
@@ -377,7 +386,7 @@ def _log_train(logger: MetricsLogger, progress: TrainingProgress, setup: Trainin
         "step_time_s": step_time, "tokens_per_s_per_gpu": tokens_per_s_per_gpu,
         "mfu": model_flops_utilization(setup.flops_per_token, tokens_per_s_per_gpu),
         "peak_mem_gib": peak_memory_gib(setup.device),
-        **rank_step_time_range(meter.compute_timer.take() / iterations, setup.device),
+        **rank_step_time_range(meter.compute_timer.take() / iterations, setup.device), **extra,
     }
     if hasattr(train_dataset, "samples_per_dataset"):  # a blend of several datasets
         record["samples_per_dataset"] = train_dataset.samples_per_dataset(meter.first_sample,

@@ -116,8 +116,8 @@ def test_metrics_path_defaults_to_the_save_directory_else_the_tensorboard_direct
     ("--adam-beta2 1.0", "--adam-beta2 1.0 must lie in [0, 1)"),
     ("--data-path somewhere", "--mock-data and --data-path were both given; choose one"),
     ("--load /nonexistent/checkpoints", "--load /nonexistent/checkpoints does not exist"),
-    ("--sft-packing", "--sft-packing and --chat-template apply to --sft only"),
-    ("--chat-template chatml", "--sft-packing and --chat-template apply to --sft only"),
+    ("--sft-packing", "--sft-packing and --chat-template apply to --sft (--chat-template also to --dpo) only"),
+    ("--chat-template chatml", "--sft-packing and --chat-template apply to --sft (--chat-template also to --dpo) only"),
     ("--reset-attention-mask", "--reset-attention-mask find documents by their end-of-document tokens, which "
                                "--mock-data has none of"),
     ("--reset-position-ids --eod-mask-loss", "--reset-position-ids, --eod-mask-loss find documents"),

@@ -1,0 +1,112 @@
+"""Direct preference optimization (--dpo): the DPO loss of a micro-batch of preference pairs, and the frozen
+reference policy that gives its reference log-probabilities in the same step.
+
+A micro-batch of b pairs holds 2b rows, each pair's chosen and rejected answer adjacent (data/preference_dataset.py,
+data_loader.collate); labels are IGNORE_INDEX outside the answers. The log-probability of an answer under a policy
+is the sum over its tokens of minus the vocab-parallel cross entropy, which is 0 on ignored labels:
+
+    log pi(y | x) = -per_token_loss.sum(-1)         [2b, s] -> [2b] -> [b, 2] (chosen, rejected)
+
+With r = beta * (log pi - log pi_ref), the rewards of Rafailov et al. (2023), per pair:
+
+    sigmoid  loss = -log sigmoid(r_chosen - r_rejected)                                        (DPO, eq. 7)
+    ipo      loss = (h - 1 / (2 beta))^2,  h = (log-ratio / answer tokens)_chosen - (...)_rejected  (IPO, eq. 17;
+             log-ratios averaged over the answer's tokens, as TRL's DPOTrainer does)
+
+The loss of a step is the mean over the global batch's pairs: each micro-batch adds sum(pair losses) / G (G pairs
+in the global batch), so gradient accumulation and the data-parallel sum give the mean, at any (tp, pp, dp).
+
+The reference policy is the model as loaded (--load ... --finetune), a second, frozen copy of this rank's chunks.
+Before a step's forward-backward it runs the same micro-batches forward only, through the same pipeline schedule:
+
+    objective = DPOObjective(reference_model, beta=0.1, loss_type="sigmoid", pairs_in_global_batch=G)
+    batches = objective.with_reference(batches)          # adds "reference_logps" [2b] on the last stage
+    run_schedule(chunks, batches, objective.loss_fn, ...)
+    objective.metrics()                                  # means since the last call; every rank calls it
+
+The step's loss is logged as the run's loss; `metrics` gives the rewards of the chosen and rejected answers, the reward accuracy (how often the
+chosen reward is the larger) and margin (chosen - rejected), averaged over the pairs seen since its last call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_llama.model.stage_model import llama_forward_step, model_chunks
+from megatron_llama.parallel import comm, state as parallel_state
+from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
+from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
+
+DPO_LOSSES = ("sigmoid", "ipo")
+METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+
+
+def sequence_log_probs(per_token_loss: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [2b, s] (0 on ignored labels) -> log-probability of each row's answer [2b], fp32."""
+    return -per_token_loss.float().sum(dim=-1)
+
+
+def dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float, loss_type: str,
+             answer_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss and the rewards of the chosen and rejected answers, each [b], from log-probabilities [b, 2]
+    (column 0 chosen, 1 rejected); IPO needs the answers' token counts [b, 2]."""
+    log_ratios = policy_logps - reference_logps  # [b, 2]
+    rewards = beta * log_ratios.detach()
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * (log_ratios[:, 0] - log_ratios[:, 1]))
+    elif loss_type == "ipo":
+        mean_ratios = log_ratios / answer_tokens.clamp(min=1)
+        losses = (mean_ratios[:, 0] - mean_ratios[:, 1] - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r} (--dpo-loss); choose one of {', '.join(DPO_LOSSES)}")
+    return losses, rewards[:, 0], rewards[:, 1]
+
+
+class DPOObjective:
+    """The schedule's loss function for preference pairs, its frozen reference chunks and its running metrics."""
+
+    def __init__(self, reference_model: nn.Module, beta: float, loss_type: str, pairs_in_global_batch: int):
+        if loss_type not in DPO_LOSSES:
+            raise ValueError(f"unknown DPO loss {loss_type!r} (--dpo-loss); choose one of {', '.join(DPO_LOSSES)}")
+        self.reference_chunks = model_chunks(reference_model)
+        for chunk in self.reference_chunks:
+            chunk.eval()
+            chunk.requires_grad_(False)
+        self.beta, self.loss_type, self.pairs_in_global_batch = beta, loss_type, pairs_in_global_batch
+        self._sums = None  # [pairs, *METRICS] summed over this rank's micro-batches since the last metrics()
+
+    @torch.no_grad()
+    def with_reference(self, batches: list) -> list[dict]:
+        """The micro-batches as dicts, each with its rows' reference log-probabilities ("reference_logps" [2b]) on
+        the last pipeline stage, where the loss is computed (other stages get the dicts unchanged)."""
+        batches = [batch if isinstance(batch, dict) else {"tokens": batch[0], "labels": batch[1]} for batch in batches]
+        first_param = next(self.reference_chunks[0].parameters())
+        rows, seq_length = batches[0]["tokens"].shape
+        reference = run_schedule(
+            self.reference_chunks, batches, lambda per_token_loss, _: sequence_log_probs(per_token_loss),
+            forward_step=llama_forward_step, num_micro_batches=len(batches), micro_batch_size=rows,
+            seq_length=seq_length, hidden_size=self.reference_chunks[0].config.hidden_size, dtype=first_param.dtype,
+            device=first_param.device, forward_only=True)
+        return [dict(batch, reference_logps=logps) for batch, logps in zip(batches, reference)] or batches
+
+    def loss_fn(self, per_token_loss: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+        """run_schedule's loss: this micro-batch's share of the global-batch mean DPO loss; records the metrics."""
+        policy = sequence_log_probs(per_token_loss).view(-1, 2)  # [2b] -> [b, 2]
+        reference = micro_batch["reference_logps"].view(-1, 2)
+        answer_tokens = (micro_batch["labels"] != IGNORE_INDEX).sum(dim=-1).view(-1, 2)
+        losses, chosen, rejected = dpo_loss(policy, reference, self.beta, self.loss_type, answer_tokens)
+        sums = torch.stack([torch.tensor(float(len(losses)), device=losses.device), chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum()])
+        self._sums = sums if self._sums is None else self._sums + sums
+        return losses.sum() / self.pairs_in_global_batch
+
+    def metrics(self, device: torch.device) -> dict[str, float]:
+        """Means over the pairs of every data-parallel rank since the last call (METRICS); a collective: every rank
+        calls it at the same iteration."""
+        sums = self._sums.double() if self._sums is not None else torch.zeros(1 + len(METRICS), dtype=torch.float64,
+                                                                             device=device)
+        self._sums = None
+        broadcast_from_last_stage(sums)
+        comm.all_reduce(sums, parallel_state.get_data_parallel_group())
+        pairs = max(float(sums[0]), 1.0)
+        return {name: float(value) / pairs for name, value in zip(METRICS, sums[1:].tolist())}

@@ -1,0 +1,62 @@
+"""DPO at every layout: data-parallel, tensor-parallel (with sequence parallelism) and pipeline-parallel runs of
+pretrain.main --dpo log the losses and reward metrics of one process; the command line's checks."""
+import pytest
+
+from distributed import run_distributed  # tests/ is on sys.path under pytest
+from test_dpo import PAIRS, write_jsonl
+from test_hf_conversion import write_tokenizer
+from trainer_runs import metrics, run_in_process
+from megatron_llama.pretrain import EXIT_BAD_ARGUMENTS_OR_CHECKPOINT, main
+
+LOGGED = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+
+
+def dpo_flags(tmp_path, save, *layout):
+    pairs = tmp_path / "pairs.jsonl"
+    if not pairs.exists():
+        write_jsonl(pairs, PAIRS)
+    tokenizer = tmp_path / "tokenizer"
+    if not tokenizer.exists():
+        write_tokenizer(tokenizer)
+    return ("--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
+            "--device cpu --seq-length 24 --micro-batch-size 1 --global-batch-size 4 --train-iters 3 --lr 1e-2 "
+            "--log-interval 1 --seed 5 --dpo --dpo-beta 0.5").split() + [
+        "--train-data-path", str(pairs), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+        str(tokenizer), "--save", save, *layout]
+
+
+def test_dpo_losses_and_rewards_at_dp2_tp2_pp2_equal_one_process(tmp_path):
+    """A pair stays on one data-parallel rank; log-probabilities come from the vocab-parallel cross entropy."""
+    layouts = {"dp2": [], "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+               "pp2": ["--pipeline-model-parallel-size", "2"]}
+
+    def run_layouts():
+        return [main(dpo_flags(tmp_path, str(tmp_path / name), *flags)) for name, flags in layouts.items()]
+
+    run_in_process([dpo_flags(tmp_path, str(tmp_path / "one"))])
+    assert run_distributed(run_layouts, world_size=2) == [[0, 0, 0], [0, 0, 0]]
+    reference = [row for row in metrics(tmp_path / "one") if row["kind"] == "train"]
+    assert len(reference) == 3 and reference[1]["loss"] != reference[0]["loss"]
+    assert reference[-1]["reward_margin"] > 0  # the policy moved towards the chosen answers
+    for name in layouts:
+        rows = [row for row in metrics(tmp_path / name) if row["kind"] == "train"]
+        for key in LOGGED:
+            assert [row[key] for row in rows] == pytest.approx([row[key] for row in reference], rel=1e-5,
+                                                               abs=1e-6), (name, key)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sft"], "--sft and --dpo were both given"),
+    (["--valid-data-path", "x.jsonl"], "--dpo takes --train-data-path FILE.jsonl only"),
+    (["--dpo-beta", "0"], "--dpo-beta must be positive"),
+])
+def test_dpo_flags_that_do_not_fit_are_refused(tmp_path, capsys, extra, message):
+    assert main(dpo_flags(tmp_path, str(tmp_path / "run"), *extra)) == EXIT_BAD_ARGUMENTS_OR_CHECKPOINT
+    assert message in capsys.readouterr().err
+
+
+def test_dpo_from_a_checkpoint_needs_finetune(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    assert main(dpo_flags(tmp_path, str(tmp_path / "run"), "--load", str(tmp_path / "ckpt"))) == \
+        EXIT_BAD_ARGUMENTS_OR_CHECKPOINT
+    assert "add --finetune" in capsys.readouterr().err
