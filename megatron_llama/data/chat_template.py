@@ -141,6 +141,17 @@ CHAT_TEMPLATES = {
 }
 
 
+def common_prefix_length(first: list[int], second: list[int]) -> int:
+    """How many leading ids two renderings share: where a turn's tokens start in the rendering that adds it (the
+    template renders a conversation's prefix as the prefix of the whole, up to the turn's opening)."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
 def get_chat_template(name: str) -> ChatTemplate:
     if name not in CHAT_TEMPLATES:
         raise ChatTemplateError(f"unknown chat template {name!r} (--chat-template); choose one of "

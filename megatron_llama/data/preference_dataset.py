@@ -36,7 +36,7 @@ import json
 
 import numpy as np
 
-from megatron_llama.data.chat_template import ChatTemplate, ChatTemplateError, check_messages
+from megatron_llama.data.chat_template import ChatTemplate, ChatTemplateError, check_messages, common_prefix_length
 from megatron_llama.data.corpus import BadLineError, check_encodable, decode_utf8, iter_raw_lines
 from megatron_llama.data.errors import DataError
 
@@ -84,20 +84,12 @@ def parse_pair(record, where: str) -> tuple[list[dict], dict, dict]:
     return prompt, chosen, rejected
 
 
-def _common_prefix_length(first: list[int], second: list[int]) -> int:
-    length = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
-        length += 1
-    return length
-
 
 def encode_answer(prompt: list[dict], answer: dict, template: ChatTemplate, tokenizer) -> tuple[list[int], int]:
     """Token ids of the conversation prompt + [answer] and where its answer starts (module docstring)."""
     prompt_ids = template.encode(prompt, tokenizer, add_generation_prompt=True)
     ids = template.encode(prompt + [answer], tokenizer, add_generation_prompt=False)
-    return ids, _common_prefix_length(prompt_ids, ids)
+    return ids, common_prefix_length(prompt_ids, ids)
 
 
 def pad_pair(encoded: list[tuple[list[int], int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_llama.data.chat_template import ChatTemplate, ChatTemplateError, check_messages
+from megatron_llama.data.chat_template import ChatTemplate, ChatTemplateError, check_messages, common_prefix_length
 from megatron_llama.data.corpus import BadLineError, check_encodable, decode_utf8
 from megatron_llama.data.errors import DataError
 
@@ -89,14 +89,6 @@ def _messages(record, where: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
-
 
 def encode_conversation(messages: list[dict], template: ChatTemplate, tokenizer, where: str = "record"
                         ) -> EncodedRecord:
@@ -113,7 +105,7 @@ def encode_conversation(messages: list[dict], template: ChatTemplate, tokenizer,
                 continue
             prompt = template.encode(messages[:index], tokenizer, add_generation_prompt=True)
             with_turn = template.encode(messages[:index + 1], tokenizer, add_generation_prompt=False)
-            start, end = _common_prefix(ids, prompt), _common_prefix(ids, with_turn)
+            start, end = common_prefix_length(ids, prompt), common_prefix_length(ids, with_turn)
             mask[start:end] = 1
             turn_ends.append(end)
     except ChatTemplateError as error:
