@@ -45,6 +45,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -323,6 +324,8 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         saver = AsyncCheckpointSaver((lambda: dist.barrier(group=writer_group)) if writer_group else None)
 
     def save(current: TrainingProgress):
+        """Save `current`; the log line gives the seconds the training loop stood still for it."""
+        started = time.perf_counter()
         if config.parallel.use_distributed_optimizer:
             buffers.finish_param_sync()  # an overlapped all-gather of the updated params may still be in flight
         state = dict(model=model, optimizer=optimizer, consumed_train_samples=current.consumed_train_samples,
@@ -332,11 +335,13 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         if saver is not None:
             saver.save(checkpoint.save, lambda: snapshot_checkpoint(current.iteration, copy=True, **state), config,
                        layout)
-            logger.print(f"saving checkpoint of iteration {current.iteration} to {checkpoint.save} in the background")
+            logger.print(f"saving checkpoint of iteration {current.iteration} to {checkpoint.save} in the background "
+                         f"(training stalled {time.perf_counter() - started:.2f} s)")
             return
         save_checkpoint(checkpoint.save, current.iteration, config=config,
                         barrier=dist.barrier if config.parallel.world_size > 1 else None, **state)
-        logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save}")
+        logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save} "
+                     f"(training stalled {time.perf_counter() - started:.2f} s)")
 
     stop_flag = SignalFlag(checkpoint.exit_signal_handler, logger)
     profiler = (StepProfiler(trace_folder(logging.tensorboard_dir, logging.metrics_path), logging.profile_step_start,
