@@ -35,10 +35,8 @@ rank and re-split for this one; why the format allows it, and what happens to th
 Saving: snapshot_checkpoint (this rank's state in host memory) then write_snapshot (files, receipt, barrier,
 publish); save_checkpoint does both now, async_save.py writes the snapshot on a background thread (--async-save).
 
-Tensor-parallel shards of a parameter are slices along its `tensor_parallel_dim` (set by
-parallel/layers.py), learnt by building the model on the meta device. The embedding and output head
-carry vocabulary padding that depends on tp (ModelConfig.padded_vocab_size): read_model_checkpoint
-returns them with the tp=1 padding, write_model_checkpoint accepts any number of rows >= vocab_size.
+Splitting and merging shards between layouts lives in shard_layout.py: read_model_checkpoint returns the
+embedding and head with the tp=1 vocabulary padding, write_model_checkpoint accepts any number of rows >= vocab_size.
 
 Checkpoints written before config.json hold args.json instead (every flag by name, the model under "model");
 they load as they are: open_checkpoint converts that record (RunConfig.from_flat_arguments).
@@ -63,19 +61,17 @@ from megatron_llama.checkpoint_files import (CheckpointError, atomic_torch_save,
                                              read_tracker, receipt_filename, rng_filename, saved_iterations,
                                              shard_dir, tracker_path, verify_file, write_tracker)
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
-from megatron_llama.model.llama import LlamaModel
 from megatron_llama.optim.base import NamedOptimizerState
 from megatron_llama.optim.named_state import named_optimizer_state
 from megatron_llama.parallel.random import get_rng_tracker
 from megatron_llama.parallel.state import ParallelLayout
-from megatron_llama.parallel.stages import split_layers
+from megatron_llama.shard_layout import merge_shards, resplit, same_model_split, split_state_dict
 
 CONFIG_FILENAME = "config.json"
 LEGACY_ARGS_FILENAME = "args.json"  # the flat argument record of checkpoints written before config.json
 META_FILENAME = "meta.json"
 MODEL_FILENAME = "model.pt"
 FILE_RECORDS = "files"  # meta.json's entry: path inside the iteration folder -> {"sha256", "bytes"}
-VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
 
 
 # -------------------------------------------------------------------------------- finding a checkpoint
@@ -202,112 +198,6 @@ def read_checkpoint_file(folder: str, meta: dict, path: str, mmap: bool = False)
         return load_tensor_file(path, mmap, file_record(folder, meta, path))
     except CheckpointError as error:
         raise with_earlier_checkpoint(error, os.path.dirname(folder), int(meta["iteration"])) from None
-
-
-# --------------------------------------------------------------------- splitting and merging tp/pp shards
-
-def _meta_model(config: ModelConfig, **stage):
-    with torch.device("meta"):
-        return LlamaModel(config, **stage)
-
-
-def tensor_parallel_dims(config: ModelConfig) -> dict[str, int | None]:
-    """Parameter name -> the dimension tensor parallelism splits (None: replicated)."""
-    model = _meta_model(config)
-    dims = {name: getattr(param, "tensor_parallel_dim", None) for name, param in model.named_parameters()}
-    for name, buffer in model.named_buffers():
-        dims.setdefault(name, None)
-    return dims
-
-
-def stage_parameter_names(config: ModelConfig, split) -> list[set[str]]:
-    """For each pipeline rank, the state-dict names its chunks hold together (`split`: parallel/stages.StageSplit,
-    so uneven and interleaved splits give the trainer's shards; the last stage's tied embedding copy included)."""
-    names = []
-    for rank in range(split.pipeline_size):
-        held = set()
-        for chunk in range(split.num_chunks):
-            model = _meta_model(config, pre_process=split.is_first(rank, chunk),
-                                post_process=split.is_last(rank, chunk),
-                                layer_range=split.layer_range(rank, chunk))
-            held |= set(model.state_dict().keys())
-        names.append(held)
-    return names
-
-
-def resize_vocab_rows(tensor: torch.Tensor, rows: int, vocab_size: int, name: str) -> torch.Tensor:
-    """Drop or add vocabulary-padding rows (zeros) so the tensor has `rows` rows; real vocabulary rows are kept."""
-    if tensor.shape[0] < vocab_size:
-        raise CheckpointError(f"{name} has {tensor.shape[0]} rows but the vocabulary has {vocab_size} entries")
-    if tensor.shape[0] == rows:
-        return tensor
-    if tensor.shape[0] > rows:
-        return tensor[:rows].clone()
-    padding = tensor.new_zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]))
-    return torch.cat([tensor, padding], dim=0)
-
-
-def split_state_dict(config: ModelConfig, state_dict: dict, tensor_parallel_size: int,
-                     pipeline_parallel_size: int, split=None,
-                     only: tuple[int, int] | None = None) -> dict[tuple[int, int], dict]:
-    """A full state dict -> {(tp_rank, pp_rank): shard state dict}, or only the shard `only` (tp_rank, pp_rank);
-    `split` (a StageSplit) defaults to the even split of the blocks over `pipeline_parallel_size` stages."""
-    try:
-        config.check(tensor_parallel_size, "tensor-parallel size")
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
-    padded = config.padded_vocab_size(tensor_parallel_size)
-    full = {name: (resize_vocab_rows(value, padded, config.vocab_size, name) if name in VOCAB_PARAMETERS else value)
-            for name, value in state_dict.items()}
-    if tensor_parallel_size == 1 and pipeline_parallel_size == 1:
-        return {(0, 0): full}
-    dims = tensor_parallel_dims(config) if tensor_parallel_size > 1 else {}
-    if split is None and pipeline_parallel_size > 1:
-        try:
-            split = split_layers(config.num_layers, pipeline_parallel_size)
-        except ValueError as error:
-            raise CheckpointError(str(error)) from None
-    stages = stage_parameter_names(config, split) if pipeline_parallel_size > 1 else [set(full)]
-    shards = {}
-    for pipeline_rank, names in enumerate(stages):
-        absent = sorted(names - set(full))
-        if absent:
-            raise CheckpointError(f"the state dict lacks {', '.join(absent[:4])} needed by pipeline stage "
-                                  f"{pipeline_rank}")
-        for tensor_rank in range(tensor_parallel_size):
-            if only is not None and only != (tensor_rank, pipeline_rank):
-                continue
-            shard = {}
-            for name in sorted(names):
-                value = full[name]
-                dim = dims.get(name) if tensor_parallel_size > 1 else None
-                if dim is not None:
-                    if value.shape[dim] % tensor_parallel_size:
-                        raise CheckpointError(f"{name} has {value.shape[dim]} entries along dimension {dim}, "
-                                              f"not divisible by tensor-parallel size {tensor_parallel_size}")
-                    value = value.chunk(tensor_parallel_size, dim=dim)[tensor_rank]
-                shard[name] = value.contiguous().clone()  # a clone, so the file holds only the slice
-            shards[(tensor_rank, pipeline_rank)] = shard
-    return shards
-
-
-def merge_shards(config: ModelConfig, shards: dict[tuple[int, int], dict], tensor_parallel_size: int) -> dict:
-    """{(tp_rank, pp_rank): shard} -> the full state dict (tp slices concatenated, pp stages joined by key)."""
-    dims = tensor_parallel_dims(config) if tensor_parallel_size > 1 else {}
-    pipeline_ranks = sorted({pipeline_rank for _, pipeline_rank in shards})
-    full = {}
-    for pipeline_rank in pipeline_ranks:
-        for name in shards[(0, pipeline_rank)]:
-            if name in full:  # a parameter held by two stages (e.g. a tied embedding on the last stage)
-                continue
-            dim = dims.get(name) if tensor_parallel_size > 1 else None
-            pieces = [shards[(tensor_rank, pipeline_rank)][name] for tensor_rank in range(tensor_parallel_size)]
-            full[name] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
-    padded = config.padded_vocab_size(1)
-    for name in VOCAB_PARAMETERS:
-        if name in full:
-            full[name] = resize_vocab_rows(full[name], padded, config.vocab_size, name)
-    return full
 
 
 # -------------------------------------------------------------------------- model-only API (converters)
@@ -593,21 +483,6 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
         f"{'' if same_split else '; random generators as seeded for this layout'}")
     return state, (f"resumed from {folder}: iteration {state.iteration}, "
                    f"{state.consumed_train_samples} samples consumed{relayout}")
-
-
-def same_model_split(saved: RunConfig, run: RunConfig) -> bool:
-    """Whether every rank of `run` holds exactly the parameters (and slices) the same rank of `saved` held."""
-    return (parallel_sizes(saved.parallel)[:2] == parallel_sizes(run.parallel)[:2]
-            and saved.stage_split().ranges == run.stage_split().ranges)
-
-
-def resplit(saved: RunConfig, run: RunConfig, layout: ParallelLayout, shards: dict[tuple[int, int], dict]) -> dict:
-    """This rank's part of the per-parameter tensors `shards` ({(tp, pp) rank: {name: slice}} as `saved` split
-    them): merged into whole parameters, then split as `run` splits them."""
-    full = merge_shards(saved.model, shards, saved.parallel.tensor_model_parallel_size)
-    position = (layout.tensor_rank, layout.pipeline_rank)
-    return split_state_dict(run.model, full, layout.tensor_size, layout.pipeline_size, run.stage_split(),
-                            only=position)[position]
 
 
 def optimizer_file_reader(folder: str, meta: dict, tensor_rank: int, pipeline_rank: int):
