@@ -72,6 +72,7 @@ class Layout:
     overlap_param_gather: bool = False
     reduction: str = "mean"
     sequence_parallel: bool = False
+    fused_cross_entropy: bool = False
 
 
 def parallel_run(layout: Layout, steps: int, **options) -> dict:
@@ -89,6 +90,7 @@ def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_a
     dp_group = state.get_data_parallel_group()
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     model = build_model(MODEL, seed=SEED)
+    model.fuse_cross_entropy = layout.fused_cross_entropy
     if resume is not None:
         model.load_state_dict(resume[0])
     buffers = DataParallelBuffers(model, dp_group, bucket_size=BUCKET_SIZE,

@@ -5,9 +5,12 @@ and inside the model with a tied head. The compiled kernels are checked on the G
 benchmarks/bench_train_step.py; here the eager ones run.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
+from data_parallel_training import Layout, parallel_run
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.llama import build_model
@@ -97,3 +100,14 @@ def test_model_loss_and_grads_with_fused_head_equal_the_unfused_head(tied):
     torch.testing.assert_close(fused_loss, loss, **TOLERANCE)
     for name, grad in grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_head_waits_for_the_overlapped_parameter_gather_at_dp2():
+    """The fused head reads output.weight without the matmul of its module; it must still wait for that weight's
+    all-gather (overlapped with the next forward), or a step reads half-gathered weights (run to run different)."""
+    layout = Layout(distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
+    unfused = run_distributed(parallel_run, world_size=2, args=(layout, 4))
+    fused = run_distributed(parallel_run, world_size=2, args=(dataclasses.replace(layout, fused_cross_entropy=True), 4))
+    for fused_rank, unfused_rank in zip(fused, unfused):
+        torch.testing.assert_close(torch.tensor(fused_rank["losses"]), torch.tensor(unfused_rank["losses"]),
+                                   rtol=1e-5, atol=0)

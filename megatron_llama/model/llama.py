@@ -224,11 +224,16 @@ class LlamaModel(nn.Module):
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden, self.kernels.rms_norm)
-        head = self.embedding if self.tied_output else self.output
         if labels is not None and self.fuse_cross_entropy:
-            hidden = enter_column_parallel_region(hidden, head.sequence_parallel)  # [b, s, h] on every tensor rank
-            return fused_vocab_parallel_cross_entropy(hidden, head.weight, labels, self.config.vocab_size,
-                                                      kernels=self.kernels)  # [b, s] fp32
+            def loss_of(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                # hidden [b, s, h] on every tensor rank, weight [V / tp, h] -> [b, s] fp32
+                return fused_vocab_parallel_cross_entropy(hidden, weight, labels, self.config.vocab_size,
+                                                          kernels=self.kernels)
+
+            if self.tied_output:  # the embedding's bucket is gathered first, before any block runs
+                return loss_of(enter_column_parallel_region(hidden, self.embedding.sequence_parallel),
+                               self.embedding.weight)
+            return self.output(hidden, weight_consumer=loss_of)  # a module call: its parameter-gather hook waits
         logits = self._logits(hidden)
         if labels is None:
             return logits

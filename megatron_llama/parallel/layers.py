@@ -38,6 +38,7 @@ keep their constructor values (norm weights ones, biases zeros).
 from __future__ import annotations
 
 import zlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,12 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _mark(nn.Parameter(torch.empty(local_out, input_size)), 0, (output_size, input_size), init_std)
         self.bias = _mark(nn.Parameter(torch.zeros(local_out)), 0, (output_size,), None) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight_consumer: Callable | None = None) -> torch.Tensor:
+        """x A^T + b; or, with `weight_consumer`, weight_consumer(x in the tensor-parallel region, A) in its place:
+        a caller that needs the weight itself (the fused output head + cross entropy) still calls this module, so
+        its forward pre-hooks run (the data-parallel buffers' wait for an overlapped all-gather of A)."""
+        if weight_consumer is not None:
+            return weight_consumer(enter_column_parallel_region(x, self.sequence_parallel), self.weight)
         if self.gradient_accumulation_fusion and self.bias is None:
             y = linear_into_main_grad(enter_column_parallel_region(x, self.sequence_parallel), self.weight)
             return gather_from_tensor_parallel_region(y) if self.gather_output else y
