@@ -66,7 +66,7 @@ def test_pairs_too_long_are_left_out_and_counted(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", "line 2: not valid JSON"),
+    ("{not json", "line 2: malformed JSON"),
     (json.dumps({"prompt": "w3", "chosen": "w4"}), "line 2: \"rejected\" must be a non-empty string"),
     (json.dumps({"chosen": "w4", "rejected": "w5"}), "line 2: needs a \"prompt\""),
     (json.dumps({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}), "line 2: message 0"),

@@ -132,7 +132,7 @@ def test_file_whose_every_record_is_too_long_says_to_raise_seq_length(tmp_path, 
 
 
 @pytest.mark.parametrize("bad_line, message", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "malformed JSON"),
     (json.dumps({"prompt": "q"}), "response"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "assistant"),
     (json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "needs a user message before it"),

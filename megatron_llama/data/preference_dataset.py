@@ -32,12 +32,11 @@ A dataset of n pairs serves any number of samples: epoch e visits the pairs in a
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
 from megatron_llama.data.chat_template import ChatTemplate, ChatTemplateError, check_messages, common_prefix_length
-from megatron_llama.data.corpus import BadLineError, check_encodable, decode_utf8, iter_raw_lines
+from megatron_llama.data.corpus import BadLineError, check_encodable, iter_raw_lines, parse_json_record
 from megatron_llama.data.errors import DataError
 
 
@@ -118,11 +117,9 @@ class PreferenceDataset:
                 continue
             where = f"{path} line {line_number}"
             try:
-                record = json.loads(decode_utf8(raw_line))
+                record = parse_json_record(raw_line)
             except BadLineError as error:
                 raise PreferenceDataError(f"{where}: {error}") from None
-            except json.JSONDecodeError as error:
-                raise PreferenceDataError(f"{where}: not valid JSON ({error})") from None
             prompt, chosen, rejected = parse_pair(record, where)
             encoded = [encode_answer(prompt, answer, template, tokenizer) for answer in (chosen, rejected)]
             for ids, start in encoded:

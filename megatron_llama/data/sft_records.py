@@ -26,13 +26,12 @@ The caller counts both and logs them (data/sft_dataset.py).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from megatron_llama.data.chat_template import ChatTemplate, ChatTemplateError, check_messages, common_prefix_length
-from megatron_llama.data.corpus import BadLineError, check_encodable, decode_utf8
+from megatron_llama.data.corpus import BadLineError, check_encodable, parse_json_record
 from megatron_llama.data.errors import DataError
 
 
@@ -53,11 +52,9 @@ class EncodedRecord:
 def parse_record(raw_line: bytes, where: str) -> list[dict]:
     """The conversation (messages) of one jsonl line; SFTDataError, naming `where`, when it cannot be used."""
     try:
-        record = json.loads(decode_utf8(raw_line))
+        record = parse_json_record(raw_line)
     except BadLineError as error:
         raise SFTDataError(f"{where}: {error}") from None
-    except json.JSONDecodeError as error:
-        raise SFTDataError(f"{where}: not valid JSON ({error})") from None
     messages = _messages(record, where)
     for number, message in enumerate(messages):
         try:
