@@ -11,16 +11,14 @@
 # answers only (megatron_llama/data/preference_dataset.py). The weights of LOAD are the policy that trains and,
 # frozen, the reference it is measured against (megatron_llama/dpo.py); --finetune starts at iteration 0 with a fresh
 # optimizer. MICRO_BATCH and GLOBAL_BATCH count pairs (each is two sequences). The result goes to OUT.
-# Every variable below can be set from the environment; extra arguments are passed to the trainer.
+# Every variable below can be set from the environment; extra arguments are passed to the trainer. LAUNCHER is put
+# before the two commands (LAUNCHER=echo prints them instead of running them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-GPUS_PER_NODE=${GPUS_PER_NODE:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+# shellcheck source=examples/torchrun_env.sh
+source examples/torchrun_env.sh  # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
 
 LOAD=${LOAD:-runs/sft/checkpoints}                 # the instruction-tuned checkpoint (examples/sft.sh)
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-runs/quickstart/tokenizer.model}
@@ -40,8 +38,8 @@ PP=${PP:-1}
 
 mkdir -p "$OUT"
 echo "== 1/2 DPO on $DATA from $LOAD"
-# shellcheck disable=SC2086  # MODEL_ARGS is a list of flags on purpose
-torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+# shellcheck disable=SC2086  # MODEL_ARGS is a list of flags on purpose, LAUNCHER a command prefix (or none)
+${LAUNCHER:-} torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m megatron_llama.pretrain $MODEL_ARGS \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
@@ -54,5 +52,5 @@ torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE
 
 if [ "$NODE_RANK" -eq 0 ]; then
   echo "== 2/2 export to Hugging Face format"
-  "$PYTHON" tools/convert_to_hf.py --load "$OUT/checkpoints" --save "$OUT/hf"
+  ${LAUNCHER:-} "$PYTHON" tools/convert_to_hf.py --load "$OUT/checkpoints" --save "$OUT/hf"
 fi
