@@ -325,9 +325,7 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
 
     def save(current: TrainingProgress):
         """Save `current`; the log line gives the seconds the training loop stood still for it."""
-        started = time.perf_counter()
-        if config.parallel.use_distributed_optimizer:
-            buffers.finish_param_sync()  # an overlapped all-gather of the updated params may still be in flight
+        started = time.perf_counter()  # training._save_if_finite has already waited for the parameters' gather
         state = dict(model=model, optimizer=optimizer, consumed_train_samples=current.consumed_train_samples,
                      lr_schedule_state=lr_schedule.state_dict(),
                      loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,

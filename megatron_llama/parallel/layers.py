@@ -82,14 +82,19 @@ def enter_column_parallel_region(x: torch.Tensor, sequence_parallel: bool | None
 
 
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                           sequence_parallel: bool | None = None, gather_output: bool = False) -> torch.Tensor:
+                           sequence_parallel: bool | None = None, gather_output: bool = False,
+                           gradient_accumulation_fusion: bool = False) -> torch.Tensor:
     """x A^T + b for a weight A whose rows are split across tensor ranks.
 
     x: [b, s, in] (or the sequence shard [b, s / tp, in] with sequence parallelism) -> [b, s, out / tp]
     ([b, s, out] with gather_output). A tied output head calls this with the embedding's weight.
+    gradient_accumulation_fusion (no bias): dL/dA goes straight into A.main_grad (module docstring).
     """
     x = enter_column_parallel_region(x, sequence_parallel)  # [b, s, in]
-    y = F.linear(x, weight, bias)  # [b, s, out / tp]
+    if gradient_accumulation_fusion and bias is None:
+        y = linear_into_main_grad(x, weight)  # [b, s, out / tp]
+    else:
+        y = F.linear(x, weight, bias)  # [b, s, out / tp]
     return gather_from_tensor_parallel_region(y) if gather_output else y
 
 
@@ -112,11 +117,9 @@ class ColumnParallelLinear(nn.Module):
         its forward pre-hooks run (the data-parallel buffers' wait for an overlapped all-gather of A)."""
         if weight_consumer is not None:
             return weight_consumer(enter_column_parallel_region(x, self.sequence_parallel), self.weight)
-        if self.gradient_accumulation_fusion and self.bias is None:
-            y = linear_into_main_grad(enter_column_parallel_region(x, self.sequence_parallel), self.weight)
-            return gather_from_tensor_parallel_region(y) if self.gather_output else y
         return column_parallel_linear(x, self.weight, self.bias, sequence_parallel=self.sequence_parallel,
-                                      gather_output=self.gather_output)
+                                      gather_output=self.gather_output,
+                                      gradient_accumulation_fusion=self.gradient_accumulation_fusion)
 
 
 class RowParallelLinear(nn.Module):
