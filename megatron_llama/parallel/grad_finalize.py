@@ -27,4 +27,4 @@ def finalize_model_grads(model: nn.Module, buffers: DataParallelBuffers):
     """Complete the main grads of `model` (a StageModel or a plain model) whose buffers are `buffers`."""
     buffers.finish_grad_sync()
     allreduce_sequence_parallel_grads(model)
-    allreduce_tied_embedding_grads([model])  # the whole rank's model holds its first and last chunk
+    allreduce_tied_embedding_grads([model])

@@ -151,23 +151,21 @@ def mark_tied_embedding(weight: nn.Parameter, *, is_copy: bool) -> None:
     weight.is_tied_embedding_copy = is_copy
 
 
-def tied_embedding_weight(model_chunks: list[nn.Module]) -> nn.Parameter | None:
+def tied_embedding_weight(modules: list[nn.Module]) -> nn.Parameter | None:
     """The marked embedding weight this rank shares with the other end of the pipeline, or None (untied, pp=1,
-    middle stage). `model_chunks`: the rank's chunks in order, or a one-element list of a module holding them all."""
-    for chunk in (model_chunks[0], model_chunks[-1]):  # only the first and last chunk can hold it
-        for param in chunk.parameters():
-            if getattr(param, "is_tied_embedding", False):
-                return param
-    return None
+    middle stage). `modules`: the rank's chunks, or the one module that holds them all (a rank with pp > 1 holds
+    one end of the pipeline at most, so at most one weight is marked)."""
+    return next((param for module in modules for param in module.parameters()
+                 if getattr(param, "is_tied_embedding", False)), None)
 
 
-def allreduce_tied_embedding_grads(model_chunks: list[nn.Module]) -> None:
+def allreduce_tied_embedding_grads(modules: list[nn.Module]) -> None:
     """Sum the tied embedding's gradient over the first and last stage (after the schedule, before the step).
 
     Acts on `main_grad` where the parameter has one (mixed-precision optimizer), else on `.grad`.
     Every rank may call it; only the two ends of each pipeline communicate.
     """
-    weight = tied_embedding_weight(model_chunks)
+    weight = tied_embedding_weight(modules)
     if weight is None:
         return
     grad = getattr(weight, "main_grad", None)
@@ -179,12 +177,12 @@ def allreduce_tied_embedding_grads(model_chunks: list[nn.Module]) -> None:
 
 
 @torch.no_grad()
-def sync_tied_embedding_weights(model_chunks: list[nn.Module]) -> None:
+def sync_tied_embedding_weights(modules: list[nn.Module]) -> None:
     """Give the last stage's copy the first stage's values (e.g. after loading weights saved without the copy).
 
     The copy is zeroed and the two are summed over the embedding group, which leaves the first stage's values.
     """
-    weight = tied_embedding_weight(model_chunks)
+    weight = tied_embedding_weight(modules)
     if weight is None:
         return
     if weight.is_tied_embedding_copy:
