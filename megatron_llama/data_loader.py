@@ -80,8 +80,7 @@ def collate_micro_batch(samples: list[dict]) -> dict[str, torch.Tensor]:
     batch = {"tokens": tokens, "labels": labels}
     for field in PACKING_FIELDS:
         if field in samples[0]:
-            values = np.stack([np.asarray(sample[field], dtype=np.int64) for sample in samples])  # [b, s + 1]
-            batch[field] = torch.from_numpy(values[:, :-1].copy())  # [b, s], aligned with tokens
+            batch[field] = _rows(samples, field, np.int64)[:, :-1].contiguous()  # [b, s + 1] -> [b, s], as tokens
     return batch
 
 
