@@ -16,6 +16,7 @@ At batch 1 decoding reads every weight once per token: tokens/s <= memory bandwi
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import time
@@ -24,6 +25,7 @@ import torch
 
 from megatron_llama.config import ModelConfig
 from megatron_llama.inference.generator import Generator
+from megatron_llama.model.compile import EAGER_KERNELS, compile_blocks, default_on_cuda
 from megatron_llama.model.llama import build_model
 
 
@@ -50,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step as a CUDA graph")
+    parser.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction,
+                        help="fused elementwise regions (model/compile.py; default: on CUDA only)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time the decode step alone (graph replays back to back) and list its kernels")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     return parser.parse_args(argv)
 
@@ -80,6 +86,29 @@ def check_graph_against_eager(config: ModelConfig, device: torch.device, prompts
         raise SystemExit("CHECK FAILED: the CUDA-graph decode step differs from the eager one")
 
 
+@torch.inference_mode()
+def profile_decode_step(generator: Generator, batch: int, device: torch.device) -> None:
+    """GPU time of one decode step without the host's work between steps (sampling, bookkeeping), and the
+    kernels that fill it: what the generation loop adds on top is the gap to the measured tokens/s."""
+    cache, decode = generator.cache_and_decoder(batch, generator.max_length)
+    cache.begin_step(torch.ones(batch, 1, dtype=torch.bool, device=device))
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    steps = 50
+    seconds = timed(device, lambda: [decode(ids, ids) for _ in range(steps)]) / steps
+    print(f"PROFILE batch {batch}: decode step alone {1e3 * seconds:.3f} ms "
+          f"({batch / seconds:.0f} tokens/s if nothing else ran)", flush=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        decode(ids, ids)
+        torch.cuda.synchronize(device)
+    kernels = collections.Counter()
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name[:100]] += event.device_time_total / 1e3
+    print(f"PROFILE   kernels of one step: {sum(kernels.values()):.3f} ms GPU time", flush=True)
+    for name, ms in kernels.most_common(12):
+        print(f"PROFILE   {ms:8.3f} ms  {name}", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -89,6 +118,7 @@ def main(argv=None):
                          num_attention_heads=args.heads, vocab_size=args.vocab,
                          max_position_embeddings=args.prompt_len + args.new_tokens)
     model = build_model(config, seed=0, device=device, dtype=dtype)
+    compile_blocks(model, enabled=default_on_cuda(args.compile_blocks, device))
     generator = Generator(model, RandomIdsTokenizer(), use_cuda_graph=args.cuda_graph)
     ids = torch.Generator().manual_seed(0)
     for batch in args.batch:
@@ -101,10 +131,13 @@ def main(argv=None):
             first_token_s = timed(device, lambda: generator.generate(prompts, 1))
             completions = []
             total_s = timed(device, lambda: completions.extend(generator.generate(prompts, args.new_tokens)))
+        if args.profile and device.type == "cuda":
+            profile_decode_step(generator, batch, device)
         new = min(len(completion.tokens) for completion in completions)
         print("RESULT", json.dumps(dict(
             impl="megatron_llama", cuda_graph=args.cuda_graph, dtype=str(dtype).replace("torch.", ""),
-            layers=args.layers, batch=batch, prompt_len=args.prompt_len, new_tokens=new,
+            compile_blocks=model.kernels is not EAGER_KERNELS, layers=args.layers, batch=batch,
+            prompt_len=args.prompt_len, new_tokens=new,
             ttft_s=round(first_token_s, 4), total_s=round(total_s, 3),
             decode_tokens_per_s=round(batch * (new - 1) / max(total_s - first_token_s, 1e-9)))), flush=True)
 

@@ -137,11 +137,19 @@ class Generation:
 
         cache.begin_step(real)
         logits = generator.model.forward_with_cache(ids, position_ids, cache, last_position_only=True)
+        tokens = sample(generator.vocabulary_logits(logits), self.sampling, random)  # [b]
         next_position = real.sum(dim=1, keepdim=True)  # [b, 1]
         all_real = torch.ones(batch, 1, dtype=torch.bool, device=device)
         for step in range(self.max_new_tokens):
-            tokens = sample(generator.vocabulary_logits(logits), self.sampling, random)  # [b]
-            deltas = [self._add(row, token) for row, token in enumerate(tokens.tolist())]
+            on_host = _HostCopy(tokens)
+            if step < self.max_new_tokens - 1:
+                # The next step is queued before this one's tokens are read, so the device decodes while the host
+                # turns tokens into text (a row that has just finished makes that step wasted work, nothing else).
+                cache.begin_step(all_real)
+                logits = decode(tokens[:, None], next_position)  # [b, 1] -> [b, 1, padded_vocab / tp]
+                next_position = next_position + 1
+                tokens = sample(generator.vocabulary_logits(logits), self.sampling, random)
+            deltas = [self._add(row, token) for row, token in enumerate(on_host.values())]
             if all(row.finished for row in self.rows):
                 yield [delta for delta in deltas if delta is not None]
                 return
@@ -152,9 +160,6 @@ class Generation:
             yield [delta for delta in deltas if delta is not None]
             if all(row.finished for row in self.rows):
                 return
-            cache.begin_step(all_real)
-            logits = decode(tokens[:, None], next_position)  # [b, 1] -> [b, 1, padded_vocab / tp]
-            next_position = next_position + 1
 
     def _add(self, row: int, token: int) -> Delta | None:
         return None if self.rows[row].finished else self.rows[row].add(token)
@@ -165,6 +170,25 @@ class Generation:
         last = self.rows[row].finish(reason)
         text = (delta.text if delta is not None else "") + last.text
         return Delta(row, text, reason)
+
+
+class _HostCopy:
+    """A device tensor's values copied to the host without waiting for work queued after the copy: on CUDA into
+    pinned memory behind an event, so reading them waits for the copy only, not for the next decode step."""
+
+    def __init__(self, values: torch.Tensor):
+        if values.device.type != "cuda":
+            self.host, self.done = values, None
+            return
+        self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        self.host.copy_(values, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def values(self) -> list:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 class Generator:

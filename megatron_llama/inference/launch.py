@@ -19,6 +19,7 @@ from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPL
 from megatron_llama.data.tokenizer import TOKENIZER_TYPES
 from megatron_llama.inference.generator import Generator
 from megatron_llama.inference.loading import ModelSource, load_for_inference
+from megatron_llama.model.compile import compile_blocks, default_on_cuda
 from megatron_llama.parallel import state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +42,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
     group.add_argument("--max-length", type=int, help="longest prompt + completion (default: the model's context)")
     group.add_argument("--cuda-graph", action="store_true", help="replay each decode step as a CUDA graph (CUDA)")
+    group.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction,
+                       help="fuse each block's elementwise work with torch.compile (default: on CUDA only)")
 
 
 def start_process_groups(tensor_parallel_size: int, device: str) -> state.ParallelLayout:
@@ -73,4 +76,5 @@ def start_generator(args: argparse.Namespace) -> tuple[Generator, ModelSource]:
     source = ModelSource(load=args.load, hf=args.hf, iteration=args.iteration, tokenizer_type=args.tokenizer_type,
                          tokenizer_model=args.tokenizer_model)
     model, tokenizer = load_for_inference(source, device=device, dtype=dtype)
+    compile_blocks(model, enabled=default_on_cuda(args.compile_blocks, device))
     return Generator(model, tokenizer, max_length=args.max_length, use_cuda_graph=args.cuda_graph), source
