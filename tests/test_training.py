@@ -118,7 +118,12 @@ def test_metrics_jsonl_has_every_train_and_eval_field_and_tensorboard_gets_event
     assert [line["consumed_samples"] for line in train] == [4, 8, 12, 16, 20, 24]
     assert train[0]["lr"] == pytest.approx(1.5e-3) and train[-1]["lr"] == pytest.approx(3e-4)
     assert train[-1]["loss"] < train[0]["loss"]
-    assert all(line["tokens_per_s_per_gpu"] > 0 and line["mfu"] > 0 for line in train)
+    # MFU = tokens/s/GPU x model FLOPs per token / the H100's 989e12 dense bf16 FLOP/s (docs/performance.md); for
+    # MODEL at seq 16: 6 x (2 x (2 x 32 x 32 + 2 x 32 x 16 + 3 x 32 x 64) + 32 x 128) + 12 x 2 x 32 x 16 = 147,456
+    # (the hand count of tests/test_config.py; vocabulary 62 padded to 128). One process: 4 x 16 tokens a step.
+    for line in train:
+        assert line["tokens_per_s_per_gpu"] == pytest.approx(4 * 16 / line["step_time_s"], rel=1e-12)
+        assert line["mfu"] == pytest.approx(line["tokens_per_s_per_gpu"] * 147_456 / 989e12, rel=1e-12)
     assert [line["iteration"] for line in valid] == [2, 4, 6]
     assert valid[0]["perplexity"] == pytest.approx(2.718281828 ** valid[0]["loss"], rel=1e-6)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tensorboard))
