@@ -51,10 +51,10 @@ setup(
     description="Megatron-style Llama pretraining: data pipeline, 3D parallelism, Hugging Face export",
     packages=find_packages(include=["megatron_llama", "megatron_llama.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "sentencepiece", "zstandard", "safetensors", "tokenizers", "protobuf"],
+    install_requires=["numpy", "sentencepiece", "zstandard", "safetensors", "tokenizers", "protobuf", "tensorboard"],
     extras_require={
         "serve": ["fastapi", "uvicorn"],
-        "test": ["pytest", "transformers", "tokenizers", "tensorboard", "fastapi", "uvicorn", "openai", "selenium",
+        "test": ["pytest", "transformers", "tokenizers", "fastapi", "uvicorn", "openai", "selenium",
                  "trl"],
     },
     package_data={"megatron_llama.inference": ["chat_page.html"]},

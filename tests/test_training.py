@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny corpus: exact resume, metrics, accumulation, divergence and signal stops."""
 import importlib.util
+import io
 import json
 import os
 import random
@@ -127,6 +128,19 @@ def test_metrics_jsonl_has_every_train_and_eval_field_and_tensorboard_gets_event
     assert [line["iteration"] for line in valid] == [2, 4, 6]
     assert valid[0]["perplexity"] == pytest.approx(2.718281828 ** valid[0]["loss"], rel=1e-6)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tensorboard))
+
+
+def test_without_an_importable_tensorboard_the_logger_says_how_to_mend_it_and_keeps_json_lines(tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import now raises ImportError
+    stdout = io.StringIO()
+    logger = metrics_module.MetricsLogger(jsonl_path=str(tmp_path / "metrics.jsonl"),
+                                          tensorboard_dir=str(tmp_path / "tensorboard"), stream=stdout)
+    logger.log({"kind": "train", "iteration": 1, "loss": 2.5})
+    logger.close()
+    assert "tensorboard is not importable" in stdout.getvalue() and "pip install tensorboard" in stdout.getvalue()
+    assert f"--tensorboard-dir {tmp_path / 'tensorboard'} gets no events" in stdout.getvalue()
+    assert records(tmp_path / "metrics.jsonl") == [{"kind": "train", "iteration": 1, "loss": 2.5}]
 
 
 def test_gradient_accumulation_equals_one_big_batch():
