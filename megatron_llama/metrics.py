@@ -5,7 +5,8 @@ file (--metrics-path, default metrics.jsonl in --save, else in --tensorboard-dir
 per line, appended, so a resumed run continues the same file and two runs can be compared by a
 script. TensorBoard
 (--tensorboard-dir) gets every numeric field as a scalar "{kind}/{field}", and each number of a dict field as
-"{kind}/{field}/{key}"; when tensorboard is not importable the logger says so once and carries on without it.
+"{kind}/{field}/{key}". tensorboard is an install requirement (setup.py); should its import fail anyway, the logger
+says why and how to mend the install, once, and carries on without events.
 
 Train records hold: iteration, consumed_samples, loss, lr, grad_norm, loss_scale, skipped_iterations,
 step_time_s, tokens_per_s_per_gpu, mfu (model FLOPs per token x tokens/s/GPU / 989e12, docs/performance.md),
@@ -76,8 +77,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
-                self.print(f"tensorboard is not importable ({error}); --tensorboard-dir {tensorboard_dir} "
-                           f"gets no events (pip install tensorboard); stdout and JSON lines continue")
+                self.print(f"tensorboard is not importable ({error}), though installing megatron_llama installs it: "
+                           f"mend the environment (pip install tensorboard); --tensorboard-dir {tensorboard_dir} "
+                           f"gets no events, stdout and JSON lines continue")
             else:
                 self.tensorboard = SummaryWriter(log_dir=tensorboard_dir)
 

@@ -1,5 +1,7 @@
 """The typed run configuration: a JSON round trip gives the same configuration, unknown sections or fields are
-named, and the flat argument record of older checkpoints maps onto the sections."""
+named, the flat argument record of older checkpoints maps onto the sections, and the model FLOPs per token (the
+base of every MFU figure) equal a count made by hand."""
+import dataclasses
 import json
 import os
 
@@ -42,3 +44,36 @@ def test_stage_split_follows_the_parallel_section():
     config.parallel.pipeline_model_parallel_size = 2
     config.parallel.num_layers_per_virtual_pipeline_stage = 1
     assert config.stage_split().ranges == (((0, 1), (2, 3)), ((1, 2), (3, 4)))
+
+
+def hand_counted_flops_per_token(layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab_rows: int,
+                                 seq: int) -> int:
+    """Model FLOPs per token of one training step, counted from the network: a matmul of a token's [n] by an
+    [n, m] weight is n x m multiply-adds, 2 flops each; the backward costs twice the forward (the gradient of the
+    input and of the weight). Embedding lookups, norms, rotary and softmax are not matmuls and not counted."""
+    head_dim = hidden // heads
+    query, key_value = heads * head_dim, kv_heads * head_dim  # GQA: fewer key/value heads, narrower k and v
+    projections = hidden * query + 2 * hidden * key_value + query * hidden  # q; k and v; o
+    swiglu = 3 * hidden * ffn  # gate and up [h, f], down [f, h]
+    scores_and_values = 2 * seq * heads * head_dim  # q.k against s keys, then s values summed, in every query head
+    output_head = hidden * vocab_rows  # the padded vocabulary's rows are computed too; tied or not, it is a matmul
+    forward = 2 * (layers * (projections + swiglu + scores_and_values) + output_head)
+    return 3 * forward
+
+
+def test_flops_per_token_of_a_grouped_query_model_is_the_hand_count():
+    llama2_70b = ModelConfig(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
+                             num_query_groups=8, vocab_size=32000)
+    count = hand_counted_flops_per_token(80, 8192, 28672, 64, 8, 32000, seq=4096)
+    assert count == 444_491_366_400  # 6 x 68,713,185,280 matmul weights + 12 x 80 x 8192 x 4096
+    assert llama2_70b.flops_per_token(4096) == count
+
+
+def test_flops_per_token_of_a_tied_embedding_model_counts_the_output_head_once():
+    openllama_7b = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
+                               vocab_size=100000, untie_embeddings_and_output_weights=False, use_stable_embedding=True)
+    count = hand_counted_flops_per_token(32, 4096, 11008, 32, 32, 100096, seq=2048)  # 100000 padded to 782 x 128
+    assert count == 44_537_217_024  # 6 x 6,885,998,592 matmul weights + 12 x 32 x 4096 x 2048
+    assert openllama_7b.flops_per_token(2048) == count
+    untied = dataclasses.replace(openllama_7b, untie_embeddings_and_output_weights=True)
+    assert untied.flops_per_token(2048) == count  # a separate output weight adds no matmul

@@ -1,13 +1,33 @@
-"""Dataset index helpers: the compiled module and the numpy fallback agree, and both mean what they say."""
+"""Dataset index helpers: the compiled module and the numpy fallback agree, and both mean what they say.
+
+Tests of the compiled module skip when it is not built, or fail instead where MEGATRON_LLAMA_REQUIRE_CPP_HELPERS=1
+(.ci/run sets it, so CI never passes having tested only the numpy path).
+"""
+import os
+
 import numpy as np
 import pytest
 
 from megatron_llama.data import helpers
 from megatron_llama.data.helpers import build_blending_indices_numpy, build_sample_idx_numpy, compiled_helpers
 
-needs_compiled = pytest.mark.skipif(
-    compiled_helpers is None, reason="C++ helpers not built (python setup.py build_ext --inplace)"
-)
+REQUIRE_COMPILED = "MEGATRON_LLAMA_REQUIRE_CPP_HELPERS"
+NOT_BUILT = "C++ helpers not built (python setup.py build_ext --inplace)"
+
+
+def compiled_required() -> bool:
+    return os.environ.get(REQUIRE_COMPILED) == "1"
+
+
+@pytest.fixture
+def compiled():
+    """csrc/helpers.cpp's module; a skip without it, a failure where REQUIRE_COMPILED=1."""
+    if compiled_helpers is None:
+        if compiled_required():
+            pytest.fail(f"{NOT_BUILT}, and {REQUIRE_COMPILED}=1 requires them: install a C++ compiler and pybind11, "
+                        f"reinstall (pip install --no-build-isolation -e .) and read setup.py's message")
+        pytest.skip(NOT_BUILT)
+    return compiled_helpers
 
 
 def random_epochs(rng, num_documents, num_epochs, max_size=20, doc_idx_dtype=np.int32):
@@ -39,9 +59,8 @@ def test_samples_are_consecutive_windows_overlapping_by_one_token(seq_length):
         np.testing.assert_array_equal(sample, np.arange(i * seq_length, (i + 1) * seq_length + 1))
 
 
-@needs_compiled
 @pytest.mark.parametrize("doc_idx_dtype", [np.int32, np.int64])
-def test_compiled_sample_index_equals_numpy_on_random_inputs(doc_idx_dtype):
+def test_compiled_sample_index_equals_numpy_on_random_inputs(compiled, doc_idx_dtype):
     rng = np.random.default_rng(7)
     for _ in range(60):
         num_epochs = int(rng.integers(1, 4))
@@ -50,7 +69,7 @@ def test_compiled_sample_index_equals_numpy_on_random_inputs(doc_idx_dtype):
         )
         seq_length = int(rng.integers(1, 50))
         expected = build_sample_idx_numpy(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
-        actual = compiled_helpers.build_sample_idx(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
+        actual = compiled.build_sample_idx(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
         assert actual.dtype == np.int64
         np.testing.assert_array_equal(actual, expected)
 
@@ -106,8 +125,7 @@ def test_blend_index_dtype_grows_past_255_datasets():
     assert many.dtype == np.int16 and sorted(set(many.tolist())) == list(range(300))
 
 
-@needs_compiled
-def test_compiled_blend_equals_numpy_on_random_weights():
+def test_compiled_blend_equals_numpy_on_random_weights(compiled):
     rng = np.random.default_rng(11)
     for trial in range(40):
         weights = rng.random(int(rng.integers(1, 9))) ** 3
@@ -118,7 +136,7 @@ def test_compiled_blend_equals_numpy_on_random_weights():
         assert actual[0].dtype == expected[0].dtype and actual[1].dtype == np.int64
         np.testing.assert_array_equal(actual[0], expected[0])
         np.testing.assert_array_equal(actual[1], expected[1])
-    actual = compiled_helpers.build_blending_indices(np.full(300, 1 / 300), 900)
+    actual = compiled.build_blending_indices(np.full(300, 1 / 300), 900)
     np.testing.assert_array_equal(actual[0], build_blending_indices_numpy([1.0] * 300, 900)[0])
 
 
@@ -130,3 +148,15 @@ def test_bad_blend_weights_are_refused(weights):
 
 def test_backend_names_the_implementation_in_use():
     assert helpers.BACKEND == ("cpp" if compiled_helpers is not None else "numpy")
+    if compiled_required():
+        assert helpers.BACKEND == "cpp", f"{NOT_BUILT}, and {REQUIRE_COMPILED}=1 requires them"
+
+
+def test_without_the_compiled_module_the_builders_fall_back_to_numpy(monkeypatch):
+    monkeypatch.setattr(helpers, "compiled_helpers", None)  # the path of an install that built no C++
+    sizes, doc_idx, tokens_per_epoch = random_epochs(np.random.default_rng(5), num_documents=20, num_epochs=2)
+    np.testing.assert_array_equal(helpers.build_sample_idx(sizes, doc_idx, 7, 2, tokens_per_epoch),
+                                  build_sample_idx_numpy(sizes, doc_idx, 7, 2, tokens_per_epoch))
+    for actual, expected in zip(helpers.build_blending_indices([0.2, 0.5, 0.3], 200),
+                                build_blending_indices_numpy([0.2, 0.5, 0.3], 200)):
+        np.testing.assert_array_equal(actual, expected)
