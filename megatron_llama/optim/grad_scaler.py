@@ -53,7 +53,8 @@ class DynamicLossScaler:
                 self.scale = max(self.scale * self.backoff_factor, self.min_scale)
             return
         self.clean_steps += 1
-        if self.clean_steps == self.growth_interval:
+        # >=, not ==: a run resumed with a shorter --loss-scale-window may load more clean steps than it needs
+        if self.clean_steps >= self.growth_interval:
             self.clean_steps = 0
             self.hysteresis_left = self.hysteresis
             self.scale *= self.growth_factor
