@@ -2,8 +2,8 @@
 kernels that can compute block-diagonal causal (packed) attention.
 
 Records have token counts drawn from a log-normal distribution (median --median-length, shape --sigma, cut to
-[--min-length, seq]); with the defaults (median 300, sigma 1.0, seq 2048) the mean record is about 480 tokens and
-one in a hundred is longer than 3,000 (cut to 2,048). Each record's last 60% is its answer (learned tokens).
+[--min-length, seq]); with the defaults (median 300, sigma 1.0, seq 2048) the records drawn have median 280 and
+mean 435 tokens, and 2% are cut to 2,048. Each record's last 60% is its answer (learned tokens).
 
 - padded: one record per row, then padding (plain SFT);
 - packed: whole records one after another while they fit (data/packing.pack_greedily; --sft-packing), each row
