@@ -22,6 +22,7 @@ import json
 import time
 
 import torch
+from model_shape import add_model_shape_arguments, model_config
 
 from megatron_llama.config import ModelConfig
 from megatron_llama.inference.generator import Generator
@@ -43,11 +44,7 @@ class RandomIdsTokenizer:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--ffn", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_model_shape_arguments(parser)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
@@ -114,9 +111,7 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-                         num_attention_heads=args.heads, vocab_size=args.vocab,
-                         max_position_embeddings=args.prompt_len + args.new_tokens)
+    config = model_config(args, max_position_embeddings=args.prompt_len + args.new_tokens)
     model = build_model(config, seed=0, device=device, dtype=dtype)
     compile_blocks(model, enabled=default_on_cuda(args.compile_blocks, device))
     generator = Generator(model, RandomIdsTokenizer(), use_cuda_graph=args.cuda_graph)

@@ -32,8 +32,8 @@ import time
 
 import numpy as np
 import torch
+from model_shape import add_model_shape_arguments, model_config
 
-from megatron_llama.config import ModelConfig
 from megatron_llama.data.packing import pack_greedily, positions_within_documents
 from megatron_llama.dpo import DPOObjective
 from megatron_llama.model.attention import document_causal_mask, grouped_sdpa, sdpa_attention
@@ -50,11 +50,7 @@ ERROR_GROWTH_TOLERANCE = 1.25  # the packed-attention kernel's error against fp3
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--ffn", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_model_shape_arguments(parser)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--mbs", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per step")
@@ -245,8 +241,7 @@ def main(argv=None):
             "dpo": dpo_rows(lengths, args, rng)}
     if args.attention_kernels:
         time_attention_kernels(args, rows["packed"], device, dtype)
-    config = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-                         num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=args.seq)
+    config = model_config(args, max_position_embeddings=args.seq)
     model = build_model(config, seed=0, device=device, dtype=dtype)
     compile_blocks(model, enabled=default_on_cuda(None, device))
     model.fuse_cross_entropy = True

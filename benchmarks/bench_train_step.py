@@ -30,8 +30,8 @@ import re
 import time
 
 import torch
+from model_shape import add_model_shape_arguments, model_config
 
-from megatron_llama.config import ModelConfig
 from megatron_llama.metrics import model_flops_utilization, peak_memory_gib
 from megatron_llama.model.compile import compile_blocks, default_on_cuda
 from megatron_llama.model.llama import build_model
@@ -43,12 +43,8 @@ from megatron_llama.training import train_step
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--ffn", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
+    add_model_shape_arguments(parser)
     parser.add_argument("--query-groups", type=int, help="key/value heads (default: one per query head)")
-    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--mbs", type=int, default=4, help="micro-batch size")
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
@@ -155,9 +151,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         props = torch.cuda.get_device_properties(device)
         print("gpu", props.name, props.total_memory // 2**20, "MiB", "torch", torch.__version__, flush=True)
-    config = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-                         num_attention_heads=args.heads, num_query_groups=args.query_groups, vocab_size=args.vocab,
-                         max_position_embeddings=args.seq, attention_backend=args.attention_backend)
+    config = model_config(args, max_position_embeddings=args.seq, num_query_groups=args.query_groups,
+                          attention_backend=args.attention_backend)
     model = build_model(config, seed=0, device=device, dtype=dtype)
     model.train()
     fusions = (default_on_cuda(args.compile_blocks, device), not args.unfused_cross_entropy,
