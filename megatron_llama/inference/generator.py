@@ -139,13 +139,12 @@ class Generation:
         logits = generator.model.forward_with_cache(ids, position_ids, cache, last_position_only=True)
         tokens = sample(generator.vocabulary_logits(logits), self.sampling, random)  # [b]
         next_position = real.sum(dim=1, keepdim=True)  # [b, 1]
-        all_real = torch.ones(batch, 1, dtype=torch.bool, device=device)
         for step in range(self.max_new_tokens):
             on_host = _HostCopy(tokens)
             if step < self.max_new_tokens - 1:
                 # The next step is queued before this one's tokens are read, so the device decodes while the host
                 # turns tokens into text (a row that has just finished makes that step wasted work, nothing else).
-                cache.begin_step(all_real)
+                cache.begin_decode_step()
                 logits = decode(tokens[:, None], next_position)  # [b, 1] -> [b, 1, padded_vocab / tp]
                 next_position = next_position + 1
                 tokens = sample(generator.vocabulary_logits(logits), self.sampling, random)

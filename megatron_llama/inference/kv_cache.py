@@ -9,9 +9,11 @@ count of real tokens before the slot (the generator's position_ids), so padding 
     cache = KVCache.for_model(model.config, batch=4, max_length=256, device=..., dtype=...)
     cache.begin_step(real_tokens)                              # [b, s] bool: which new tokens are not padding
     logits = model.forward_with_cache(ids, position_ids, cache)  # each layer: cache.layer(i)(q, k, v)
+    cache.begin_decode_step()                                  # then one real token per row and step
 
 Static mode (`use_static_step_buffers`, for CUDA graphs): every decode step attends over all `max_length` slots through
 a mask held in a fixed buffer, so the step's tensors never change shape or address; unwritten slots stay masked.
+A decode step right after another only adds its own slot to that mask (three small writes, no rebuild).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class KVCache:
         self.step_slots = torch.zeros(0, dtype=torch.long, device=device)  # [s]: the slots this step writes
         self.step_mask = torch.zeros(batch, 1, 0, 0, dtype=torch.bool, device=device)  # [b, 1, s, span]
         self.static_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, mask) of static mode
+        self.static_mask_slot: int | None = None  # the decode slot the static mask was last made for
 
     @classmethod
     def for_model(cls, config: ModelConfig, batch: int, max_length: int, *, device, dtype) -> KVCache:
@@ -47,6 +50,7 @@ class KVCache:
         """Forget every cached token (the buffers keep their memory and addresses)."""
         self.valid.zero_()
         self.length = 0
+        self.static_mask_slot = None
 
     def use_static_step_buffers(self, step_length: int = 1) -> None:
         """Static mode: steps of `step_length` tokens (the decode steps) attend over all slots through fixed mask
@@ -58,9 +62,8 @@ class KVCache:
     def begin_step(self, real_tokens: torch.Tensor) -> None:
         """Reserve the next s slots for a step of s tokens; real_tokens [b, s] is False at padding."""
         steps = real_tokens.shape[1]
-        if self.length + steps > self.max_length:
-            raise ValueError(f"the KV cache holds {self.max_length} tokens per sequence; {self.length} are used and "
-                             f"{steps} more do not fit (raise the generation's maximum length)")
+        self._check_room(steps)
+        self.static_mask_slot = None  # the mask is rebuilt here; its slots' validity is not known on the host
         device = self.valid.device
         first, end = self.length, self.length + steps
         self.valid[:, first:end] = real_tokens
@@ -78,6 +81,26 @@ class KVCache:
         else:
             self.step_slots, self.step_mask = query_slots.view(-1), mask
         self.length = end
+
+    def begin_decode_step(self) -> None:
+        """Reserve the next slot for a step of one real token per row. In static mode, after another such step, the
+        mask of slot p is the previous one (valid slots <= p - 1, slot p - 1 now valid) plus slot p itself."""
+        slot = self.length
+        static = self.static_buffers is not None and self.static_buffers[0].shape[0] == 1
+        if not static or self.static_mask_slot != slot - 1:
+            self.begin_step(torch.ones(self.batch, 1, dtype=torch.bool, device=self.valid.device))
+        else:
+            self._check_room(1)
+            self.valid[:, slot] = True
+            self.step_mask[:, :, :, slot] = True
+            self.step_slots.fill_(slot)
+            self.length = slot + 1
+        self.static_mask_slot = slot if static else None
+
+    def _check_room(self, steps: int) -> None:
+        if self.length + steps > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} tokens per sequence; {self.length} are used and "
+                             f"{steps} more do not fit (raise the generation's maximum length)")
 
     def layer(self, index: int) -> CachedAttention:
         return CachedAttention(self, index)
