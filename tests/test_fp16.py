@@ -102,6 +102,17 @@ def test_a_run_resumed_with_a_shorter_window_grows_at_its_next_clean_step():
     assert scales_after(resumed, "." * 101) == [2048] + [2048] * 99 + [4096]
 
 
+def test_resuming_across_scaler_kinds_keeps_the_flag_of_a_constant_scale_and_the_saved_dynamic_scale():
+    constant_saved = ConstantLossScaler(256.0).state_dict()
+    dynamic = DynamicLossScaler(initial_scale=1024.0, growth_interval=2, hysteresis=2)
+    dynamic.load_state_dict(constant_saved)  # --loss-scale dropped on resume: dynamic from the saved scale
+    assert scales_after(dynamic, ".x.x..") == [256, 256, 256, 128, 128, 256]
+    dynamic_saved = DynamicLossScaler(initial_scale=2.0**20).state_dict()
+    constant = ConstantLossScaler(128.0)
+    constant.load_state_dict(dynamic_saved)  # --loss-scale 128 given on resume: the flag wins
+    assert constant.scale == 128.0
+
+
 def test_scales_that_cannot_work_are_refused():
     with pytest.raises(ValueError, match="initial >= min"):
         DynamicLossScaler(initial_scale=1.0, min_scale=2.0)

@@ -8,6 +8,9 @@ never going below `min_scale`. After `growth_interval` consecutive clean steps S
 
 Flags: --initial-loss-scale, --min-loss-scale, --loss-scale-window (growth interval), --hysteresis,
 --loss-scale (a constant scale instead of a dynamic one).
+
+Resuming: a dynamic scaler continues from the checkpoint's scale and counters (a checkpoint saved with a constant
+scale gives its scale and a fresh window); a constant scale is the run's flag, whatever the checkpoint holds.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ class ConstantLossScaler:
         return {"scale": self.scale}
 
     def load_state_dict(self, state: dict):
-        self.scale = float(state["scale"])
+        """Nothing to restore: --loss-scale sets the scale of this run."""
 
 
 class DynamicLossScaler:
@@ -63,6 +66,7 @@ class DynamicLossScaler:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "hysteresis_left": self.hysteresis_left}
 
     def load_state_dict(self, state: dict):
+        """The saved scale and counters; a constant scaler's state holds the scale only (a fresh window here)."""
         self.scale = float(state["scale"])
-        self.clean_steps = int(state["clean_steps"])
-        self.hysteresis_left = int(state["hysteresis_left"])
+        self.clean_steps = int(state.get("clean_steps", 0))
+        self.hysteresis_left = int(state.get("hysteresis_left", self.hysteresis))
