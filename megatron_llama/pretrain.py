@@ -62,7 +62,7 @@ from megatron_llama.data.dataset_tokenizer import check_dataset_tokenizer
 from megatron_llama.data.errors import DataError
 from megatron_llama.data.packing import EodDocuments
 from megatron_llama.data.preference_dataset import PreferenceDataset
-from megatron_llama.data.sft_dataset import build_sft_datasets
+from megatron_llama.data.sft_dataset import build_sft_datasets, is_jsonl
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.dpo import DPOObjective
@@ -144,6 +144,9 @@ def build_datasets(config: RunConfig, tokenizer, log):
         log(train.describe())
         return train, None, None
     if data.sft:
+        sft_paths = [data.train_data_path[0], *(data.valid_data_path or [])[:1]]
+        check_dataset_tokenizer([path for path in sft_paths if not is_jsonl(path)], data.tokenizer_hash,
+                                data.tokenizer_model)
         return build_sft_datasets(data.train_data_path[0], data.valid_data_path[0] if data.valid_data_path else None,
                                   tokenizer, training.seq_length, (train_samples, eval_samples), training.seed, log,
                                   chat_template=data.chat_template, packing=data.sft_packing)

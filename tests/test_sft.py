@@ -14,12 +14,13 @@ from trainer_runs import assert_same_run, metrics, run_in_process
 from megatron_llama.config import ModelConfig
 from megatron_llama.data.chat_template import CHAT_TEMPLATES
 from megatron_llama.data.sft_dataset import SFTDataError, SFTDataset
-from megatron_llama.data.tokenizer import build_tokenizer
+from megatron_llama.data.dataset_tokenizer import tokenizer_record_path
+from megatron_llama.data.tokenizer import build_tokenizer, tokenizer_hash
 from megatron_llama.data_loader import collate
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
-from megatron_llama.pretrain import main
+from megatron_llama.pretrain import EXIT_BAD_DATA, main
 from megatron_llama.training import loss_token_count, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,3 +273,24 @@ def test_preprocess_sft_names_the_file_and_line_of_a_bad_record_and_leaves_no_ou
                               "SentencePieceTokenizer", "--tokenizer-model", tokenizer_path)
     assert done.returncode == 1 and f"{path} line 2: needs a string \"prompt\"" in done.stderr
     assert os.listdir(prefix.parent) == []
+
+
+def test_preprocessed_sft_files_record_their_tokenizer_and_another_one_is_refused(tmp_path, tokenizer_path,
+                                                                                   tokenizer, capsys):
+    prefix = str(tmp_path / "sft")
+    done = run_preprocess_sft("--input", SAMPLE, "--output-prefix", prefix, "--tokenizer-type",
+                              "SentencePieceTokenizer", "--tokenizer-model", tokenizer_path)
+    assert done.returncode == 0, done.stderr
+    record_path = tokenizer_record_path(prefix)
+    with open(record_path) as handle:
+        record = json.load(handle)
+    assert record["tokenizer_hash"] == tokenizer_hash(tokenizer)
+    argv = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 160 --micro-batch-size 2 "
+            "--train-iters 1 --lr 1e-3 --device cpu --eval-iters 0 --sft --tokenizer-type SentencePieceTokenizer"
+            ).split() + [
+        "--tokenizer-model", tokenizer_path, "--train-data-path", prefix]
+    assert main(argv) == 0
+    with open(record_path, "w") as handle:  # as if another tokenizer of the same size had made the files
+        json.dump(dict(record, tokenizer_hash="0" * 64, tokenizer_model="other.model"), handle)
+    assert main(argv) == EXIT_BAD_DATA
+    assert f"{prefix} was tokenized with" in capsys.readouterr().err

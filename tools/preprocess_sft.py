@@ -9,6 +9,8 @@ document per record, rendered with the chat template (megatron_llama/data/sft_re
 each assistant turn, so the trainer can cut a record that is longer than its --seq-length at a turn boundary without
 the jsonl. Records are stored whole; truncation and packing happen in the trainer (data/sft_dataset.py), so one set
 of files serves every --seq-length. Give the trainer the same --chat-template (the files hold rendered tokens).
+`data/sft.tokenizer.json` records the tokenizer (data/dataset_tokenizer.py): the trainer refuses to read the files
+with another one.
 
 The main process reads the lines in order, worker processes (--workers) parse, render and tokenize chunks of them,
 and the main process writes the results in input order. A bad record stops the run with an error naming the file
@@ -28,10 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, get_chat_template  # noqa: E402
 from megatron_llama.data.corpus import iter_raw_lines  # noqa: E402
+from megatron_llama.data.dataset_tokenizer import write_tokenizer_record  # noqa: E402
 from megatron_llama.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, index_file_path  # noqa: E402
 from megatron_llama.data.sft_dataset import LOSS_MASK_SUFFIX  # noqa: E402
 from megatron_llama.data.sft_records import SFTDataError, encode_conversation, parse_record  # noqa: E402
-from megatron_llama.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from megatron_llama.data.tokenizer import TOKENIZER_TYPES, build_tokenizer, tokenizer_hash  # noqa: E402
 
 CHUNK_LINES = 256
 _worker: dict = {}  # the tokenizer and template of a worker process
@@ -65,11 +68,11 @@ def preprocess(paths: list[str], output_prefix: str, tokenizer_type: str, tokeni
                chat_template: str = DEFAULT_CHAT_TEMPLATE, workers: int = 1) -> int:
     """Write the token and mask files of every record of `paths` (in order); returns the number of records.
     SFTDataError (naming file and line) on the first bad record, leaving no output."""
-    vocab_size = build_tokenizer(tokenizer_type, tokenizer_model).vocab_size
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     arguments = (tokenizer_type, tokenizer_model, chat_template)
     count = 0
-    with IndexedDatasetBuilder(output_prefix + ".bin", best_dtype(vocab_size)) as tokens, \
+    with IndexedDatasetBuilder(output_prefix + ".bin", best_dtype(tokenizer.vocab_size)) as tokens, \
             IndexedDatasetBuilder(output_prefix + LOSS_MASK_SUFFIX + ".bin", np.uint8) as masks:
         if workers > 1:
             pool = multiprocessing.Pool(workers, _start_worker, arguments)
@@ -91,6 +94,7 @@ def preprocess(paths: list[str], output_prefix: str, tokenizer_type: str, tokeni
                 pool.terminate()
         if count == 0:
             raise SFTDataError(f"{', '.join(paths)} hold no records; give jsonl files with one record per line")
+        write_tokenizer_record(output_prefix, tokenizer_type, tokenizer_model, tokenizer_hash(tokenizer))
         masks.finalize(index_file_path(output_prefix + LOSS_MASK_SUFFIX))
         tokens.finalize(index_file_path(output_prefix))
     return count
