@@ -38,7 +38,8 @@ Choices that differ from Megatron-LM's defaults (documented in --help too):
   * --load DIR: DIR must exist. A DIR without a published checkpoint is accepted only when it is also the
     --save directory (the "resume in place" pattern: the first run starts from scratch; the setup sets aside
     what an interrupted save left). --ckpt-step N loads iteration N of DIR instead of the published one.
-  * Learning rates (--lr, --min-lr, --lr-warmup-init) must be finite and not negative.
+  * Learning rates (--lr, --min-lr, --lr-warmup-init) must be finite, not negative, and within float32's range
+    (the optimizer's states and master params are float32).
 """
 from __future__ import annotations
 
@@ -434,6 +435,9 @@ def _check_schedule(config: RunConfig):
         value = getattr(training, name)
         if not math.isfinite(value) or value < 0:
             raise ArgumentsError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        if value > torch.finfo(torch.float32).max:
+            raise ArgumentsError(f"{_flag(name)} {value} does not fit in float32, the optimizer's precision "
+                                 f"(at most {torch.finfo(torch.float32).max:.3e})")
     _positive(training, "lr", "lr_decay_iters")
     _positive(logging, "log_interval", "eval_interval")
     _positive(config.checkpoint, "save_interval", "exit_interval")

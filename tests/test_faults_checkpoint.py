@@ -72,6 +72,11 @@ def test_non_finite_or_negative_learning_rates_are_refused_by_the_arguments(flag
     assert f"{flag} must be a finite number >= 0, got {float(value)}" in error_of(capsys)
 
 
+def test_a_learning_rate_beyond_float32_is_refused_by_the_arguments(capsys):
+    assert main(TRAIN + ["--train-iters", "1", "--lr=1e39"]) == 2
+    assert "--lr 1e+39 does not fit in float32" in error_of(capsys)
+
+
 def test_a_non_finite_parameter_after_a_finite_step_is_never_published(tmp_path, monkeypatch, capsys):
     real_step = MixedPrecisionOptimizer.step
 
