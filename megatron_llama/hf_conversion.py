@@ -129,6 +129,7 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json",
         raise ConversionError(f"{source}: rope type {rope_type!r} (rope scaling) is not supported; "
                               "only plain rotary embeddings ('default') convert")
     kv_heads = hf_config.get("num_key_value_heads") or heads
+    rotary_base = _positive_number(source, "rope_theta", rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
     config = ModelConfig(
         num_layers=hf_config["num_hidden_layers"],
         hidden_size=hidden,
@@ -138,8 +139,8 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json",
         vocab_size=hf_config["vocab_size"],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
-        rotary_base=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
-        norm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
+        rotary_base=rotary_base,
+        norm_epsilon=_positive_number(source, "rms_norm_eps", hf_config.get("rms_norm_eps", 1e-6)),
         untie_embeddings_and_output_weights=not hf_config.get("tie_word_embeddings", False),
         use_stable_embedding=False,
         init_method_std=hf_config.get("initializer_range", 0.02),
@@ -150,6 +151,13 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json",
         raise ConversionError(f"{source}: {error} (in Hugging Face keys: --num-query-groups is num_key_value_heads, "
                               f"--ffn-hidden-size is intermediate_size)") from None
     return config
+
+
+def _positive_number(source: str, key: str, value) -> float:
+    """`value` of the config's `key` as a float; ConversionError naming both unless it is a positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConversionError(f"{source}: {key} {value!r} should be a positive number")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------- weights

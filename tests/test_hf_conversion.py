@@ -133,6 +133,8 @@ def test_export_into_a_folder_with_files_is_refused(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"model_type": "mistral"}, "only 'llama'"),
     ({"head_dim": 32}, "head_dim 32"),
+    ({"rope_theta": "10000"}, "rope_theta '10000' should be a positive number"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps -1e-06 should be a positive number"),
 ])
 def test_hf_configs_our_model_cannot_express_are_refused(change, message):
     hf_config = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=176,
