@@ -80,8 +80,9 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """[b, s] document ids -> the offsets of the documents in the flattened [b * s] tokens ([documents + 1], int32,
-    rows never sharing a document) and the longest document's length (one host sync)."""
+    """[b, s] document ids (each document one run of equal ids, as data/packing.py numbers them) -> the offsets of
+    the documents in the flattened [b * s] tokens ([documents + 1], int32, rows never sharing a document) and the
+    longest document's length (one host sync)."""
     b, s = document_ids.shape
     flat = (document_ids + s * torch.arange(b, device=document_ids.device)[:, None]).flatten()  # [b * s]
     starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()  # first token of each document
