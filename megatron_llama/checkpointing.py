@@ -32,8 +32,10 @@ Any layout resumes any checkpoint (load_checkpoint): at another tensor/pipeline 
 kind, the weights and the optimizer state by parameter name (optim/named_state.py) are merged from every saved
 rank and re-split for this one; why the format allows it, and what happens to the RNG states: docs/formats.md.
 
-Saving: snapshot_checkpoint (this rank's state in host memory) then write_snapshot (files, receipt, barrier,
-publish); save_checkpoint does both now, async_save.py writes the snapshot on a background thread (--async-save).
+Saving: snapshot_checkpoint (this rank's state in host memory) then write_snapshot (files, receipt, every rank's
+agreement, publish); save_checkpoint does both now, async_save.py writes the snapshot on a background thread
+(--async-save). The agreement (comm.all_ranks_true, on a gloo group of its own) carries each rank's success: when any rank
+could not write its files, every rank raises CheckpointError at once and nothing is published.
 
 Splitting and merging shards between layouts lives in shard_layout.py: read_model_checkpoint returns the
 embedding and head with the tp=1 vocabulary padding, write_model_checkpoint accepts any number of rows >= vocab_size.
@@ -52,6 +54,7 @@ import dataclasses
 import os
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -319,42 +322,62 @@ def snapshot_checkpoint(iteration: int, *, model: torch.nn.Module, optimizer, co
 
 
 def write_snapshot(save_dir: str, snapshot: CheckpointSnapshot, config: RunConfig, layout: ParallelLayout,
-                   barrier=None):
-    """Write this rank's shard files and the receipt of their checksums; then rank 0 (after every rank is done,
-    `barrier`) writes the configuration, moves every rank's receipt into meta.json, and publishes the iteration in
-    the tracker; a second `barrier` holds every rank until it is published."""
+                   agree: Callable[[bool], bool] | None = None):
+    """Write this rank's shard files and the receipt of their checksums; once every rank has (`agree(ok)`: a
+    collective over every rank, True when all are ok, e.g. parallel/comm.all_ranks_true; None in one process), rank
+    0 writes the configuration, moves every rank's receipt into meta.json and publishes the iteration in the
+    tracker, and every rank waits for that. When a rank fails, every rank raises CheckpointError (the failing one
+    with its error) and nothing is published."""
+    agree = agree or (lambda ok: ok)
     folder = iteration_dir(save_dir, snapshot.iteration)
-    directory = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
-    os.makedirs(directory, exist_ok=True)
-    records = {}
-    for filename, value in snapshot.files.items():
-        path = os.path.join(directory, filename)
-        records[os.path.relpath(path, folder)] = atomic_torch_save(value, path)
-    atomic_write_json(os.path.join(directory, receipt_filename(layout.data_rank)), records)
-    if barrier is not None:
-        barrier()
+    failure = None
+    try:
+        directory = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
+        os.makedirs(directory, exist_ok=True)
+        records = {}
+        for filename, value in snapshot.files.items():
+            path = os.path.join(directory, filename)
+            records[os.path.relpath(path, folder)] = atomic_torch_save(value, path)
+        atomic_write_json(os.path.join(directory, receipt_filename(layout.data_rank)), records)
+    except Exception as error:  # noqa: BLE001 - every rank must still take part in the agreement
+        failure = error
+    iteration = snapshot.iteration
+    _raise_unless_agreed(agree(failure is None), failure, f"could not write the files of iteration {iteration}",
+                         f"another rank could not write its files of iteration {iteration}")
     if layout.tensor_rank == layout.pipeline_rank == layout.data_rank == 0:
-        records = {CONFIG_FILENAME: atomic_write_json(os.path.join(folder, CONFIG_FILENAME), config.to_dict())}
-        receipts = _receipt_paths(folder, config)
-        for receipt in receipts:
-            records.update(read_json(receipt, "checksum receipt"))
-        atomic_write_json(os.path.join(folder, META_FILENAME), {**snapshot.meta, FILE_RECORDS: records})
-        for receipt in receipts:
-            os.remove(receipt)
-        write_tracker(save_dir, snapshot.iteration)
-    if barrier is not None:
-        barrier()
+        try:
+            records = {CONFIG_FILENAME: atomic_write_json(os.path.join(folder, CONFIG_FILENAME), config.to_dict())}
+            receipts = _receipt_paths(folder, config)
+            for receipt in receipts:
+                records.update(read_json(receipt, "checksum receipt"))
+            atomic_write_json(os.path.join(folder, META_FILENAME), {**snapshot.meta, FILE_RECORDS: records})
+            for receipt in receipts:
+                os.remove(receipt)
+            write_tracker(save_dir, snapshot.iteration)
+        except Exception as error:  # noqa: BLE001
+            failure = error
+    _raise_unless_agreed(agree(failure is None), failure, f"could not publish iteration {iteration}",
+                         f"rank 0 could not publish iteration {iteration}")
+
+
+def _raise_unless_agreed(agreed: bool, own_failure: Exception | None, own_message: str, others_message: str):
+    """CheckpointError on every rank unless all agreed: with this rank's own error, or saying another failed."""
+    if own_failure is not None:
+        raise CheckpointError(f"{own_message} ({type(own_failure).__name__}: {own_failure}); the previous "
+                              f"checkpoint stays the latest") from own_failure
+    if not agreed:
+        raise CheckpointError(f"{others_message}; the previous checkpoint stays the latest")
 
 
 def save_checkpoint(save_dir: str, iteration: int, *, model: torch.nn.Module, optimizer, config: RunConfig,
                     consumed_train_samples: int, lr_schedule_state: dict, loss_scaler_state: dict | None,
-                    layout: ParallelLayout = ParallelLayout.single_process(), barrier=None):
+                    layout: ParallelLayout = ParallelLayout.single_process(), agree=None):
     """Save and publish `iteration` now (write_snapshot); every rank returns once it is published."""
     snapshot = snapshot_checkpoint(iteration, model=model, optimizer=optimizer,
                                    consumed_train_samples=consumed_train_samples,
                                    lr_schedule_state=lr_schedule_state, loss_scaler_state=loss_scaler_state,
                                    layout=layout)
-    write_snapshot(save_dir, snapshot, config, layout, barrier)
+    write_snapshot(save_dir, snapshot, config, layout, agree)
 
 
 def _receipt_paths(folder: str, config: RunConfig) -> list[str]:

@@ -29,7 +29,8 @@ also inside an already started default process group (it then builds only the mo
 Exit status, by class (the error is one line on stderr, naming the flag, file or iteration and what to do):
     0   training finished, or exited on request (--exit-interval, SIGTERM with --exit-signal-handler)
     1   training diverged: a NaN/Inf loss, gradient norm or updated parameter; nothing of it was published
-    2   bad arguments, or a checkpoint that is missing, incomplete, corrupt (checksum) or does not fit the run
+    2   bad arguments, or a checkpoint that is missing, incomplete, corrupt (checksum), does not fit the run, or
+        could not be saved (every rank stops; nothing of it is published)
     3   bad data: token files, SFT records, preference pairs or an index cache that cannot be used
         (data.errors.DataError)
 
@@ -40,6 +41,7 @@ frozen, a second copy of this rank's chunks, the reference (megatron_llama/dpo.p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import math
 import os
@@ -74,7 +76,7 @@ from megatron_llama.model.stage_model import StageModel, build_model_chunks
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.builder import build_optimizer
-from megatron_llama.parallel import state as parallel_state
+from megatron_llama.parallel import comm, state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
 from megatron_llama.parallel.pipeline import schedule_name
@@ -319,12 +321,12 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         logger.print(f"DPO: {config.data.dpo_loss} loss, beta {config.data.dpo_beta}, reference policy: the "
                      f"{'loaded' if resume_from else 'initial'} weights, frozen")
 
-    # --async-save: a background writer whose barrier has a gloo group of its own (the training thread's
-    # collectives never share it)
-    saver = None
-    if checkpoint.async_save and checkpoint.save:
-        writer_group = dist.new_group(backend="gloo") if config.parallel.world_size > 1 else None
-        saver = AsyncCheckpointSaver((lambda: dist.barrier(group=writer_group)) if writer_group else None)
+    # Saves end with every rank's agreement (comm.all_ranks_true) on a gloo group of their own, which the
+    # training thread's collectives never share (--async-save runs it on a background thread).
+    agree = None
+    if checkpoint.save and config.parallel.world_size > 1:
+        agree = functools.partial(comm.all_ranks_true, group=dist.new_group(backend="gloo"))
+    saver = AsyncCheckpointSaver(agree) if checkpoint.async_save and checkpoint.save else None
 
     def save(current: TrainingProgress):
         """Save `current`; the log line gives the seconds the training loop stood still for it."""
@@ -339,8 +341,7 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
             logger.print(f"saving checkpoint of iteration {current.iteration} to {checkpoint.save} in the background "
                          f"(training stalled {time.perf_counter() - started:.2f} s)")
             return
-        save_checkpoint(checkpoint.save, current.iteration, config=config,
-                        barrier=dist.barrier if config.parallel.world_size > 1 else None, **state)
+        save_checkpoint(checkpoint.save, current.iteration, config=config, agree=agree, **state)
         logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save} "
                      f"(training stalled {time.perf_counter() - started:.2f} s)")
 

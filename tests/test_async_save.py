@@ -1,6 +1,7 @@
 """--async-save: the background writer writes the very files a synchronous save writes (one process, and 2 gloo
-ranks whose barrier runs on the writer's own group); training goes on while a save is written; a process killed
-mid-write leaves the previous checkpoint published and loadable.
+ranks whose agreement runs on the writer's own group); training goes on while a save is written; a process killed
+mid-write leaves the previous checkpoint published and loadable; a rank that cannot write its files stops every rank
+at once (sync and async) and publishes nothing.
 """
 import json
 import os
@@ -115,3 +116,31 @@ def test_an_async_save_killed_mid_write_leaves_the_previous_checkpoint_latest_an
     assert len(set_aside_unpublished(str(save))) == 1
     run_in_process([flags[:-1] + ["--load", str(save)]])  # a restart in place goes on from iteration 2
     assert read_tracker(str(save)) == 6
+
+
+def save_with_one_rank_failing(root: str, flags: list[str]) -> tuple[int, str]:
+    """Rank 1 cannot write its files of iteration 4; returns (exit status, tracker iteration)."""
+    import megatron_llama.checkpointing as checkpointing
+    real_save = checkpointing.atomic_torch_save
+
+    def disk_full_on_rank_1(value, path):
+        if "iter_0000004" in path and int(os.environ["RANK"]) == 1:
+            raise OSError(28, "No space left on device")
+        return real_save(value, path)
+
+    checkpointing.atomic_torch_save = disk_full_on_rank_1
+    status = main(BASE + flags + ["--global-batch-size", "8", "--save", root])
+    return status, read_tracker(root)
+
+
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
+def test_a_rank_that_cannot_write_makes_every_rank_stop_and_nothing_is_published(tmp_path, mode, capfd):
+    results = run_distributed(save_with_one_rank_failing, world_size=2, args=(str(tmp_path / "run"), mode),
+                              timeout_s=60)
+    assert results == [(2, 2), (2, 2)]  # both ranks exit with status 2 at once; iteration 2 stays the latest
+    lines = capfd.readouterr().err.splitlines()
+    rank_1 = next(line for line in lines if line.startswith("error: rank 1: "))
+    rank_0 = next(line for line in lines if line.startswith("error: rank 0: "))
+    assert "could not write the files of iteration 4 (OSError: [Errno 28] No space left on device)" in rank_1
+    assert "another rank could not write its files of iteration 4; the previous checkpoint stays the latest" in rank_0
+    assert not (tmp_path / "run" / "iter_0000004" / "meta.json").exists()

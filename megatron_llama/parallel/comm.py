@@ -71,3 +71,9 @@ def broadcast_object(value, source_rank: int, group):
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
     dist.broadcast_object_list(holder, src=source_rank, group=group, device=device)
     return holder[0]
+
+
+def all_ranks_true(flag: bool, group) -> bool:
+    """True on every member of `group` when every member's `flag` is (a CPU tensor: `group` must be gloo)."""
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    return bool(all_reduce(value, group, op=dist.ReduceOp.MIN).item())
