@@ -23,6 +23,7 @@ from megatron_llama.parallel.grad_finalize import finalize_model_grads
 from megatron_llama.parallel.stages import split_layers
 
 STEPS, SAVED_AFTER = 4, 2
+RESUMED_LOSS_RTOL = 3e-7  # measured 6.6e-8 (dp1) and 6.1e-8 (dp4): about one ulp of the loss
 LAYOUT = Layout(distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
 BYTES_PER_ELEMENT = 12  # fp32 master, exp_avg, exp_avg_sq
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -63,7 +64,8 @@ def test_state_saved_at_dp2_resumes_with_the_uninterrupted_losses(request, dp2, 
     for rank_record in request.getfixturevalue(resumed_at):
         assert len(rank_record["losses"]) == STEPS - SAVED_AFTER
         for loss, reference in zip(rank_record["losses"], uninterrupted):
-            assert relative_difference(loss, reference) < 1e-6, (resumed_at, rank_record["losses"], uninterrupted)
+            assert relative_difference(loss, reference) <= RESUMED_LOSS_RTOL, (resumed_at, rank_record["losses"],
+                                                                               uninterrupted)
 
 
 def test_resuming_without_the_adam_states_would_change_the_losses(dp2, checkpoint):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from data_parallel_training import Layout, parallel_run
-from distributed import run_distributed  # tests/ is on sys.path under pytest
+from agreement import scaled_difference  # tests/ is on sys.path under pytest
+from distributed import run_distributed
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.llama import build_model
 from megatron_llama.parallel import state
@@ -19,7 +20,11 @@ from megatron_llama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_llama.parallel.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 
 VOCAB, PADDED, HIDDEN, BATCH, SEQ = 45, 64, 16, 3, 7  # 21 tokens; the last 19 columns are padding
-TOLERANCE = dict(rtol=1e-6, atol=1e-6)
+# Differences as a fraction of the unfused tensor's largest value (tests/agreement.py), measured in fp32 and
+# bounded 3-10x above: losses 1.2e-7, head gradients 3.4e-7 (tp=1 and 2); every model gradient 3.4e-7; the
+# dp=2 runs' losses bitwise equal (bound: a few ulps).
+TOLERANCE = 1e-6
+DP2_LOSS_RTOL = 3e-7
 
 
 def inputs(seed: int = 0):
@@ -54,7 +59,7 @@ def test_fused_cross_entropy_equals_logits_then_cross_entropy(chunk_tokens):
     expected = loss_and_grads(unfused, hidden, weight, labels, loss_weights)
     got = loss_and_grads(fused(chunk_tokens), hidden, weight, labels, loss_weights)
     for name, a, b in zip(("loss", "hidden grad", "weight grad"), got, expected):
-        torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m: f"{name}: {m}")
+        assert scaled_difference(a, b) <= TOLERANCE, f"{name} differs by {scaled_difference(a, b):.2e}"
     assert (got[0][labels == -100] == 0).all()
     assert (got[2][VOCAB:] == 0).all(), "vocabulary padding rows must get no gradient"
 
@@ -62,7 +67,7 @@ def test_fused_cross_entropy_equals_logits_then_cross_entropy(chunk_tokens):
 def test_fused_cross_entropy_without_grad_mode_gives_the_same_loss():
     hidden, weight, labels, _ = inputs(1)
     with torch.no_grad():
-        torch.testing.assert_close(fused(4)(hidden, weight, labels), unfused(hidden, weight, labels), **TOLERANCE)
+        assert scaled_difference(fused(4)(hidden, weight, labels), unfused(hidden, weight, labels)) <= TOLERANCE
 
 
 def _tensor_parallel_comparison(tp: int):
@@ -72,12 +77,12 @@ def _tensor_parallel_comparison(tp: int):
     local_weight = weight.chunk(tp)[rank]  # rank 1 holds the padding
     expected = loss_and_grads(unfused, hidden, local_weight, labels, loss_weights)
     got = loss_and_grads(fused(4), hidden, local_weight, labels, loss_weights)
-    return [(a - b).abs().max().item() for a, b in zip(got, expected)]
+    return [scaled_difference(a, b) for a, b in zip(got, expected)]
 
 
 def test_fused_cross_entropy_equals_unfused_at_tensor_parallel_2():
     for rank, diffs in enumerate(run_distributed(_tensor_parallel_comparison, world_size=2, args=(2,))):
-        assert max(diffs) < 1e-6, f"rank {rank}: loss, hidden grad, weight grad differ by {diffs}"
+        assert max(diffs) <= TOLERANCE, f"rank {rank}: loss, hidden grad, weight grad differ by {diffs}"
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -97,9 +102,10 @@ def test_model_loss_and_grads_with_fused_head_equal_the_unfused_head(tied):
         loss.sum().backward()
         results.append((loss.detach(), {name: param.grad for name, param in model.named_parameters()}))
     (fused_loss, fused_grads), (loss, grads) = results
-    torch.testing.assert_close(fused_loss, loss, **TOLERANCE)
+    assert scaled_difference(fused_loss, loss) <= TOLERANCE
     for name, grad in grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        difference = scaled_difference(fused_grads[name], grad)
+        assert difference <= TOLERANCE, f"{name}: gradient differs by {difference:.2e} of its scale"
 
 
 def test_fused_head_waits_for_the_overlapped_parameter_gather_at_dp2():
@@ -109,5 +115,5 @@ def test_fused_head_waits_for_the_overlapped_parameter_gather_at_dp2():
     unfused = run_distributed(parallel_run, world_size=2, args=(layout, 4))
     fused = run_distributed(parallel_run, world_size=2, args=(dataclasses.replace(layout, fused_cross_entropy=True), 4))
     for fused_rank, unfused_rank in zip(fused, unfused):
-        torch.testing.assert_close(torch.tensor(fused_rank["losses"]), torch.tensor(unfused_rank["losses"]),
-                                   rtol=1e-5, atol=0)
+        differences = [abs(a - b) / abs(b) for a, b in zip(fused_rank["losses"], unfused_rank["losses"], strict=True)]
+        assert max(differences) <= DP2_LOSS_RTOL, differences

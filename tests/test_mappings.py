@@ -7,10 +7,14 @@ the sum of the upstream gradients of all ranks.
 import pytest
 import torch
 
-from distributed import run_distributed  # tests/ is on sys.path under pytest
+from agreement import scaled_difference  # tests/ is on sys.path under pytest
+from distributed import run_distributed
 from megatron_llama.parallel import comm, mappings, state
 
 B, S, H = 2, 8, 12
+# Copies, scatters and gathers move values: bitwise equal, so they must be. A sum over ranks rounds in the
+# collective's order: measured up to 9.7e-8 of the expected tensor's largest value; the bound stands 5x above.
+REDUCTION_TOL = 5e-7
 
 
 def _per_rank(generator, tp):
@@ -36,13 +40,18 @@ def _compare_every_mapping(tp, rank):
     total_x, total_grad = sum(inputs), sum(upstreams)
     results = {}
 
-    def check(name, mapping, x, upstream, expected_y, expected_grad):
+    def agrees(value, expected, reduced: bool) -> bool:
+        return scaled_difference(value, expected) <= REDUCTION_TOL if reduced else torch.equal(value, expected)
+
+    def check(name, mapping, x, upstream, expected_y, expected_grad, *, reduced_y=False, reduced_grad=False):
         y, grad = _forward_backward(mapping, x, upstream)
-        results[name] = (torch.allclose(y, expected_y, atol=1e-6), torch.allclose(grad, expected_grad, atol=1e-6))
+        results[name] = (agrees(y, expected_y, reduced_y), agrees(grad, expected_grad, reduced_grad))
 
     sequence = mappings.SEQUENCE_DIM
-    check("copy (f)", mappings.copy_to_tensor_parallel_region, shared_x, upstreams[rank], shared_x, total_grad)
-    check("reduce (g)", mappings.reduce_from_tensor_parallel_region, inputs[rank], shared_grad, total_x, shared_grad)
+    check("copy (f)", mappings.copy_to_tensor_parallel_region, shared_x, upstreams[rank], shared_x, total_grad,
+          reduced_grad=True)
+    check("reduce (g)", mappings.reduce_from_tensor_parallel_region, inputs[rank], shared_grad, total_x, shared_grad,
+          reduced_y=True)
     check("scatter last", mappings.scatter_to_tensor_parallel_region, shared_x, shared_grad.chunk(tp, -1)[rank],
           shared_x.chunk(tp, -1)[rank], shared_grad)
     check("gather last", mappings.gather_from_tensor_parallel_region, shared_x.chunk(tp, -1)[rank], shared_grad,
@@ -50,9 +59,9 @@ def _compare_every_mapping(tp, rank):
     check("scatter sequence", mappings.scatter_to_sequence_parallel_region, shared_x,
           shared_grad.chunk(tp, sequence)[rank], shared_x.chunk(tp, sequence)[rank], shared_grad)
     check("gather sequence", mappings.gather_from_sequence_parallel_region, shared_x.chunk(tp, sequence)[rank],
-          upstreams[rank], shared_x, total_grad.chunk(tp, sequence)[rank])
+          upstreams[rank], shared_x, total_grad.chunk(tp, sequence)[rank], reduced_grad=True)
     check("reduce-scatter sequence", mappings.reduce_scatter_to_sequence_parallel_region, inputs[rank],
-          shared_grad.chunk(tp, sequence)[rank], total_x.chunk(tp, sequence)[rank], shared_grad)
+          shared_grad.chunk(tp, sequence)[rank], total_x.chunk(tp, sequence)[rank], shared_grad, reduced_y=True)
 
     # the collectives of comm.py on a non-contiguous input along a middle dimension
     strided = inputs[rank].transpose(0, 2)  # [H, S, B], not contiguous
@@ -60,7 +69,7 @@ def _compare_every_mapping(tp, rank):
     results["all_gather_along strided"] = (torch.equal(gathered, torch.cat([x.transpose(0, 2) for x in inputs], 1)),)
     scattered = comm.reduce_scatter_along(strided, 1, state.get_tensor_model_parallel_group())
     expected = total_x.transpose(0, 2).chunk(tp, 1)[rank]
-    results["reduce_scatter_along strided"] = (torch.allclose(scattered, expected, atol=1e-6),)
+    results["reduce_scatter_along strided"] = (scaled_difference(scattered, expected) <= REDUCTION_TOL,)
     return results
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed import run_distributed  # tests/ is on sys.path under pytest
+from agreement import scaled_difference  # tests/ is on sys.path under pytest
+from distributed import run_distributed
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.llama import build_model
 from megatron_llama.parallel import comm, layers, state
@@ -24,6 +25,19 @@ CE_VOCAB = 37  # real vocabulary of the cross-entropy checks; logits carry paddi
 MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, vocab_size=200,
                     make_vocab_size_divisible_by=128, max_position_embeddings=64, attention_backend="eager")
 STEPS, BATCH, SEQ = 3, 2, 8
+# Agreement measured in fp32 at tp 2 and 4 (differences as a fraction of the reference tensor's largest value,
+# tests/agreement.py); each bound stands 3-10x above. Losses: 1.8e-7 relative. First-step gradients: 6.0e-7 (the
+# matmul sums split across ranks round differently). Later steps also carry that rounding through the update:
+# 3.1e-6 after SGD, 2.4e-5 after Adam (its first update lr * g / (|g| + eps) is lr * sign(g), so the rounding of
+# a gradient near zero can move a weight by lr). A gradient off by a factor (1 + 1e-5) fails the first step.
+LOSS_RTOL = 1e-6
+FIRST_STEP_GRAD_TOL = 3e-6
+LATER_STEP_GRAD_TOL = {"sgd": 1.5e-5, "adam": 1e-4}
+# The layers against F.linear / F.embedding: at most 3.1e-7 where a rank's partial sums are reduced (column input
+# grads, row outputs); 20 to 24 of the 32 values per rank, the rest, are bitwise equal.
+LAYER_TOL = 1e-6
+# Vocab-parallel cross entropy: losses measured bitwise equal, logit gradients 1.1e-7; both bounded by about 2 ulps.
+CROSS_ENTROPY_TOL = 3e-7
 
 
 # ---------------------------------------------------------------- a trainer's math, in miniature
@@ -72,21 +86,24 @@ def gather_full(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor
     return comm.all_gather_along(tensor, dim, state.get_tensor_model_parallel_group()).clone()
 
 
-def compare_to_reference(losses, gradients, reference) -> list[str]:
-    """Problems found: losses beyond 1e-5 relative, gradients beyond 1e-5 (+1e-4 relative); [] when equal."""
+def compare_to_reference(losses, gradients, reference, optimizer: str) -> list[str]:
+    """Problems found: losses beyond LOSS_RTOL, gradients beyond their step's bound (on the scale of each reference
+    gradient); [] when equal."""
     problems = []
     ref_losses, ref_gradients = reference
     for step, (loss, ref) in enumerate(zip(losses, ref_losses)):
-        if abs(loss - ref) > 1e-5 * abs(ref):
+        if abs(loss - ref) > LOSS_RTOL * abs(ref):
             problems.append(f"step {step}: loss {loss!r} != {ref!r}")
     for step, (grads, ref_grads) in enumerate(zip(gradients, ref_gradients)):
         if grads.keys() != ref_grads.keys():
             problems.append(f"step {step}: parameter names differ: {sorted(grads.keys() ^ ref_grads.keys())}")
         for name in ref_grads.keys() & grads.keys():
             rows = min(grads[name].shape[0], ref_grads[name].shape[0])  # vocabulary padding grows with tp
-            if not torch.allclose(grads[name][:rows], ref_grads[name][:rows], rtol=1e-4, atol=1e-5):
-                diff = (grads[name][:rows] - ref_grads[name][:rows]).abs().max().item()
-                problems.append(f"step {step}: gradient of {name} differs by {diff:.2e}")
+            difference = scaled_difference(grads[name][:rows], ref_grads[name][:rows])
+            bound = FIRST_STEP_GRAD_TOL if step == 0 else LATER_STEP_GRAD_TOL[optimizer]
+            if not difference <= bound:
+                problems.append(f"step {step}: gradient of {name} differs by {difference:.2e} of its scale "
+                                f"(bound {bound:.0e})")
     return problems
 
 
@@ -97,12 +114,8 @@ def _full_and_local(generator, shape, dim, tp, rank):
     return full, full.chunk(tp, dim)[rank].clone()
 
 
-def _max_diff(a, b) -> float:
-    return (a - b).abs().max().item()
-
-
 def check_layers(tp: int) -> dict[str, float]:
-    """Max abs difference to the plain computation, per layer and setting."""
+    """Difference to the plain computation (on the scale of its values), per layer and setting."""
     layout, diffs = state.current_layout(), {}
     rank = layout.tensor_rank
     b, s, h_in, h_out, vocab = 2, 8, 8, 12 * tp, 16 * tp
@@ -127,10 +140,11 @@ def check_layers(tp: int) -> dict[str, float]:
                 y.backward(upstream)
                 name = f"column gather_output={gather_output}{tag}"
                 expected_y = reference["y"] if gather_output else reference["y"].chunk(tp, -1)[rank]
-                diffs[name + " output"] = _max_diff(y, expected_y)
-                diffs[name + " input grad"] = _max_diff(x.grad, shard(reference["x"]))
-                diffs[name + " weight grad"] = _max_diff(gather_full(layer.weight.grad, layer.weight), reference["w"])
-                diffs[name + " bias grad"] = _max_diff(gather_full(layer.bias.grad, layer.bias), reference["b"])
+                diffs[name + " output"] = scaled_difference(y, expected_y)
+                diffs[name + " input grad"] = scaled_difference(x.grad, shard(reference["x"]))
+                diffs[name + " weight grad"] = scaled_difference(gather_full(layer.weight.grad, layer.weight),
+                                                                 reference["w"])
+                diffs[name + " bias grad"] = scaled_difference(gather_full(layer.bias.grad, layer.bias), reference["b"])
 
             weight, local_weight = _full_and_local(generator, (h_in, h_out), 1, tp, rank)
             bias = torch.randn(h_in, generator=generator)
@@ -146,11 +160,12 @@ def check_layers(tp: int) -> dict[str, float]:
                 y.backward(shard(upstream_row))
                 layers.allreduce_sequence_parallel_grads(layer)  # the bias saw only this rank's tokens
                 name = f"row input_is_parallel={input_is_parallel}{tag}"
-                diffs[name + " output"] = _max_diff(y, shard(reference["y"]))
+                diffs[name + " output"] = scaled_difference(y, shard(reference["y"]))
                 expected_x_grad = reference["x"].chunk(tp, -1)[rank] if input_is_parallel else reference["x"]
-                diffs[name + " input grad"] = _max_diff(x.grad, expected_x_grad)
-                diffs[name + " weight grad"] = _max_diff(gather_full(layer.weight.grad, layer.weight), reference["w"])
-                diffs[name + " bias grad"] = _max_diff(layer.bias.grad, reference["b"])
+                diffs[name + " input grad"] = scaled_difference(x.grad, expected_x_grad)
+                diffs[name + " weight grad"] = scaled_difference(gather_full(layer.weight.grad, layer.weight),
+                                                                 reference["w"])
+                diffs[name + " bias grad"] = scaled_difference(layer.bias.grad, reference["b"])
 
             weight, local_weight = _full_and_local(generator, (vocab, h_in), 0, tp, rank)
             ids = torch.randint(0, vocab, (b, s), generator=generator)
@@ -160,9 +175,9 @@ def check_layers(tp: int) -> dict[str, float]:
             layer.weight.data.copy_(local_weight)
             y = layer(ids)
             y.backward(shard(upstream_embedding))
-            diffs["embedding output" + tag] = _max_diff(y, shard(reference["y"]))
-            diffs["embedding weight grad" + tag] = _max_diff(gather_full(layer.weight.grad, layer.weight),
-                                                             reference["w"])
+            diffs["embedding output" + tag] = scaled_difference(y, shard(reference["y"]))
+            diffs["embedding weight grad" + tag] = scaled_difference(gather_full(layer.weight.grad, layer.weight),
+                                                                     reference["w"])
     return diffs
 
 
@@ -192,9 +207,14 @@ def check_cross_entropy(tp: int) -> dict[str, float]:
     (loss * weights).sum().backward()
     real_columns = min(max(CE_VOCAB - rank * local.shape[-1], 0), local.shape[-1])
     padding_grad = local.grad[..., real_columns:]
-    return {"loss": _max_diff(loss, reference.detach()),
-            "logit grad": _max_diff(local.grad, reference_logits.grad.chunk(tp, -1)[rank]),
+    return {"loss": scaled_difference(loss, reference.detach()),
+            "logit grad": scaled_difference(local.grad, reference_logits.grad.chunk(tp, -1)[rank]),
             "padding grad": padding_grad.abs().max().item() if padding_grad.numel() else 0.0}
+
+
+def cross_entropy_agrees(diffs: dict[str, float]) -> bool:
+    return (diffs["loss"] <= CROSS_ENTROPY_TOL and diffs["logit grad"] <= CROSS_ENTROPY_TOL
+            and diffs["padding grad"] == 0)
 
 
 def check_initialisation() -> dict[str, torch.Tensor]:
@@ -219,7 +239,7 @@ def run_layout(tp: int, references: dict[str, tuple]) -> dict:
         with state.parallel_layout(1, 1):
             for case in model_cases(1):
                 results["training"][case["name"]] = compare_to_reference(*train(case["config"], case["optimizer"]),
-                                                                         references[case["name"]])
+                                                                         references[case["name"]], case["optimizer"])
     with state.parallel_layout(tp, 1) as layout:
         results["layers"] = check_layers(tp)
         results["cross entropy"] = check_cross_entropy(tp)
@@ -228,7 +248,8 @@ def run_layout(tp: int, references: dict[str, tuple]) -> dict:
         for case in model_cases(tp):
             with state.use_layout(dataclasses.replace(layout, sequence_parallel=case["sequence_parallel"])):
                 losses, gradients = train(case["config"], case["optimizer"])
-            results["training"][case["name"]] = compare_to_reference(losses, gradients, references[case["name"]])
+            results["training"][case["name"]] = compare_to_reference(losses, gradients, references[case["name"]],
+                                                                     case["optimizer"])
     return results
 
 
@@ -248,7 +269,7 @@ def layout(request):
 def test_parallel_layers_match_plain_layers_outputs_and_gathered_grads(layout):
     tp, ranks = layout
     for rank, results in enumerate(ranks):
-        too_far = {name: diff for name, diff in results["layers"].items() if not diff < 1e-5}
+        too_far = {name: diff for name, diff in results["layers"].items() if not diff <= LAYER_TOL}
         assert not too_far, f"tp={tp} rank {rank}: {too_far}"
 
 
@@ -256,7 +277,7 @@ def test_vocab_parallel_cross_entropy_equals_torch_values_and_grads_with_padding
     tp, ranks = layout
     for rank, results in enumerate(ranks):
         diffs = results["cross entropy"]
-        assert diffs["loss"] < 1e-5 and diffs["logit grad"] < 1e-6 and diffs["padding grad"] == 0, (tp, rank, diffs)
+        assert cross_entropy_agrees(diffs), (tp, rank, diffs)
 
 
 def test_parallel_initialisation_is_a_slice_of_single_process_initialisation(layout):
@@ -296,7 +317,7 @@ def test_reference_training_actually_learns():
 
 def test_cross_entropy_without_process_group_equals_torch_and_ignores_padding():
     diffs = check_cross_entropy(1)
-    assert diffs["loss"] < 1e-5 and diffs["logit grad"] < 1e-6 and diffs["padding grad"] == 0, diffs
+    assert cross_entropy_agrees(diffs), diffs
 
 
 def test_initial_rows_of_the_real_vocabulary_do_not_depend_on_padding():
