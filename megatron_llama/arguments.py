@@ -12,8 +12,9 @@ field is named after its flag), derived values filled in (data-parallel size, gl
 metrics path, the device of --device auto, the model's values from --model-preset), and `notes`, messages for the
 log. Parsing opens no file: it only checks that the named paths exist. The tokenizer (and with it the vocabulary
 size, when --vocab-size is not given) and the checkpoint of --load are opened by the run's setup (pretrain.py).
-Every check of a bad combination runs here, before any model, dataset or process group is built; a failure
-raises ArgumentsError whose message names the flag and the numbers and says what to change.
+Every check of a bad combination runs here (the rules over the whole configuration in config_checks.py), before
+any model, dataset or process group is built; a failure raises ArgumentsError whose message names the flag and the
+numbers and says what to change.
 
 Parallel layout: the world size (WORLD_SIZE from torchrun, or the started default process group) must be a
 multiple of tensor x pipeline parallel size; data-parallel size = world / (tp x pp). The model must split over
@@ -45,29 +46,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 
 import torch
 
 from megatron_llama.config import (PRESETS, CheckpointConfig, DataConfig, LoggingConfig, ModelConfig,
                                    ParallelConfig, RunConfig, TrainingConfig)
-from megatron_llama.data.blended_dataset import parse_data_path
 from megatron_llama.data.chat_template import CHAT_TEMPLATES
-from megatron_llama.data.gpt_dataset import parse_split
-from megatron_llama.data.indexed_dataset import dataset_exists
 from megatron_llama.model.attention import ATTENTION_BACKENDS
 from megatron_llama.model.compile import default_on_cuda
 from megatron_llama.optim.lr_schedule import DECAY_STYLES
-from megatron_llama.parallel.pipeline import check_micro_batch_count
+from megatron_llama.config_checks import ArgumentsError, check_positive, complete_and_check, flag_name
 
 MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "max_position_embeddings", "make_vocab_size_divisible_by", "rotary_base", "norm_epsilon",
                "init_method_std", "attention_backend")
-
-
-class ArgumentsError(ValueError):
-    """A bad flag or combination of flags; the message says what to change."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,14 +226,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
     config = RunConfig(model=_model_config(args), parallel=_parallel_config(args, notes),
                        training=_training_config(args, notes), data=_section(DataConfig, args, tokenizer_hash=None),
                        checkpoint=_section(CheckpointConfig, args), logging=_section(LoggingConfig, args))
-    _check_model(config)
-    _check_batches(config)
-    _check_pipeline(config)
-    _check_data_parallel_and_recompute(config)
-    _check_schedule(config)
-    _check_data(config)
-    _check_checkpointing(config, notes)
-    _check_profiling(config)
+    complete_and_check(config, notes)
     return config, notes
 
 
@@ -248,17 +234,6 @@ def _section(section, args: argparse.Namespace, **values):
     """A config dataclass from the flags named like its fields (and `values` for the others)."""
     names = {field.name for field in dataclasses.fields(section)}
     return section(**{name: getattr(args, name) for name in names if name not in values}, **values)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _positive(section, *names: str):
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and value <= 0:
-            raise ArgumentsError(f"{_flag(name)} must be positive, got {value}")
 
 
 def launched_world_size() -> int:
@@ -270,7 +245,7 @@ def launched_world_size() -> int:
 
 def _parallel_config(args: argparse.Namespace, notes: list[str]) -> ParallelConfig:
     config = _section(ParallelConfig, args, data_parallel_size=1)
-    _positive(config, "tensor_model_parallel_size", "pipeline_model_parallel_size", "ddp_bucket_size",
+    check_positive(config, "tensor_model_parallel_size", "pipeline_model_parallel_size", "ddp_bucket_size",
               "num_layers_per_virtual_pipeline_stage", "distributed_timeout_minutes")
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     world_size = launched_world_size()
@@ -289,7 +264,7 @@ def _check_precision_flags(args: argparse.Namespace):
         raise ArgumentsError("--bf16 and --fp16 were both given; choose one")
     if args.loss_scale is not None and not args.fp16:
         raise ArgumentsError("--loss-scale applies only to --fp16 training; drop it or add --fp16")
-    _positive(args, "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+    check_positive(args, "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
     if args.min_loss_scale > args.initial_loss_scale:
         raise ArgumentsError(f"--min-loss-scale {args.min_loss_scale} is above --initial-loss-scale "
                              f"{args.initial_loss_scale}")
@@ -328,7 +303,7 @@ def _check_tokenizer_flags(args: argparse.Namespace):
     if args.tokenizer_type is None and args.vocab_size is None and args.model_preset is None:
         raise ArgumentsError("the vocabulary size is unknown: give --tokenizer-type and --tokenizer-model, "
                              "or --vocab-size, or a --model-preset")
-    _positive(args, "vocab_size")
+    check_positive(args, "vocab_size")
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:
@@ -339,7 +314,7 @@ def default_ffn_hidden_size(hidden_size: int) -> int:
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     values = dict(PRESETS[args.model_preset]) if args.model_preset else {}
     if not args.model_preset:
-        missing = [_flag(name) for name in ("num_layers", "hidden_size", "num_attention_heads")
+        missing = [flag_name(name) for name in ("num_layers", "hidden_size", "num_attention_heads")
                    if getattr(args, name) is None]
         if missing:
             raise ArgumentsError(f"{', '.join(missing)} required without --model-preset "
@@ -367,218 +342,3 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     if "max_position_embeddings" not in values:
         values["max_position_embeddings"] = args.seq_length
     return ModelConfig(**values)
-
-
-def _check_model(config: RunConfig):
-    model, training, tp = config.model, config.training, config.parallel.tensor_model_parallel_size
-    _positive(training, "seq_length")
-    try:
-        model.check(tp)
-    except ValueError as error:
-        raise ArgumentsError(str(error)) from None
-    if config.parallel.sequence_parallel and training.seq_length % tp:
-        raise ArgumentsError(f"--sequence-parallel splits the sequence across tensor ranks: --seq-length "
-                             f"{training.seq_length} is not divisible by --tensor-model-parallel-size {tp}; use a "
-                             f"multiple of {tp} or drop --sequence-parallel")
-    if training.seq_length > model.max_position_embeddings:
-        raise ArgumentsError(f"--seq-length {training.seq_length} exceeds --max-position-embeddings "
-                             f"{model.max_position_embeddings}; raise --max-position-embeddings or shorten "
-                             f"the sequence")
-    if model.attention_backend == "xformers" and training.device == "cpu":
-        raise ArgumentsError("--attention-backend xformers has no CPU kernels; use --attention-backend sdpa")
-
-
-def _check_batches(config: RunConfig):
-    training, dp = config.training, config.parallel.data_parallel_size
-    _positive(training, "micro_batch_size", "global_batch_size", "train_iters")
-    per_step = training.micro_batch_size * dp
-    if training.global_batch_size is None:
-        training.global_batch_size = per_step
-    if training.global_batch_size % per_step:
-        raise ArgumentsError(f"global batch {training.global_batch_size} is not divisible by micro-batch "
-                             f"{training.micro_batch_size} x data-parallel {dp} = {per_step}; "
-                             f"use a multiple of {per_step}")
-
-
-def _check_pipeline(config: RunConfig):
-    """The stage split and the micro-batch count of the pipeline schedule."""
-    try:
-        split = config.stage_split()
-        check_micro_batch_count(config.num_micro_batches, split.pipeline_size, split.num_chunks)
-    except ValueError as error:
-        raise ArgumentsError(str(error)) from None
-
-
-def _check_data_parallel_and_recompute(config: RunConfig):
-    training = config.training
-    _positive(training, "recompute_num_layers")
-    if config.parallel.overlap_param_gather and not config.parallel.use_distributed_optimizer:
-        raise ArgumentsError("--overlap-param-gather overlaps the all-gather of the distributed optimizer's "
-                             "updated params; add --use-distributed-optimizer or drop --overlap-param-gather")
-    if training.recompute_granularity != "full":
-        given = [flag for flag, value in (("--recompute-method", training.recompute_method),
-                                          ("--recompute-num-layers", training.recompute_num_layers))
-                 if value is not None]
-        if given:
-            raise ArgumentsError(f"{' and '.join(given)} apply to --recompute-granularity full only (got "
-                                 f"{training.recompute_granularity}); add --recompute-granularity full or drop them")
-    elif training.recompute_method is None:
-        raise ArgumentsError("--recompute-granularity full needs --recompute-method uniform (every block, in groups "
-                             "of --recompute-num-layers) or block (the first --recompute-num-layers blocks)")
-    elif training.recompute_num_layers is None:
-        training.recompute_num_layers = 1
-
-
-def _check_schedule(config: RunConfig):
-    training, logging = config.training, config.logging
-    for name in ("lr", "min_lr", "lr_warmup_init"):
-        value = getattr(training, name)
-        if not math.isfinite(value) or value < 0:
-            raise ArgumentsError(f"{_flag(name)} must be a finite number >= 0, got {value}")
-        if value > torch.finfo(torch.float32).max:
-            raise ArgumentsError(f"{_flag(name)} {value} does not fit in float32, the optimizer's precision "
-                                 f"(at most {torch.finfo(torch.float32).max:.3e})")
-    _positive(training, "lr", "lr_decay_iters")
-    _positive(logging, "log_interval", "eval_interval")
-    _positive(config.checkpoint, "save_interval", "exit_interval")
-    if training.lr_decay_iters is None:
-        training.lr_decay_iters = training.train_iters
-    if training.min_lr < 0 or training.min_lr > training.lr:
-        raise ArgumentsError(f"--min-lr {training.min_lr} must lie between 0 and --lr {training.lr}")
-    if training.lr_warmup_iters < 0:
-        raise ArgumentsError(f"--lr-warmup-iters must not be negative, got {training.lr_warmup_iters}")
-    if training.lr_decay_style != "constant" and training.lr_warmup_iters >= training.lr_decay_iters:
-        raise ArgumentsError(f"--lr-warmup-iters {training.lr_warmup_iters} must be below --lr-decay-iters "
-                             f"{training.lr_decay_iters} (default --train-iters) for {training.lr_decay_style} decay")
-    if training.weight_decay < 0 or training.clip_grad < 0 or logging.eval_iters < 0:
-        raise ArgumentsError("--weight-decay, --clip-grad and --eval-iters must not be negative")
-    if not (0 <= training.adam_beta1 < 1 and 0 <= training.adam_beta2 < 1):
-        raise ArgumentsError(f"--adam-beta1 {training.adam_beta1} and --adam-beta2 {training.adam_beta2} must lie "
-                             f"in [0, 1)")
-
-
-def _check_data(config: RunConfig):
-    data = config.data
-    given = {_flag(name): getattr(data, name) for name in ("data_path", "train_data_path", "valid_data_path",
-                                                            "test_data_path") if getattr(data, name)}
-    document_flags = [_flag(name) for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
-                      if getattr(data, name)]
-    if (data.sft_packing or data.reset_attention_mask) and config.model.attention_backend == "xformers":
-        raise ArgumentsError("--attention-backend xformers takes no document mask; --sft-packing and "
-                             "--reset-attention-mask need --attention-backend sdpa or eager")
-    if data.dpo:
-        if document_flags or data.sft_packing:
-            raise ArgumentsError(f"{', '.join(document_flags + ['--sft-packing'] * data.sft_packing)} do not apply "
-                                 f"to --dpo; drop them")
-        _check_dpo_data(config, given)
-        return
-    if data.sft:
-        if document_flags:
-            raise ArgumentsError(f"{', '.join(document_flags)} apply to pretraining; with --sft use --sft-packing")
-        _check_sft_data(data, given)
-        return
-    if data.sft_packing or data.chat_template != "openllama":
-        raise ArgumentsError("--sft-packing and --chat-template apply to --sft (--chat-template also to --dpo) only; "
-                             "add --sft or drop them")
-    if document_flags and data.mock_data:
-        raise ArgumentsError(f"{', '.join(document_flags)} find documents by their end-of-document tokens, which "
-                             f"--mock-data has none of; give --data-path or drop them")
-    if data.mock_data:
-        if given:
-            raise ArgumentsError(f"--mock-data and {', '.join(given)} were both given; choose one")
-        return
-    if not given:
-        raise ArgumentsError("no training data: give --data-path (or --train-data-path), or --mock-data")
-    if data.data_path and len(given) > 1:
-        raise ArgumentsError("--data-path (split by --split) and --train/valid/test-data-path exclude each other; "
-                             "give one or the other")
-    if "--data-path" not in given and "--train-data-path" not in given:
-        raise ArgumentsError("no training data: --valid/test-data-path need --train-data-path as well")
-    if data.tokenizer_type is None:
-        raise ArgumentsError("--data-path needs the tokenizer that made it: give --tokenizer-type and "
-                             "--tokenizer-model")
-    try:
-        for flag, values in given.items():
-            parse_data_path(values, flag)
-        parse_split(data.split)
-    except (ValueError, FileNotFoundError) as error:
-        raise ArgumentsError(str(error)) from None
-
-
-def _check_dpo_data(config: RunConfig, given: dict):
-    """--dpo reads one jsonl file of preference pairs with the run's tokenizer (data/preference_dataset.py) and
-    trains against the model it starts from (megatron_llama/dpo.py)."""
-    data, checkpoint = config.data, config.checkpoint
-    if data.sft:
-        raise ArgumentsError("--sft and --dpo were both given; choose one")
-    if data.mock_data or list(given) != ["--train-data-path"]:
-        raise ArgumentsError("--dpo takes --train-data-path FILE.jsonl only (it does not evaluate yet); drop "
-                             "--mock-data, --data-path, --valid-data-path and --test-data-path")
-    if len(data.train_data_path) > 1 or not os.path.isfile(data.train_data_path[0]):
-        raise ArgumentsError(f"--dpo reads one jsonl file: --train-data-path {' '.join(data.train_data_path)} is not "
-                             f"one existing file")
-    if data.tokenizer_type is None:
-        raise ArgumentsError("--dpo tokenizes the records: give --tokenizer-type and --tokenizer-model")
-    if data.dpo_beta <= 0:
-        raise ArgumentsError(f"--dpo-beta must be positive, got {data.dpo_beta}")
-    if checkpoint.load is not None and not checkpoint.finetune:
-        raise ArgumentsError("--dpo takes its frozen reference from --load: add --finetune (a DPO run starts at "
-                             "iteration 0 from the loaded weights; resuming a DPO run is not supported)")
-
-
-def _check_sft_data(data: DataConfig, given: dict):
-    """--sft reads one jsonl file per split with the run's tokenizer (data/sft_dataset.py)."""
-    if data.mock_data or "--data-path" in given or "--test-data-path" in given:
-        raise ArgumentsError("--sft takes --train-data-path FILE.jsonl (and --valid-data-path FILE.jsonl) only; "
-                             "drop --mock-data, --data-path and --test-data-path")
-    if "--train-data-path" not in given:
-        raise ArgumentsError("--sft needs --train-data-path FILE.jsonl (or the PREFIX of tools/preprocess_sft.py)")
-    for flag in ("--train-data-path", "--valid-data-path"):
-        files = given.get(flag, [])
-        if len(files) > 1:
-            raise ArgumentsError(f"--sft reads one file per split but {flag} names {len(files)}; merge them")
-        if files and not (os.path.isfile(files[0]) or dataset_exists(files[0])):
-            raise ArgumentsError(f"{flag} {files[0]} does not exist (neither a jsonl file nor a PREFIX of "
-                                 f"PREFIX.bin and PREFIX.idx)")
-    if data.tokenizer_type is None:
-        raise ArgumentsError("--sft tokenizes the records: give --tokenizer-type and --tokenizer-model")
-
-
-def _check_checkpointing(config: RunConfig, notes: list[str]):
-    checkpoint, logging = config.checkpoint, config.logging
-    for flag, value in (("--save-interval", checkpoint.save_interval),
-                        ("--exit-signal-handler", checkpoint.exit_signal_handler),
-                        ("--async-save", checkpoint.async_save)):
-        if value and checkpoint.save is None:
-            raise ArgumentsError(f"{flag} needs --save DIR to write checkpoints to")
-    beside = checkpoint.save or logging.tensorboard_dir  # metrics go beside the checkpoints, else beside the events
-    if logging.metrics_path is None and beside:
-        logging.metrics_path = os.path.join(beside, "metrics.jsonl")
-    if checkpoint.finetune and checkpoint.load is None:
-        raise ArgumentsError("--finetune needs --load DIR holding the weights to start from")
-    if checkpoint.ckpt_step is not None and (checkpoint.load is None or checkpoint.ckpt_step < 0):
-        raise ArgumentsError(f"--ckpt-step {checkpoint.ckpt_step} needs --load DIR and an iteration >= 0")
-    if checkpoint.load is not None and not os.path.isdir(checkpoint.load):
-        raise ArgumentsError(f"--load {checkpoint.load} does not exist; check the path (or drop --load to start "
-                             f"fresh)")
-
-
-def _check_profiling(config: RunConfig):
-    """--profile's iterations must lie in the run and its ranks exist; the trace needs a folder (metrics path set)."""
-    logging, world_size = config.logging, config.parallel.world_size
-    if not logging.profile:
-        return
-    start, end = logging.profile_step_start, logging.profile_step_end
-    if start < 1 or end <= start:
-        raise ArgumentsError(f"--profile-step-start {start} and --profile-step-end {end} must satisfy "
-                             f"1 <= start < end (iterations start..end-1 are profiled)")
-    if start > config.training.train_iters:
-        raise ArgumentsError(f"--profile-step-start {start} is after the last iteration (--train-iters "
-                             f"{config.training.train_iters}); no trace would be written")
-    outside = [rank for rank in logging.profile_ranks if not 0 <= rank < world_size]
-    if outside:
-        raise ArgumentsError(f"--profile-ranks {' '.join(map(str, outside))} outside the {world_size} ranks of the "
-                             f"run; give ranks 0..{world_size - 1}")
-    if logging.tensorboard_dir is None and logging.metrics_path is None:
-        raise ArgumentsError("--profile writes its trace into --tensorboard-dir, or beside the metrics file: give "
-                             "--tensorboard-dir, --save or --metrics-path")
