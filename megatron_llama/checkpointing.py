@@ -451,6 +451,30 @@ def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: b
     return []
 
 
+def _load_model_state(folder: str, saved: RunConfig, meta: dict, model: torch.nn.Module, config: RunConfig,
+                      layout: ParallelLayout) -> tuple[dict, dict | None]:
+    """Load this rank's weights of the checkpoint in `folder` into `model`, re-split when the checkpoint's tensor or
+    pipeline split is not this run's; returns the state dict and the whole-model shards read for it (None at the
+    same split)."""
+    path = os.path.join(shard_dir(folder, layout.tensor_rank, layout.pipeline_rank), MODEL_FILENAME)
+    if same_model_split(saved, config):
+        model_state, shards = read_checkpoint_file(folder, meta, path), None
+    else:
+        shards = read_model_shards(folder, saved, meta)
+        model_state = resplit(saved, config, layout, shards)
+    check_state_dict_fits(model_state, model, path)
+    model.load_state_dict(model_state)
+    return model_state, shards
+
+
+def load_weights(folder: str, model: torch.nn.Module, config: RunConfig,
+                 layout: ParallelLayout = ParallelLayout.single_process()) -> None:
+    """Only the weights of the checkpoint iteration `folder` (checked like any load) into `model`, at this run's
+    split (`config`): the frozen reference of a DPO run (--dpo-reference)."""
+    saved, meta = _open_iteration(folder, "the checkpoint")
+    _load_model_state(folder, saved, meta, model, config, layout)
+
+
 def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config: RunConfig,
                     layout: ParallelLayout = ParallelLayout.single_process()) -> tuple[ResumeState, str]:
     """Load the newest checkpoint of `load_dir` (or iteration --ckpt-step) into `model` and `optimizer`; returns
@@ -474,13 +498,7 @@ def load_checkpoint(load_dir: str, *, model: torch.nn.Module, optimizer, config:
     check_resumable(folder, saved, config, bool(meta.get("model_only")))
     shard = shard_dir(folder, layout.tensor_rank, layout.pipeline_rank)
     same_split = same_model_split(saved, config)
-    saved_model_shards = None if same_split else read_model_shards(folder, saved, meta)
-    if same_split:
-        model_state = read_checkpoint_file(folder, meta, os.path.join(shard, MODEL_FILENAME))
-    else:
-        model_state = resplit(saved, config, layout, saved_model_shards)
-    check_state_dict_fits(model_state, model, os.path.join(shard, MODEL_FILENAME))
-    model.load_state_dict(model_state)
+    model_state, saved_model_shards = _load_model_state(folder, saved, meta, model, config, layout)
     if weights_only:
         optimizer.set_master_params(model_state)
         reason = "--finetune" if config.checkpoint.finetune else "a model-only checkpoint"

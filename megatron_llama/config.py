@@ -282,6 +282,9 @@ class DataConfig:
     """DPO's beta: how far the policy may move from the reference (IPO's tau)."""
     dpo_loss: str = "sigmoid"
     """sigmoid (DPO) or ipo."""
+    dpo_reference: str | None = None
+    """DPO: the checkpoint iteration folder whose weights are the frozen reference. Default: the folder that
+    --load --finetune starts from, which the run records here, so that resuming the DPO run finds its reference."""
     mock_data: bool = False
     """Random tokens instead of a corpus (smoke tests and benchmarks)."""
     tokenizer_type: str | None = None

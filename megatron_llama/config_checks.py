@@ -147,6 +147,8 @@ def _check_data(config: RunConfig):
     if (data.sft_packing or data.reset_attention_mask) and config.model.attention_backend == "xformers":
         raise ArgumentsError("--attention-backend xformers takes no document mask; --sft-packing and "
                              "--reset-attention-mask need --attention-backend sdpa or eager")
+    if data.dpo_reference is not None and not data.dpo:
+        raise ArgumentsError("--dpo-reference applies to --dpo only; drop it")
     if data.dpo:
         if document_flags or data.sft_packing:
             raise ArgumentsError(f"{', '.join(document_flags + ['--sft-packing'] * data.sft_packing)} do not apply "
@@ -188,8 +190,8 @@ def _check_data(config: RunConfig):
 
 def _check_dpo_data(config: RunConfig, given: dict):
     """--dpo reads one jsonl file of preference pairs with the run's tokenizer (data/preference_dataset.py) and
-    trains against the model it starts from (megatron_llama/dpo.py)."""
-    data, checkpoint = config.data, config.checkpoint
+    trains against a frozen reference (megatron_llama/dpo.py): --dpo-reference, else the weights it starts from."""
+    data = config.data
     if data.sft:
         raise ArgumentsError("--sft and --dpo were both given; choose one")
     if data.mock_data or list(given) != ["--train-data-path"]:
@@ -202,9 +204,9 @@ def _check_dpo_data(config: RunConfig, given: dict):
         raise ArgumentsError("--dpo tokenizes the records: give --tokenizer-type and --tokenizer-model")
     if data.dpo_beta <= 0:
         raise ArgumentsError(f"--dpo-beta must be positive, got {data.dpo_beta}")
-    if checkpoint.load is not None and not checkpoint.finetune:
-        raise ArgumentsError("--dpo takes its frozen reference from --load: add --finetune (a DPO run starts at "
-                             "iteration 0 from the loaded weights; resuming a DPO run is not supported)")
+    if data.dpo_reference is not None and not os.path.isdir(data.dpo_reference):
+        raise ArgumentsError(f"--dpo-reference {data.dpo_reference} is not a folder; give a checkpoint iteration "
+                             f"folder (DIR/iter_NNNNNNN)")
 
 
 def _check_sft_data(data: DataConfig, given: dict):

@@ -36,7 +36,8 @@ Exit status, by class (the error is one line on stderr, naming the flag, file or
 
 DPO (--dpo --train-data-path prefs.jsonl --load sft_ckpt --finetune): the loaded weights become the policy and,
 frozen, a second copy of this rank's chunks, the reference (megatron_llama/dpo.py); --global-batch-size and
---micro-batch-size count preference pairs.
+--micro-batch-size count preference pairs. The reference's iteration folder is recorded in the run's configuration
+(--dpo-reference), so a DPO run resumes (--load without --finetune) against the same reference.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ import torch.distributed as dist
 from megatron_llama.arguments import ArgumentsError, parse_args
 from megatron_llama.async_save import AsyncCheckpointSaver
 from megatron_llama.checkpoint_files import set_aside_unpublished, tracker_path
-from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint,
+from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint, load_weights,
                                           open_checkpoint, save_checkpoint, snapshot_checkpoint)
 from megatron_llama.config import RunConfig
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets, parse_data_path
@@ -133,6 +134,26 @@ def find_resume_checkpoint(config: RunConfig, notes: list[str]) -> str | None:
         raise CheckpointError(f"--load {load}: {error}") from None
     notes.extend(check_resumable(folder, saved, config, bool(meta.get("model_only"))))
     return folder
+
+
+def dpo_reference_folder(config: RunConfig, resume_from: str | None) -> str | None:
+    """The iteration folder whose weights are a DPO run's frozen reference (None: the run's initial weights):
+    --dpo-reference; else the folder --load --finetune (or a model-only checkpoint) starts from; else, resuming a
+    DPO run, the reference its checkpoint records. CheckpointError when it cannot be known."""
+    if config.data.dpo_reference is not None:
+        return os.path.abspath(config.data.dpo_reference)
+    if resume_from is None:
+        return None
+    _, saved, meta = open_checkpoint(config.checkpoint.load, config.checkpoint.ckpt_step)
+    if config.checkpoint.finetune or meta.get("model_only"):
+        return os.path.abspath(resume_from)
+    if not saved.data.dpo:
+        raise CheckpointError(f"--load {resume_from} is not a DPO run's checkpoint; add --finetune to start DPO from "
+                              f"its weights (they become the frozen reference)")
+    if saved.data.dpo_reference is None:
+        raise CheckpointError(f"--load {resume_from} is a DPO run's checkpoint that records no reference (the run "
+                              f"started from its initial weights); pass --dpo-reference ITER_DIR")
+    return saved.data.dpo_reference
 
 
 def build_datasets(config: RunConfig, tokenizer, log):
@@ -315,11 +336,15 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
     train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer, logger.print)
     dpo = None
     if config.data.dpo:
+        config.data.dpo_reference = dpo_reference_folder(config, resume_from)
         reference, _ = build_stage_model(config, device)
-        reference.load_state_dict(model.state_dict())
+        if config.data.dpo_reference is None:
+            reference.load_state_dict(model.state_dict())
+        else:
+            load_weights(config.data.dpo_reference, reference, config, layout)
         dpo = DPOObjective(reference, config.data.dpo_beta, config.data.dpo_loss, training.global_batch_size)
-        logger.print(f"DPO: {config.data.dpo_loss} loss, beta {config.data.dpo_beta}, reference policy: the "
-                     f"{'loaded' if resume_from else 'initial'} weights, frozen")
+        logger.print(f"DPO: {config.data.dpo_loss} loss, beta {config.data.dpo_beta}, reference policy: "
+                     f"{config.data.dpo_reference or 'the initial weights'}, frozen")
 
     # Saves end with every rank's agreement (comm.all_ranks_true) on a gloo group of their own, which the
     # training thread's collectives never share (--async-save runs it on a background thread).

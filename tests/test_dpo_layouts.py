@@ -53,8 +53,16 @@ def test_dpo_flags_that_do_not_fit_are_refused(tmp_path, capsys, extra, message)
     assert message in capsys.readouterr().err
 
 
-def test_dpo_from_a_checkpoint_needs_finetune(tmp_path, capsys):
-    (tmp_path / "ckpt").mkdir()
-    assert main(dpo_flags(tmp_path, str(tmp_path / "run"), "--load", str(tmp_path / "ckpt"))) == \
-        EXIT_BAD_ARGUMENTS_OR_CHECKPOINT
-    assert "add --finetune" in capsys.readouterr().err
+def test_a_dpo_run_resumed_midway_keeps_its_reference_and_gives_the_uninterrupted_run(tmp_path, capsys):
+    start, whole, resumed = (str(tmp_path / name) for name in ("start", "whole", "resumed"))
+    assert main(dpo_flags(tmp_path, start, "--train-iters", "1")) == 0  # the weights DPO starts from
+    assert main(dpo_flags(tmp_path, whole, "--load", start, "--finetune", "--train-iters", "4",
+                          "--save-interval", "2")) == 0
+    # a resume (no --finetune) finds the reference in the checkpoint's configuration, not in the resumed policy
+    assert main(dpo_flags(tmp_path, resumed, "--load", whole, "--ckpt-step", "2", "--train-iters", "4")) == 0
+    assert f"reference policy: {start}/iter_0000001, frozen" in capsys.readouterr().out
+    assert_same_run(resumed, whole, keys=LOGGED + ("grad_norm",), after_iteration=2)
+    # the first run began from its initial weights: its checkpoint records no reference to resume against
+    assert main(dpo_flags(tmp_path, str(tmp_path / "again"), "--load", start)) == EXIT_BAD_ARGUMENTS_OR_CHECKPOINT
+    assert "records no reference (the run started from its initial weights); pass --dpo-reference" in \
+        capsys.readouterr().err
