@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "chosen, rejected} pairs; the reference policy is the --load checkpoint, frozen")
     data.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (IPO's tau)")
     data.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid")
+    data.add_argument("--dpo-precompute-reference", action="store_true",
+                      help="--dpo: compute the reference's log-probabilities of every pair once, before training, and "
+                           "free the reference model (saves its memory and one forward per step)")
     data.add_argument("--dpo-reference", metavar="ITER_DIR",
                       help="--dpo: the checkpoint iteration folder (DIR/iter_NNNNNNN) of the frozen reference; default: "
                            "the weights --load --finetune starts from (recorded in the run's checkpoints)")

@@ -282,6 +282,9 @@ class DataConfig:
     """DPO's beta: how far the policy may move from the reference (IPO's tau)."""
     dpo_loss: str = "sigmoid"
     """sigmoid (DPO) or ipo."""
+    dpo_precompute_reference: bool = False
+    """DPO: the reference's log-probabilities of every pair computed once before training (then its model copy is
+    freed) instead of in every step."""
     dpo_reference: str | None = None
     """DPO: the checkpoint iteration folder whose weights are the frozen reference. Default: the folder that
     --load --finetune starts from, which the run records here, so that resuming the DPO run finds its reference."""

@@ -147,8 +147,8 @@ def _check_data(config: RunConfig):
     if (data.sft_packing or data.reset_attention_mask) and config.model.attention_backend == "xformers":
         raise ArgumentsError("--attention-backend xformers takes no document mask; --sft-packing and "
                              "--reset-attention-mask need --attention-backend sdpa or eager")
-    if data.dpo_reference is not None and not data.dpo:
-        raise ArgumentsError("--dpo-reference applies to --dpo only; drop it")
+    if (data.dpo_reference is not None or data.dpo_precompute_reference) and not data.dpo:
+        raise ArgumentsError("--dpo-reference and --dpo-precompute-reference apply to --dpo only; drop them")
     if data.dpo:
         if document_flags or data.sft_packing:
             raise ArgumentsError(f"{', '.join(document_flags + ['--sft-packing'] * data.sft_packing)} do not apply "

@@ -75,12 +75,16 @@ PACKING_FIELDS = ("position_ids", "document_ids")
 
 
 def collate_micro_batch(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Samples -> {"tokens", "labels"} (collate) plus the packing fields the samples carry, cut to the inputs."""
+    """Samples -> {"tokens", "labels"} (collate) plus the packing fields the samples carry, cut to the inputs, and
+    precomputed DPO reference log-probabilities ("reference_logps": [2] per pair -> [2b], one per row)."""
     tokens, labels = collate(samples)
     batch = {"tokens": tokens, "labels": labels}
     for field in PACKING_FIELDS:
         if field in samples[0]:
             batch[field] = _rows(samples, field, np.int64)[:, :-1].contiguous()  # [b, s + 1] -> [b, s], as tokens
+    if "reference_logps" in samples[0]:
+        batch["reference_logps"] = torch.from_numpy(
+            np.concatenate([sample["reference_logps"] for sample in samples]).astype(np.float32))
     return batch
 
 

@@ -17,7 +17,9 @@ The loss of a step is the mean over the global batch's pairs: each micro-batch a
 in the global batch), so gradient accumulation and the data-parallel sum give the mean, at any (tp, pp, dp).
 
 The reference policy is the model as loaded (--load ... --finetune), a second, frozen copy of this rank's chunks.
-Before a step's forward-backward it runs the same micro-batches forward only, through the same pipeline schedule:
+Before a step's forward-backward it runs the same micro-batches forward only, through the same pipeline schedule
+(or, with --dpo-precompute-reference, every pair's reference log-probabilities are computed once before training,
+precompute_reference_logps, the reference copy is freed, and the micro-batches carry them):
 
     objective = DPOObjective(reference_model, beta=0.1, loss_type="sigmoid", pairs_in_global_batch=G)
     batches = objective.with_reference(batches)          # adds "reference_logps" [2b] on the last stage
@@ -29,16 +31,19 @@ chosen reward is the larger) and margin (chosen - rejected), averaged over the p
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_llama.data_loader import collate_micro_batch
 from megatron_llama.model.stage_model import llama_forward_step, model_chunks
 from megatron_llama.parallel import comm, state as parallel_state
 from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
 
 DPO_LOSSES = ("sigmoid", "ipo")
+PRECOMPUTE_MICRO_BATCHES = 32  # micro-batches per forward-only schedule run while precomputing the reference
 METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
 
 
@@ -63,16 +68,56 @@ def dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: fl
     return losses, rewards[:, 0], rewards[:, 1]
 
 
-class DPOObjective:
-    """The schedule's loss function for preference pairs, its frozen reference chunks and its running metrics."""
+def _reference_log_probs(reference_chunks: list[nn.Module], batches: list[dict]) -> list[torch.Tensor]:
+    """The frozen reference's log-probability of every row of `batches` ([2b] per micro-batch, last stage only)."""
+    first_param = next(reference_chunks[0].parameters())
+    rows, seq_length = batches[0]["tokens"].shape
+    return run_schedule(
+        reference_chunks, batches, lambda per_token_loss, _: sequence_log_probs(per_token_loss),
+        forward_step=llama_forward_step, num_micro_batches=len(batches), micro_batch_size=rows,
+        seq_length=seq_length, hidden_size=reference_chunks[0].config.hidden_size, dtype=first_param.dtype,
+        device=first_param.device, forward_only=True)
 
-    def __init__(self, reference_model: nn.Module, beta: float, loss_type: str, pairs_in_global_batch: int):
+
+def frozen_chunks(reference_model: nn.Module) -> list[nn.Module]:
+    chunks = model_chunks(reference_model)
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference_model: nn.Module, dataset, pairs_per_micro_batch: int,
+                               device: torch.device) -> np.ndarray:
+    """Every pair's reference log-probabilities, [pairs, 2] float32 (chosen, rejected), on every rank: each
+    data-parallel rank runs its share of the pairs through the pipeline (forward only), then the shares are summed.
+    `dataset`: a PreferenceDataset (its pair_sample)."""
+    chunks = frozen_chunks(reference_model)
+    pairs = len(dataset.pairs)
+    table = torch.zeros(pairs, 2, dtype=torch.float32, device=device)
+    mine = list(range(parallel_state.get_data_parallel_rank(), pairs, parallel_state.get_data_parallel_world_size()))
+    groups = [mine[start:start + pairs_per_micro_batch] for start in range(0, len(mine), pairs_per_micro_batch)]
+    for first in range(0, len(groups), PRECOMPUTE_MICRO_BATCHES):
+        chunk_groups = groups[first:first + PRECOMPUTE_MICRO_BATCHES]
+        batches = [{name: tensor.to(device) for name, tensor in collate_micro_batch(
+            [dataset.pair_sample(pair) for pair in group + group[-1:] * (pairs_per_micro_batch - len(group))]).items()}
+            for group in chunk_groups]  # the last micro-batch filled up with its last pair; the extra rows are dropped
+        for group, logps in zip(chunk_groups, _reference_log_probs(chunks, batches)):
+            table[group] = logps.view(-1, 2)[:len(group)]  # [2b] -> [b, 2]
+    broadcast_from_last_stage(table)
+    comm.all_reduce(table, parallel_state.get_data_parallel_group())
+    return table.cpu().numpy()
+
+
+class DPOObjective:
+    """The schedule's loss function for preference pairs, its frozen reference chunks (None when the micro-batches
+    carry precomputed "reference_logps") and its running metrics."""
+
+    def __init__(self, reference_model: nn.Module | None, beta: float, loss_type: str, pairs_in_global_batch: int):
         if loss_type not in DPO_LOSSES:
             raise ValueError(f"unknown DPO loss {loss_type!r} (--dpo-loss); choose one of {', '.join(DPO_LOSSES)}")
-        self.reference_chunks = model_chunks(reference_model)
-        for chunk in self.reference_chunks:
-            chunk.eval()
-            chunk.requires_grad_(False)
+        self.reference_chunks = frozen_chunks(reference_model) if reference_model is not None else None
         self.beta, self.loss_type, self.pairs_in_global_batch = beta, loss_type, pairs_in_global_batch
         self._sums = None  # [pairs, *METRICS] summed over this rank's micro-batches since the last metrics()
 
@@ -81,13 +126,11 @@ class DPOObjective:
         """The micro-batches as dicts, each with its rows' reference log-probabilities ("reference_logps" [2b]) on
         the last pipeline stage, where the loss is computed (other stages get the dicts unchanged)."""
         batches = [batch if isinstance(batch, dict) else {"tokens": batch[0], "labels": batch[1]} for batch in batches]
-        first_param = next(self.reference_chunks[0].parameters())
-        rows, seq_length = batches[0]["tokens"].shape
-        reference = run_schedule(
-            self.reference_chunks, batches, lambda per_token_loss, _: sequence_log_probs(per_token_loss),
-            forward_step=llama_forward_step, num_micro_batches=len(batches), micro_batch_size=rows,
-            seq_length=seq_length, hidden_size=self.reference_chunks[0].config.hidden_size, dtype=first_param.dtype,
-            device=first_param.device, forward_only=True)
+        if self.reference_chunks is None:
+            if not all("reference_logps" in batch for batch in batches):
+                raise ValueError("the DPO reference was precomputed, but a micro-batch carries no reference_logps")
+            return batches
+        reference = _reference_log_probs(self.reference_chunks, batches)
         return [dict(batch, reference_logps=logps) for batch, logps in zip(batches, reference)] or batches
 
     def loss_fn(self, per_token_loss: torch.Tensor, micro_batch: dict) -> torch.Tensor:

@@ -68,7 +68,7 @@ from megatron_llama.data.preference_dataset import PreferenceDataset
 from megatron_llama.data.sft_dataset import build_sft_datasets, is_jsonl
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash
 from megatron_llama.data_loader import MockGPTDataset
-from megatron_llama.dpo import DPOObjective
+from megatron_llama.dpo import DPOObjective, precompute_reference_logps
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.model.compile import compile_blocks
 from megatron_llama.model.llama import LlamaModel
@@ -342,9 +342,16 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
             reference.load_state_dict(model.state_dict())
         else:
             load_weights(config.data.dpo_reference, reference, config, layout)
-        dpo = DPOObjective(reference, config.data.dpo_beta, config.data.dpo_loss, training.global_batch_size)
         logger.print(f"DPO: {config.data.dpo_loss} loss, beta {config.data.dpo_beta}, reference policy: "
                      f"{config.data.dpo_reference or 'the initial weights'}, frozen")
+        if config.data.dpo_precompute_reference:
+            started = time.perf_counter()
+            train_dataset.reference_logps = precompute_reference_logps(reference, train_dataset,
+                                                                       training.micro_batch_size, device)
+            reference = None  # its log-probabilities are all the run needs of it
+            logger.print(f"DPO: the reference's log-probabilities of {len(train_dataset.pairs):,} pairs computed in "
+                         f"{time.perf_counter() - started:.1f} s; the reference model is freed")
+        dpo = DPOObjective(reference, config.data.dpo_beta, config.data.dpo_loss, training.global_batch_size)
 
     # Saves end with every rank's agreement (comm.all_ranks_true) on a gloo group of their own, which the
     # training thread's collectives never share (--async-save runs it on a background thread).

@@ -43,6 +43,24 @@ def test_dpo_losses_and_rewards_at_dp2_tp2_pp2_equal_one_process(tmp_path):
         assert_same_run(tmp_path / name, tmp_path / "one", keys=LOGGED + ("grad_norm",))
 
 
+def test_precomputed_reference_log_probabilities_give_the_same_run_at_every_layout(tmp_path, capsys):
+    """--dpo-precompute-reference: every pair's reference log-probabilities once up front (each data-parallel rank
+    a share, through the pipeline), the same losses and rewards as the reference run in every step."""
+    layouts = {"dp2": [], "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+               "pp2": ["--pipeline-model-parallel-size", "2"]}
+
+    def run_layouts():
+        return [main(dpo_flags(tmp_path, str(tmp_path / name), "--dpo-precompute-reference", *flags))
+                for name, flags in layouts.items()]
+
+    run_in_process([dpo_flags(tmp_path, str(tmp_path / "same_step"))])
+    run_in_process([dpo_flags(tmp_path, str(tmp_path / "one"), "--dpo-precompute-reference")])
+    assert "the reference model is freed" in capsys.readouterr().out
+    assert run_distributed(run_layouts, world_size=2) == [[0, 0, 0], [0, 0, 0]]
+    for name in ("one", *layouts):
+        assert_same_run(tmp_path / name, tmp_path / "same_step", keys=LOGGED + ("grad_norm",))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sft"], "--sft and --dpo were both given"),
     (["--valid-data-path", "x.jsonl"], "--dpo takes --train-data-path FILE.jsonl only"),

@@ -29,6 +29,8 @@ an error. A malformed record raises PreferenceDataError naming the file and line
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tokenizer.model --dpo-beta 0.1 ...
 
 A dataset of n pairs serves any number of samples: epoch e visits the pairs in an order drawn from (seed, e).
+With --dpo-precompute-reference the reference policy's log-probabilities of every pair are computed once
+(dpo.precompute_reference_logps) into `reference_logps` [n, 2]; samples then carry theirs, "reference_logps" [2].
 """
 from __future__ import annotations
 
@@ -138,6 +140,7 @@ class PreferenceDataset:
                                           f"--seq-length")
             raise PreferenceDataError(f"{path} holds no records; give a jsonl file with one pair per line")
         self._orders: dict[int, np.ndarray] = {}
+        self.reference_logps: np.ndarray | None = None  # [pairs, 2] float32 (chosen, rejected), when precomputed
 
     def describe(self) -> str:
         """One log line: the pairs kept, and those left out for their length."""
@@ -159,5 +162,13 @@ class PreferenceDataset:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample {index} is outside the preference dataset of {self.num_samples} samples")
-        text, mask = self.pairs[self._pair_index(index)]
+        pair = self._pair_index(index)
+        sample = self.pair_sample(pair)
+        if self.reference_logps is not None:
+            sample["reference_logps"] = self.reference_logps[pair]
+        return sample
+
+    def pair_sample(self, pair: int) -> dict:
+        """Pair number `pair` of the file (of the pairs kept) as a sample {"text", "loss_mask"}."""
+        text, mask = self.pairs[pair]
         return {"text": text, "loss_mask": mask}
