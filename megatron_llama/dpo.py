@@ -16,7 +16,8 @@ With r = beta * (log pi - log pi_ref), the rewards of Rafailov et al. (2023), pe
 The loss of a step is the mean over the global batch's pairs: each micro-batch adds sum(pair losses) / G (G pairs
 in the global batch), so gradient accumulation and the data-parallel sum give the mean, at any (tp, pp, dp).
 
-The reference policy is the model as loaded (--load ... --finetune), a second, frozen copy of this rank's chunks.
+The reference policy is a second, frozen copy of this rank's chunks holding the weights of --dpo-reference (by
+default the model as loaded with --load ... --finetune; pretrain.dpo_reference_folder).
 Before a step's forward-backward it runs the same micro-batches forward only, through the same pipeline schedule
 (or, with --dpo-precompute-reference, every pair's reference log-probabilities are computed once before training,
 precompute_reference_logps, the reference copy is freed, and the micro-batches carry them):
@@ -25,6 +26,9 @@ precompute_reference_logps, the reference copy is freed, and the micro-batches c
     batches = objective.with_reference(batches)          # adds "reference_logps" [2b] on the last stage
     run_schedule(chunks, batches, objective.loss_fn, ...)
     objective.metrics()                                  # means since the last call; every rank calls it
+
+    dataset.reference_logps = precompute_reference_logps(reference_model, dataset, pairs_per_micro_batch, device)
+    objective = DPOObjective(None, ...)                  # --dpo-precompute-reference: the samples carry them
 
 The step's loss is logged as the run's loss; `metrics` gives the rewards of the chosen and rejected answers, the reward accuracy (how often the
 chosen reward is the larger) and margin (chosen - rejected), averaged over the pairs seen since its last call.
@@ -80,6 +84,7 @@ def _reference_log_probs(reference_chunks: list[nn.Module], batches: list[dict])
 
 
 def frozen_chunks(reference_model: nn.Module) -> list[nn.Module]:
+    """The reference's pipeline chunks in eval mode, their parameters excluded from autograd."""
     chunks = model_chunks(reference_model)
     for chunk in chunks:
         chunk.eval()
@@ -99,11 +104,11 @@ def precompute_reference_logps(reference_model: nn.Module, dataset, pairs_per_mi
     mine = list(range(parallel_state.get_data_parallel_rank(), pairs, parallel_state.get_data_parallel_world_size()))
     groups = [mine[start:start + pairs_per_micro_batch] for start in range(0, len(mine), pairs_per_micro_batch)]
     for first in range(0, len(groups), PRECOMPUTE_MICRO_BATCHES):
-        chunk_groups = groups[first:first + PRECOMPUTE_MICRO_BATCHES]
+        window = groups[first:first + PRECOMPUTE_MICRO_BATCHES]
         batches = [{name: tensor.to(device) for name, tensor in collate_micro_batch(
             [dataset.pair_sample(pair) for pair in group + group[-1:] * (pairs_per_micro_batch - len(group))]).items()}
-            for group in chunk_groups]  # the last micro-batch filled up with its last pair; the extra rows are dropped
-        for group, logps in zip(chunk_groups, _reference_log_probs(chunks, batches)):
+            for group in window]  # the last micro-batch filled up with its last pair; the extra rows are dropped
+        for group, logps in zip(window, _reference_log_probs(chunks, batches)):
             table[group] = logps.view(-1, 2)[:len(group)]  # [2b] -> [b, 2]
     broadcast_from_last_stage(table)
     comm.all_reduce(table, parallel_state.get_data_parallel_group())
