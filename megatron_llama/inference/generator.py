@@ -14,6 +14,8 @@ Prompts of different lengths are left-padded into one batch: padding slots are m
 row's rotary positions count its real tokens only, so a prompt's completion does not depend on its batch. A row
 ends at the end-of-document token (kept in `tokens`, not in `text`), at a stop string (the text is cut before it)
 or after max_new_tokens. Streamed text holds back what may still become a stop string or an incomplete character.
+The loop queues decode step t + 1 on the device before it reads step t's tokens (_HostCopy), so the host's
+detokenizing and streaming overlap the device's work.
 
 Tensor parallelism: every rank of the tensor group runs the same generation; the logits are gathered over the
 vocabulary, so every rank draws the same token from the same seeded generator. On CUDA the decode step can be
