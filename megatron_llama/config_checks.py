@@ -194,12 +194,13 @@ def _check_dpo_data(config: RunConfig, given: dict):
     data = config.data
     if data.sft:
         raise ArgumentsError("--sft and --dpo were both given; choose one")
-    if data.mock_data or list(given) != ["--train-data-path"]:
-        raise ArgumentsError("--dpo takes --train-data-path FILE.jsonl only (it does not evaluate yet); drop "
-                             "--mock-data, --data-path, --valid-data-path and --test-data-path")
-    if len(data.train_data_path) > 1 or not os.path.isfile(data.train_data_path[0]):
-        raise ArgumentsError(f"--dpo reads one jsonl file: --train-data-path {' '.join(data.train_data_path)} is not "
-                             f"one existing file")
+    if data.mock_data or "--train-data-path" not in given or set(given) - {"--train-data-path", "--valid-data-path"}:
+        raise ArgumentsError("--dpo takes --train-data-path FILE.jsonl (and --valid-data-path FILE.jsonl to evaluate "
+                             "on); drop --mock-data, --data-path and --test-data-path")
+    for flag, paths in given.items():
+        if len(paths) > 1 or not os.path.isfile(paths[0]):
+            raise ArgumentsError(f"--dpo reads one jsonl file per flag: {flag} {' '.join(paths)} is not one existing "
+                                 f"file")
     if data.tokenizer_type is None:
         raise ArgumentsError("--dpo tokenizes the records: give --tokenizer-type and --tokenizer-model")
     if data.dpo_beta <= 0:

@@ -140,21 +140,56 @@ class DPOObjective:
 
     def loss_fn(self, per_token_loss: torch.Tensor, micro_batch: dict) -> torch.Tensor:
         """run_schedule's loss: this micro-batch's share of the global-batch mean DPO loss; records the metrics."""
+        losses, sums = self._pair_losses(per_token_loss, micro_batch)
+        self._sums = sums if self._sums is None else self._sums + sums
+        return losses.sum() / self.pairs_in_global_batch
+
+    def _pair_losses(self, per_token_loss: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair losses [b] and the sums [pairs, *METRICS] of the micro-batch's pairs."""
         policy = sequence_log_probs(per_token_loss).view(-1, 2)  # [2b] -> [b, 2]
         reference = micro_batch["reference_logps"].view(-1, 2)
         answer_tokens = (micro_batch["labels"] != IGNORE_INDEX).sum(dim=-1).view(-1, 2)
         losses, chosen, rejected = dpo_loss(policy, reference, self.beta, self.loss_type, answer_tokens)
-        sums = torch.stack([torch.tensor(float(len(losses)), device=losses.device), chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum()])
-        self._sums = sums if self._sums is None else self._sums + sums
-        return losses.sum() / self.pairs_in_global_batch
+        sums = torch.stack([torch.tensor(float(len(losses)), device=losses.device), chosen.sum(), rejected.sum(),
+                            (chosen > rejected).float().sum(), (chosen - rejected).sum()])
+        return losses, sums
 
     def metrics(self, device: torch.device) -> dict[str, float]:
         """Means over the pairs of every data-parallel rank since the last call (METRICS); a collective: every rank
         calls it at the same iteration."""
-        sums = self._sums.double() if self._sums is not None else torch.zeros(1 + len(METRICS), dtype=torch.float64,
-                                                                             device=device)
-        self._sums = None
-        broadcast_from_last_stage(sums)
-        comm.all_reduce(sums, parallel_state.get_data_parallel_group())
-        pairs = max(float(sums[0]), 1.0)
-        return {name: float(value) / pairs for name, value in zip(METRICS, sums[1:].tolist())}
+        sums, self._sums = self._sums, None
+        return _means_over_ranks(sums, device, METRICS)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[dict], device: torch.device) -> dict[str, float]:
+        """The mean DPO loss ("loss") and METRICS over the pairs of `batches` (each data-parallel rank's own), on
+        every rank; the training metrics are left as they are."""
+        chunks = model_chunks(model)
+        was_training = chunks[0].training
+        for chunk in chunks:
+            chunk.eval()
+        batches = self.with_reference(batches)
+        first_param = next(chunks[0].parameters())
+        rows, seq_length = batches[0]["tokens"].shape
+
+        def pair_sums(per_token_loss: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+            losses, sums = self._pair_losses(per_token_loss, micro_batch)
+            return torch.cat([sums[:1], losses.sum()[None], sums[1:]])  # [pairs, loss, *METRICS]
+
+        sums = run_schedule(chunks, batches, pair_sums, forward_step=llama_forward_step,
+                            num_micro_batches=len(batches), micro_batch_size=rows, seq_length=seq_length,
+                            hidden_size=chunks[0].config.hidden_size, dtype=first_param.dtype, device=device,
+                            forward_only=True)
+        for chunk in chunks:
+            chunk.train(was_training)
+        return _means_over_ranks(torch.stack(sums).sum(dim=0) if sums else None, device, ("loss", *METRICS))
+
+
+def _means_over_ranks(sums: torch.Tensor | None, device: torch.device, names: tuple[str, ...]) -> dict[str, float]:
+    """Sums [pairs, *names] of the last stage (None elsewhere, or with no pair) -> each name's mean over the pairs
+    of every data-parallel rank; a collective of the pipeline and data-parallel groups."""
+    sums = sums.double() if sums is not None else torch.zeros(1 + len(names), dtype=torch.float64, device=device)
+    broadcast_from_last_stage(sums)
+    comm.all_reduce(sums, parallel_state.get_data_parallel_group())
+    pairs = max(float(sums[0]), 1.0)
+    return {name: float(value) / pairs for name, value in zip(names, sums[1:].tolist())}

@@ -14,7 +14,8 @@ peak_mem_gib (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resi
 rank_step_time_min_s / rank_step_time_max_s (the least and the most time any rank spent per iteration in its own
 forward and backward: profiling.ComputeTimer), and samples_per_dataset ({data prefix: samples} drawn in the interval,
 when the training data is a blend). With --log-memory-to-tensorboard: memory_statistics' fields.
-Eval records hold: iteration, loss, perplexity. A NaN or Inf value is written to JSON as null.
+Eval records hold: iteration, loss, perplexity (with DPO: the DPO loss and the four reward metrics instead of the
+perplexity). A NaN or Inf value is written to JSON as null.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def _strict_json(record: dict) -> dict:
 _SHOWN = {"train": ("consumed_samples", "loss", "lr", "grad_norm", "loss_scale", "skipped_iterations",
                     "step_time_s", "rank_step_time_max_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib",
                     "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin"),  # the last four: DPO
-          "eval": ("loss", "perplexity")}
+          "eval": ("loss", "perplexity", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")}
 
 
 def _format_value(value) -> str:

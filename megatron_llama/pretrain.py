@@ -162,10 +162,16 @@ def build_datasets(config: RunConfig, tokenizer, log):
     train_samples = training.train_iters * training.global_batch_size
     eval_samples = config.logging.eval_iters * training.global_batch_size
     if data.dpo:
-        train = PreferenceDataset(data.train_data_path[0], tokenizer, get_chat_template(data.chat_template),
-                                  training.seq_length, train_samples, training.seed)
+        template = get_chat_template(data.chat_template)
+        train = PreferenceDataset(data.train_data_path[0], tokenizer, template, training.seq_length, train_samples,
+                                  training.seed)
         log(train.describe())
-        return train, None, None
+        valid = None
+        if data.valid_data_path and eval_samples:
+            valid = PreferenceDataset(data.valid_data_path[0], tokenizer, template, training.seq_length, eval_samples,
+                                      training.seed)
+            log(valid.describe())
+        return train, valid, None
     if data.sft:
         sft_paths = [data.train_data_path[0], *(data.valid_data_path or [])[:1]]
         check_dataset_tokenizer([path for path in sft_paths if not is_jsonl(path)], data.tokenizer_hash,
@@ -346,10 +352,12 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
                      f"{config.data.dpo_reference or 'the initial weights'}, frozen")
         if config.data.dpo_precompute_reference:
             started = time.perf_counter()
-            train_dataset.reference_logps = precompute_reference_logps(reference, train_dataset,
-                                                                       training.micro_batch_size, device)
+            for dataset in (train_dataset, valid_dataset):
+                if dataset is not None:
+                    dataset.reference_logps = precompute_reference_logps(reference, dataset,
+                                                                         training.micro_batch_size, device)
             reference = None  # its log-probabilities are all the run needs of it
-            logger.print(f"DPO: the reference's log-probabilities of {len(train_dataset.pairs):,} pairs computed in "
+            logger.print(f"DPO: the reference's log-probabilities of every pair computed in "
                          f"{time.perf_counter() - started:.1f} s; the reference model is freed")
         dpo = DPOObjective(reference, config.data.dpo_beta, config.data.dpo_loss, training.global_batch_size)
 

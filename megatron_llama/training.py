@@ -332,7 +332,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
             meter.reset(progress.consumed_train_samples)
         if _due(iteration, setup.eval_interval) and setup.eval_iters > 0 and valid_dataset is not None:
             since = time.perf_counter()
-            _log_eval(logger, "valid", iteration, evaluate(model, eval_batches(valid_dataset, setup)))
+            _log_eval(logger, "valid", iteration, _evaluation(model, valid_dataset, setup))
             last_evaluated = iteration
             meter.exclude(since)
         if setup.save is not None and _due(iteration, setup.save_interval):
@@ -351,7 +351,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
     if reason == "finished" and setup.eval_iters > 0:
         for kind, dataset in (("valid", valid_dataset), ("test", test_dataset)):
             if dataset is not None and not (kind == "valid" and last_evaluated == progress.iteration):
-                _log_eval(logger, kind, progress.iteration, evaluate(model, eval_batches(dataset, setup)))
+                _log_eval(logger, kind, progress.iteration, _evaluation(model, dataset, setup))
     if setup.save is not None and last_saved != progress.iteration:
         _save_if_finite(model, setup, progress, last_saved)
     logger.print(f"training stopped at iteration {progress.iteration}: {reason}")
@@ -396,5 +396,15 @@ def _log_train(logger: MetricsLogger, progress: TrainingProgress, setup: Trainin
     logger.log(record)
 
 
-def _log_eval(logger: MetricsLogger, kind: str, iteration: int, loss: float):
-    logger.log({"kind": kind, "iteration": iteration, "loss": loss, "perplexity": perplexity(loss)})
+def _evaluation(model: nn.Module, dataset, setup: TrainingSetup) -> dict[str, float]:
+    """The evaluation record's values on --eval-iters global batches of `dataset`: the loss and its perplexity, or
+    with DPO the DPO loss and the reward metrics (dpo.DPOObjective.evaluate)."""
+    batches = list(eval_batches(dataset, setup))
+    if setup.dpo is not None:
+        return setup.dpo.evaluate(model, batches, setup.device)
+    loss = evaluate(model, batches)
+    return {"loss": loss, "perplexity": perplexity(loss)}
+
+
+def _log_eval(logger: MetricsLogger, kind: str, iteration: int, values: dict[str, float]):
+    logger.log({"kind": kind, "iteration": iteration, **values})

@@ -1,6 +1,8 @@
 """DPO at every layout: data-parallel, tensor-parallel (with sequence parallelism) and pipeline-parallel runs of
-pretrain.main --dpo log the losses, reward metrics and gradient norms and end with the weights of one process; the
-command line's checks."""
+pretrain.main --dpo log the losses, reward metrics, gradient norms and evaluations of one process and end with its
+weights; resuming, the precomputed reference, the evaluation's value at the start (ln 2), the command line's checks."""
+import math
+
 import pytest
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
@@ -22,8 +24,8 @@ def dpo_flags(tmp_path, save, *layout):
     return ("--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
             "--device cpu --seq-length 24 --micro-batch-size 1 --global-batch-size 4 --train-iters 3 --lr 1e-2 "
             "--log-interval 1 --seed 5 --dpo --dpo-beta 0.5").split() + [
-        "--train-data-path", str(pairs), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-        str(tokenizer), "--save", save, *layout]
+        "--train-data-path", str(pairs), "--valid-data-path", str(pairs), "--eval-interval", "3", "--eval-iters", "1",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer), "--save", save, *layout]
 
 
 def test_dpo_losses_and_rewards_at_dp2_tp2_pp2_equal_one_process(tmp_path):
@@ -41,6 +43,17 @@ def test_dpo_losses_and_rewards_at_dp2_tp2_pp2_equal_one_process(tmp_path):
     assert reference[-1]["reward_margin"] > 0  # the policy moved towards the chosen answers
     for name in layouts:
         assert_same_run(tmp_path / name, tmp_path / "one", keys=LOGGED + ("grad_norm",))
+
+
+def test_the_evaluation_of_a_policy_still_equal_to_its_reference_gives_ln_2_and_no_reward(tmp_path):
+    """DPO's loss -log sigmoid(beta (ratio_chosen - ratio_rejected)) is ln 2 where the policy is the reference: an
+    evaluation that reported the language-model loss, or read the wrong rows, would not."""
+    save = tmp_path / "run"
+    run_in_process([dpo_flags(tmp_path, str(save), "--train-iters", "1", "--eval-interval", "1", "--lr", "1e-30")])
+    [valid] = [row for row in metrics(save) if row["kind"] == "valid"]
+    assert valid["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert valid["reward_margin"] == pytest.approx(0, abs=1e-6) and valid["reward_accuracy"] == 0
+    assert "perplexity" not in valid
 
 
 def test_precomputed_reference_log_probabilities_give_the_same_run_at_every_layout(tmp_path, capsys):
@@ -63,7 +76,8 @@ def test_precomputed_reference_log_probabilities_give_the_same_run_at_every_layo
 
 @pytest.mark.parametrize("extra, message", [
     (["--sft"], "--sft and --dpo were both given"),
-    (["--valid-data-path", "x.jsonl"], "--dpo takes --train-data-path FILE.jsonl only"),
+    (["--test-data-path", "x.jsonl"], "--dpo takes --train-data-path FILE.jsonl (and --valid-data-path"),
+    (["--valid-data-path", "x.jsonl"], "--valid-data-path x.jsonl is not one existing file"),
     (["--dpo-beta", "0"], "--dpo-beta must be positive"),
 ])
 def test_dpo_flags_that_do_not_fit_are_refused(tmp_path, capsys, extra, message):
