@@ -34,8 +34,8 @@ rank and re-split for this one; why the format allows it, and what happens to th
 
 Saving: snapshot_checkpoint (this rank's state in host memory) then write_snapshot (files, receipt, every rank's
 agreement, publish); save_checkpoint does both now, async_save.py writes the snapshot on a background thread
-(--async-save). The agreement (comm.all_ranks_true, on a gloo group of its own) carries each rank's success: when any rank
-could not write its files, every rank raises CheckpointError at once and nothing is published.
+(--async-save). The agreement (comm.all_ranks_true, on a gloo group of its own) carries each rank's success: when
+any rank could not write its files, every rank raises CheckpointError at once and nothing is published.
 
 Splitting and merging shards between layouts lives in shard_layout.py: read_model_checkpoint returns the
 embedding and head with the tp=1 vocabulary padding, write_model_checkpoint accepts any number of rows >= vocab_size.

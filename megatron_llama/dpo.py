@@ -30,8 +30,9 @@ precompute_reference_logps, the reference copy is freed, and the micro-batches c
     dataset.reference_logps = precompute_reference_logps(reference_model, dataset, pairs_per_micro_batch, device)
     objective = DPOObjective(None, ...)                  # --dpo-precompute-reference: the samples carry them
 
-The step's loss is logged as the run's loss; `metrics` gives the rewards of the chosen and rejected answers, the reward accuracy (how often the
-chosen reward is the larger) and margin (chosen - rejected), averaged over the pairs seen since its last call.
+The step's loss is logged as the run's loss; `metrics` gives the rewards of the chosen and rejected answers, the
+reward accuracy (how often the chosen reward is the larger) and margin (chosen - rejected), averaged over the pairs
+seen since its last call; `evaluate` gives the loss and the same metrics on held-out pairs (--valid-data-path).
 """
 from __future__ import annotations
 
