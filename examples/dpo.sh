@@ -11,6 +11,10 @@
 # answers only (megatron_llama/data/preference_dataset.py). The weights of LOAD are the policy that trains and,
 # frozen, the reference it is measured against (megatron_llama/dpo.py); --finetune starts at iteration 0 with a fresh
 # optimizer. MICRO_BATCH and GLOBAL_BATCH count pairs (each is two sequences). The result goes to OUT.
+# `bash examples/dpo.sh --dpo-precompute-reference` computes the reference's log-probabilities once and frees its copy
+# of the model (the memory a 7B run on few GPUs needs); `--valid-data-path held_out.jsonl --eval-iters N` evaluates.
+# The reference's folder is recorded in OUT's checkpoints: the trainer resumes them (--load OUT/checkpoints, without
+# --finetune) against the same reference.
 # Every variable below can be set from the environment; extra arguments are passed to the trainer. LAUNCHER is put
 # before the two commands (LAUNCHER=echo prints them instead of running them).
 set -euo pipefail
