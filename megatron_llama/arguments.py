@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--dpo: compute the reference's log-probabilities of every pair once, before training, and "
                            "free the reference model (saves its memory and one forward per step)")
     data.add_argument("--dpo-reference", metavar="ITER_DIR",
-                      help="--dpo: the checkpoint iteration folder (DIR/iter_NNNNNNN) of the frozen reference; "
-                           "default: the weights --load --finetune starts from (recorded in the run's checkpoints)")
+                      help="--dpo: the checkpoint (a run folder: its published iteration; or DIR/iter_NNNNNNN) of the "
+                           "frozen reference; default: the weights --load --finetune starts from (recorded in the "
+                           "run's checkpoints)")
     data.add_argument("--mock-data", action="store_true", help="random tokens instead of a corpus (smoke tests)")
     data.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
     data.add_argument("--tokenizer-model")

@@ -206,8 +206,8 @@ def _check_dpo_data(config: RunConfig, given: dict):
     if data.dpo_beta <= 0:
         raise ArgumentsError(f"--dpo-beta must be positive, got {data.dpo_beta}")
     if data.dpo_reference is not None and not os.path.isdir(data.dpo_reference):
-        raise ArgumentsError(f"--dpo-reference {data.dpo_reference} is not a folder; give a checkpoint iteration "
-                             f"folder (DIR/iter_NNNNNNN)")
+        raise ArgumentsError(f"--dpo-reference {data.dpo_reference} is not a folder; give a checkpoint folder (a "
+                             f"run's, or one iteration's: DIR/iter_NNNNNNN)")
 
 
 def _check_sft_data(data: DataConfig, given: dict):

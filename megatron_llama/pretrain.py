@@ -141,7 +141,10 @@ def dpo_reference_folder(config: RunConfig, resume_from: str | None) -> str | No
     --dpo-reference; else the folder --load --finetune (or a model-only checkpoint) starts from; else, resuming a
     DPO run, the reference its checkpoint records. CheckpointError when it cannot be known."""
     if config.data.dpo_reference is not None:
-        return os.path.abspath(config.data.dpo_reference)
+        reference = os.path.abspath(config.data.dpo_reference)
+        if os.path.isfile(tracker_path(reference)):  # a run's folder: its published iteration
+            reference = open_checkpoint(reference)[0]
+        return reference
     if resume_from is None:
         return None
     _, saved, meta = open_checkpoint(config.checkpoint.load, config.checkpoint.ckpt_step)

@@ -94,6 +94,10 @@ def test_a_dpo_run_resumed_midway_keeps_its_reference_and_gives_the_uninterrupte
     assert main(dpo_flags(tmp_path, resumed, "--load", whole, "--ckpt-step", "2", "--train-iters", "4")) == 0
     assert f"reference policy: {start}/iter_0000001, frozen" in capsys.readouterr().out
     assert_same_run(resumed, whole, keys=LOGGED + ("grad_norm",), after_iteration=2)
+    # --dpo-reference may name a run's folder: its published iteration
+    assert main(dpo_flags(tmp_path, str(tmp_path / "named"), "--load", whole, "--finetune", "--dpo-reference", start,
+                          "--train-iters", "1")) == 0
+    assert f"reference policy: {start}/iter_0000001, frozen" in capsys.readouterr().out
     # the first run began from its initial weights: its checkpoint records no reference to resume against
     assert main(dpo_flags(tmp_path, str(tmp_path / "again"), "--load", start)) == EXIT_BAD_ARGUMENTS_OR_CHECKPOINT
     assert "records no reference (the run started from its initial weights); pass --dpo-reference" in \
