@@ -286,9 +286,9 @@ class DataConfig:
     """DPO: the reference's log-probabilities of every pair computed once before training (then its model copy is
     freed) instead of in every step."""
     dpo_reference: str | None = None
-    """DPO: the checkpoint iteration folder whose weights are the frozen reference (given as a run folder: its
-    published iteration). Default: the folder that
-    --load --finetune starts from, which the run records here, so that resuming the DPO run finds its reference."""
+    """DPO: the checkpoint iteration folder whose weights are the frozen reference (a run's folder given stands for
+    its published iteration). Default: the folder that --load --finetune starts from, which the run records here, so
+    that resuming the DPO run finds its reference."""
     mock_data: bool = False
     """Random tokens instead of a corpus (smoke tests and benchmarks)."""
     tokenizer_type: str | None = None
