@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_llama.data_loader import collate_micro_batch
-from megatron_llama.model.stage_model import llama_forward_step, model_chunks
+from megatron_llama.model.stage_model import llama_forward_step, model_chunks, schedule_shapes
 from megatron_llama.parallel import comm, state as parallel_state
 from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
@@ -75,13 +75,9 @@ def dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: fl
 
 def _reference_log_probs(reference_chunks: list[nn.Module], batches: list[dict]) -> list[torch.Tensor]:
     """The frozen reference's log-probability of every row of `batches` ([2b] per micro-batch, last stage only)."""
-    first_param = next(reference_chunks[0].parameters())
-    rows, seq_length = batches[0]["tokens"].shape
-    return run_schedule(
-        reference_chunks, batches, lambda per_token_loss, _: sequence_log_probs(per_token_loss),
-        forward_step=llama_forward_step, num_micro_batches=len(batches), micro_batch_size=rows,
-        seq_length=seq_length, hidden_size=reference_chunks[0].config.hidden_size, dtype=first_param.dtype,
-        device=first_param.device, forward_only=True)
+    return run_schedule(reference_chunks, batches, lambda per_token_loss, _: sequence_log_probs(per_token_loss),
+                        forward_step=llama_forward_step, **schedule_shapes(reference_chunks, batches),
+                        forward_only=True)
 
 
 def frozen_chunks(reference_model: nn.Module) -> list[nn.Module]:
@@ -166,23 +162,17 @@ class DPOObjective:
         """The mean DPO loss ("loss") and METRICS over the pairs of `batches` (each data-parallel rank's own), on
         every rank; the training metrics are left as they are."""
         chunks = model_chunks(model)
-        was_training = chunks[0].training
-        for chunk in chunks:
-            chunk.eval()
+        was_training = model.training
+        model.eval()
         batches = self.with_reference(batches)
-        first_param = next(chunks[0].parameters())
-        rows, seq_length = batches[0]["tokens"].shape
 
         def pair_sums(per_token_loss: torch.Tensor, micro_batch: dict) -> torch.Tensor:
             losses, sums = self._pair_losses(per_token_loss, micro_batch)
             return torch.cat([sums[:1], losses.sum()[None], sums[1:]])  # [pairs, loss, *METRICS]
 
         sums = run_schedule(chunks, batches, pair_sums, forward_step=llama_forward_step,
-                            num_micro_batches=len(batches), micro_batch_size=rows, seq_length=seq_length,
-                            hidden_size=chunks[0].config.hidden_size, dtype=first_param.dtype, device=device,
-                            forward_only=True)
-        for chunk in chunks:
-            chunk.train(was_training)
+                            **schedule_shapes(chunks, batches), forward_only=True)
+        model.train(was_training)
         return _means_over_ranks(torch.stack(sums).sum(dim=0) if sums else None, device, ("loss", *METRICS))
 
 

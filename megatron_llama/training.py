@@ -65,7 +65,7 @@ from megatron_llama.data_loader import PretrainingSampler, micro_batches
 from megatron_llama.dpo import DPOObjective
 from megatron_llama.metrics import (MetricsLogger, memory_statistics, model_flops_utilization, peak_memory_gib,
                                     perplexity)
-from megatron_llama.model.stage_model import llama_forward_step, model_chunks
+from megatron_llama.model.stage_model import llama_forward_step, model_chunks, schedule_shapes
 from megatron_llama.optim.base import StepOutcome, TrainingOptimizer
 from megatron_llama.optim.grad_scaler import DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
@@ -124,14 +124,6 @@ def as_micro_batch(batch) -> dict:
     return {"tokens": tokens, "labels": labels}
 
 
-def _schedule_shapes(chunks: list[nn.Module], batches: list[dict]) -> dict:
-    """run_schedule's size arguments: [b, s] of the micro-batches, the model's hidden size and dtype."""
-    micro_batch_size, seq_length = batches[0]["tokens"].shape
-    first_param = next(chunks[0].parameters())
-    return dict(num_micro_batches=len(batches), micro_batch_size=micro_batch_size, seq_length=seq_length,
-                hidden_size=chunks[0].config.hidden_size, dtype=first_param.dtype, device=first_param.device)
-
-
 def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_global_batch: int,
                      buffers: DataParallelBuffers, loss_fn: Callable | None = None) -> torch.Tensor:
     """Accumulate the gradient of the global-batch mean loss over `batches` through the pipeline schedule
@@ -143,7 +135,7 @@ def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_g
     buffers.disable_grad_sync()
     losses = run_schedule(chunks, batches, loss_fn or (lambda per_token_loss, _: per_token_loss.sum()
                                                        / tokens_in_global_batch),
-                          forward_step=llama_forward_step, **_schedule_shapes(chunks, batches),
+                          forward_step=llama_forward_step, **schedule_shapes(chunks, batches),
                           scale_loss=optimizer.scale_loss, before_last_backward=buffers.enable_grad_sync)
     buffers.enable_grad_sync()
     if losses:
@@ -190,7 +182,7 @@ def evaluate(model: nn.Module, batches: Iterable) -> float:
     was_training = model.training
     model.eval()
     losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.double().sum(),
-                          forward_step=llama_forward_step, **_schedule_shapes(chunks, batches), forward_only=True)
+                          forward_step=llama_forward_step, **schedule_shapes(chunks, batches), forward_only=True)
     model.train(was_training)
     device = next(chunks[0].parameters()).device
     loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float64, device=device)

@@ -76,6 +76,15 @@ def model_chunks(model: nn.Module) -> list[nn.Module]:
     return list(model.chunks) if isinstance(model, StageModel) else [model]
 
 
+def schedule_shapes(chunks: list[nn.Module], batches: list[dict]) -> dict:
+    """run_schedule's size arguments for LlamaModel chunks: [b, s] of the micro-batches, the hidden size, and the
+    dtype and device of the chunks' parameters."""
+    micro_batch_size, seq_length = batches[0]["tokens"].shape
+    first_param = next(chunks[0].parameters())
+    return dict(num_micro_batches=len(batches), micro_batch_size=micro_batch_size, seq_length=seq_length,
+                hidden_size=chunks[0].config.hidden_size, dtype=first_param.dtype, device=first_param.device)
+
+
 def llama_forward_step(chunk: LlamaModel, input_tensor: torch.Tensor | None, micro_batch: dict | None) -> torch.Tensor:
     """run_schedule's forward step for LlamaModel chunks: token ids [b, s] on the first stage, the received hidden
     states [b, s, h] elsewhere; labels on the last stage, which returns the per-token loss [b, s]. A packed
