@@ -195,11 +195,7 @@ def evaluate(model: nn.Module, batches: Iterable) -> float:
 
 def stop_agreed(requested: bool, device: torch.device) -> bool:
     """True on every rank when any rank asks to stop (a signal reaches each process at its own moment)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return requested
-    flag = torch.tensor([int(requested)], dtype=torch.int32, device=device)
-    comm.all_reduce(flag, dist.group.WORLD, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return comm.any_rank_true(requested, dist.group.WORLD if dist.is_initialized() else None, device)
 
 
 def eval_batches(dataset, setup: TrainingSetup) -> Iterator[dict[str, torch.Tensor]]:

@@ -73,7 +73,17 @@ def broadcast_object(value, source_rank: int, group):
     return holder[0]
 
 
-def all_ranks_true(flag: bool, group) -> bool:
-    """True on every member of `group` when every member's `flag` is (a CPU tensor: `group` must be gloo)."""
-    value = torch.tensor([int(flag)], dtype=torch.int32)
-    return bool(all_reduce(value, group, op=dist.ReduceOp.MIN).item())
+def all_ranks_true(flag: bool, group, device: torch.device | None = None) -> bool:
+    """True on every member of `group` when every member's `flag` is. `device`: where `group` reduces (None, the
+    CPU, for gloo; the rank's GPU for nccl)."""
+    return _reduced_flag(flag, group, dist.ReduceOp.MIN, device)
+
+
+def any_rank_true(flag: bool, group, device: torch.device | None = None) -> bool:
+    """True on every member of `group` when any member's `flag` is (`device` as for all_ranks_true)."""
+    return _reduced_flag(flag, group, dist.ReduceOp.MAX, device)
+
+
+def _reduced_flag(flag: bool, group, op, device: torch.device | None) -> bool:
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    return bool(all_reduce(value, group, op=op).item())
