@@ -347,8 +347,8 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
     if config.data.dpo:
         config.data.dpo_reference = dpo_reference_folder(config, resume_from)
         reference, _ = build_stage_model(config, device)
-        if config.data.dpo_reference is None:
-            reference.load_state_dict(model.state_dict())
+        if config.data.dpo_reference in (None, resume_from and os.path.abspath(resume_from)):
+            reference.load_state_dict(model.state_dict())  # the policy holds those weights now: no second read
         else:
             load_weights(config.data.dpo_reference, reference, config, layout)
         logger.print(f"DPO: {config.data.dpo_loss} loss, beta {config.data.dpo_beta}, reference policy: "
