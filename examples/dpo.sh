@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 # shellcheck source=examples/torchrun_env.sh
-source examples/torchrun_env.sh  # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+source examples/torchrun_env.sh  # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, TORCHRUN
 
 LOAD=${LOAD:-runs/sft/checkpoints}                 # the instruction-tuned checkpoint (examples/sft.sh)
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-runs/quickstart/tokenizer.model}
@@ -43,9 +43,7 @@ PP=${PP:-1}
 mkdir -p "$OUT"
 echo "== 1/2 DPO on $DATA from $LOAD"
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of flags on purpose, LAUNCHER a command prefix (or none)
-${LAUNCHER:-} torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  -m megatron_llama.pretrain $MODEL_ARGS \
+${LAUNCHER:-} "${TORCHRUN[@]}" -m megatron_llama.pretrain $MODEL_ARGS \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --dpo --train-data-path "$DATA" --dpo-beta "$BETA" --dpo-loss "$LOSS" --eval-iters 0 \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # shellcheck source=examples/torchrun_env.sh
-source examples/torchrun_env.sh  # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+source examples/torchrun_env.sh  # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, TORCHRUN
 
 TP=${TP:-1}                      # tensor-parallel size (within a node)
 PP=${PP:-1}                      # pipeline stages
@@ -47,9 +47,7 @@ fi
 
 mkdir -p "$OUTPUT_DIR/checkpoints"  # --load of the empty --save folder starts fresh, later runs resume
 # shellcheck disable=SC2086  # LAUNCHER is a command prefix of several words, or none
-exec ${LAUNCHER:-} torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  -m megatron_llama.pretrain --model-preset openllama-7b \
+exec ${LAUNCHER:-} "${TORCHRUN[@]}" -m megatron_llama.pretrain --model-preset openllama-7b \
   "${parallel[@]}" "${data[@]}" \
   --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH" \
   --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \

@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 # shellcheck source=examples/torchrun_env.sh
-source examples/torchrun_env.sh  # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+source examples/torchrun_env.sh  # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, TORCHRUN
 
 LOAD=${LOAD:-runs/quickstart/checkpoints}          # the pretrained checkpoint
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-runs/quickstart/tokenizer.model}
@@ -44,9 +44,7 @@ evaluation=(--eval-iters 0)
 mkdir -p "$OUT"
 echo "== 1/2 fine-tune $LOAD on $DATA"
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of flags on purpose, LAUNCHER a command prefix (or none)
-${LAUNCHER:-} torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  -m megatron_llama.pretrain $MODEL_ARGS \
+${LAUNCHER:-} "${TORCHRUN[@]}" -m megatron_llama.pretrain $MODEL_ARGS \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --sft --train-data-path "$DATA" --chat-template "$CHAT_TEMPLATE" $PACKING "${evaluation[@]}" \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
