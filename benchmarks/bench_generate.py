@@ -84,26 +84,30 @@ def check_graph_against_eager(config: ModelConfig, device: torch.device, prompts
 
 
 @torch.inference_mode()
-def profile_decode_step(generator: Generator, batch: int, device: torch.device) -> None:
-    """GPU time of one decode step without the host's work between steps (sampling, bookkeeping), and the
-    kernels that fill it: what the generation loop adds on top is the gap to the measured tokens/s."""
+def profile_decode_step(generator: Generator, batch: int, filled: int, device: torch.device) -> None:
+    """GPU time of one decode step after `filled` cached tokens (their slots hold zeros), without the host's work
+    between steps (sampling, bookkeeping), and the kernels that fill it: what the generation loop adds on top is
+    the gap to the measured tokens/s."""
     cache, decode = generator.cache_and_decoder(batch, generator.max_length)
-    cache.begin_step(torch.ones(batch, 1, dtype=torch.bool, device=device))
+    cache.begin_step(torch.ones(batch, filled, dtype=torch.bool, device=device))
+    cache.begin_decode_step()
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     steps = 50
     seconds = timed(device, lambda: [decode(ids, ids) for _ in range(steps)]) / steps
-    print(f"PROFILE batch {batch}: decode step alone {1e3 * seconds:.3f} ms "
+    print(f"PROFILE batch {batch}, {filled} tokens cached: decode step alone {1e3 * seconds:.3f} ms "
           f"({batch / seconds:.0f} tokens/s if nothing else ran)", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         decode(ids, ids)
         torch.cuda.synchronize(device)
-    kernels = collections.Counter()
+    kernels, launches = collections.Counter(), collections.Counter()
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name[:100]] += event.device_time_total / 1e3
-    print(f"PROFILE   kernels of one step: {sum(kernels.values()):.3f} ms GPU time", flush=True)
-    for name, ms in kernels.most_common(12):
-        print(f"PROFILE   {ms:8.3f} ms  {name}", flush=True)
+            launches[event.name[:100]] += 1
+    print(f"PROFILE   kernels of one step: {sum(launches.values())} launches, {sum(kernels.values()):.3f} ms GPU "
+          f"time", flush=True)
+    for name, ms in kernels.most_common(20):
+        print(f"PROFILE   {ms:8.3f} ms  {launches[name]:4d}x  {name}", flush=True)
 
 
 def main(argv=None):
@@ -127,7 +131,7 @@ def main(argv=None):
             completions = []
             total_s = timed(device, lambda: completions.extend(generator.generate(prompts, args.new_tokens)))
         if args.profile and device.type == "cuda":
-            profile_decode_step(generator, batch, device)
+            profile_decode_step(generator, batch, args.prompt_len + args.new_tokens // 2, device)
         new = min(len(completion.tokens) for completion in completions)
         print("RESULT", json.dumps(dict(
             impl="megatron_llama", cuda_graph=args.cuda_graph, dtype=str(dtype).replace("torch.", ""),

@@ -11,6 +11,7 @@ from distributed import run_distributed
 from inference_helpers import CONFIG, sentencepiece_tokenizer, small_model, tied, write_checkpoint
 from megatron_llama.data.tokenizer import build_tokenizer
 from megatron_llama.inference.generator import Generator, encode_prompt
+from megatron_llama.inference import kv_cache
 from megatron_llama.inference.kv_cache import KVCache
 from megatron_llama.inference.loading import ModelSource, load_for_inference
 from megatron_llama.inference.sampling import SamplingParams, sample
@@ -47,10 +48,14 @@ def test_kv_cache_decoding_gives_the_logits_of_a_full_recompute(config):
     assert (incremental_logits(model, ids, prefill=7) - full).abs().max() <= 1e-5
 
 
-def test_static_decode_steps_give_the_logits_of_dynamic_ones():
-    """The static mode of CUDA graphs (every slot behind a fixed mask, grown one slot per decode step) attends to
-    exactly what the dynamic mode does, with left-padded rows, also after a reset."""
+@pytest.mark.parametrize("granule", [4, 128])
+def test_static_decode_steps_give_the_logits_of_dynamic_ones(granule, monkeypatch):
+    """The static mode of CUDA graphs (a fixed mask grown one slot per decode step, attended over the written slots
+    rounded up to the span granule) attends to exactly what the dynamic mode does, with left-padded rows, also
+    after a reset."""
+    monkeypatch.setattr(kv_cache, "SPAN_GRANULE", granule)
     model = small_model()
+    spans = []
     ids = torch.randint(1, CONFIG.vocab_size, (2, 14), generator=torch.Generator().manual_seed(2))
     real = torch.ones(2, 6, dtype=torch.bool)
     real[0, :3] = False  # row 0: a prompt of 3 tokens left-padded to 6
@@ -64,6 +69,7 @@ def test_static_decode_steps_give_the_logits_of_dynamic_ones():
             cache.begin_decode_step()
             position = positions[:, -1:] + 1 + step
             steps.append(model.forward_with_cache(ids[:, 6 + step:7 + step], position, cache))
+            spans.append(cache.span)
         return torch.cat(steps, dim=1)
 
     dynamic = KVCache.for_model(model.config, 2, 14, device="cpu", dtype=torch.float32)
@@ -74,6 +80,9 @@ def test_static_decode_steps_give_the_logits_of_dynamic_ones():
         # measured 1.3e-6: the static step sums over every slot (masked ones too), in another order
         assert (decode(static) - expected).abs().max() <= 1e-5
         assert static.static_mask_slot == 13
+        # decode steps end at 7..14 written slots; the static spans round that up to the granule, within the cache
+        assert spans[:8] == list(range(7, 15))
+        assert spans[8:16] == ([8, 8, 12, 12, 12, 12, 14, 14] if granule == 4 else [14] * 8)
         assert (decode(static) - expected).abs().max() <= 1e-5  # after reset, the mask is rebuilt first
 
 
@@ -96,6 +105,15 @@ def test_left_padding_gives_each_prompt_the_logits_and_tokens_it_gets_alone(toke
         logits = model.forward_with_cache(padded, (real.long().cumsum(1) - 1).clamp(min=0), cache)
         reference = model(torch.tensor([short]))
     assert (logits[0, -len(short):] - reference[0]).abs().max() <= 1e-5
+
+
+def test_warm_up_leaves_nothing_behind_that_changes_a_generation(tokenizer):
+    generator = Generator(small_model(), tokenizer)
+    prompts = [encode_prompt(tokenizer, text) for text in PROMPTS]
+    cold = generator.generate(prompts, max_new_tokens=12, sampling=SamplingParams(temperature=1.0, seed=7))
+    generator.warm_up()
+    warm = generator.generate(prompts, max_new_tokens=12, sampling=SamplingParams(temperature=1.0, seed=7))
+    assert [c.tokens for c in warm] == [c.tokens for c in cold]
 
 
 def test_sampling_is_reproducible_from_its_seed_and_top_k_1_is_greedy(tokenizer):

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         generator, source = start_generator(args)
+        generator.warm_up()
     except (CheckpointError, ConversionError, TokenizerError, ValueError, OSError) as error:
         sys.exit(f"chat_server: error: {error}")
     engine = ServingEngine(generator)

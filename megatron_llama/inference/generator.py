@@ -244,6 +244,14 @@ class Generator:
             pass
         return generation.completions
 
+    def warm_up(self) -> None:
+        """Do now what a server's first requests would otherwise wait for (seconds for a 7B on a GPU): compile
+        the fused regions for a batch of one and of two rows and for two prompt lengths (the second of each makes
+        that dimension dynamic, so later sizes compile nothing), and capture those batches' first decode graphs.
+        Every tensor rank calls it."""
+        for prompts in ([[self.pad_id]], [[self.pad_id] * 2, [self.pad_id] * 3]):
+            self.generate(prompts, max_new_tokens=2)
+
     def vocabulary_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """This rank's last-position logits [b, 1, padded_vocab / tp] -> the real vocabulary's [b, vocab] (fp32)."""
         full = gather_from_tensor_parallel_region(logits[:, -1])  # [b, padded_vocab]
