@@ -45,18 +45,6 @@ class CudaGraphDecoder:
         graph.replay()
         return logits
 
-    def capture_every_span(self) -> None:
-        """Capture now the graph of every span a generation may reach, not the first time a step needs it (a
-        server's warm-up); the cache is empty afterwards."""
-        cache = self.cache
-        spans = sorted({cache.static_span(length) for length in range(2, cache.max_length + 1)})
-        for span in spans:
-            cache.reset()
-            cache.begin_step(torch.ones(cache.batch, span - 1, dtype=torch.bool, device=self.ids.device))
-            cache.begin_decode_step()  # the step that fills slot span - 1
-            self(self.ids, self.position_ids)
-        cache.reset()
-
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up and capture on this step's own inputs: the warm-up runs write the keys and values of the slot
         this step writes, the very values the replay then writes again, and read nothing they change."""

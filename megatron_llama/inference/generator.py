@@ -246,14 +246,11 @@ class Generator:
 
     def warm_up(self) -> None:
         """Do now what a server's first requests would otherwise wait for (seconds for a 7B on a GPU): compile
-        the fused regions for batches of 1 to 3 rows and prompts of 2 and 3 tokens (torch.compile treats sizes 1
-        apart and makes a size dynamic when it changes, so later sizes compile nothing), and with CUDA graphs
-        capture batch 1's decode graph of every span. Every tensor rank calls it."""
-        for batch in (1, 2, 3):
-            for length in (2, 3):
-                self.generate([[self.pad_id] * length] * batch, max_new_tokens=2)
-        if self.use_cuda_graph:
-            self.cache_and_decoder(1, self.max_length)[1].capture_every_span()
+        the fused regions for a batch of one and of two rows and for two prompt lengths (the second of each makes
+        that dimension dynamic, so later sizes compile nothing), and capture those batches' first decode graphs.
+        Every tensor rank calls it."""
+        for prompts in ([[self.pad_id]], [[self.pad_id] * 2, [self.pad_id] * 3]):
+            self.generate(prompts, max_new_tokens=2)
 
     def vocabulary_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """This rank's last-position logits [b, 1, padded_vocab / tp] -> the real vocabulary's [b, vocab] (fp32)."""

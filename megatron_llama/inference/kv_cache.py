@@ -68,8 +68,7 @@ class KVCache:
                                torch.zeros(self.batch, 1, step_length, self.max_length, dtype=self.step_mask.dtype,
                                            device=device))
 
-    def static_span(self, end: int) -> int:
-        """The slots a static decode step attends over once `end` slots are written."""
+    def _static_span(self, end: int) -> int:
         return min(-(-end // SPAN_GRANULE) * SPAN_GRANULE, self.max_length)
 
     def begin_step(self, real_tokens: torch.Tensor) -> None:
@@ -96,7 +95,7 @@ class KVCache:
         else:
             self.step_slots, self.step_mask = query_slots.view(-1), mask
         self.length = end
-        self.span = self.static_span(end) if static else end
+        self.span = self._static_span(end) if static else end
 
     def begin_decode_step(self) -> None:
         """Reserve the next slot for a step of one real token per row. In static mode, after another such step, the
@@ -111,7 +110,7 @@ class KVCache:
             self.step_mask[:, :, :, slot] = 0.0
             self.step_slots.fill_(slot)
             self.length = slot + 1
-            self.span = self.static_span(self.length)
+            self.span = self._static_span(self.length)
         self.static_mask_slot = slot if static else None
 
     def _check_room(self, steps: int) -> None:
