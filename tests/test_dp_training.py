@@ -17,8 +17,10 @@ from megatron_llama.checkpointing import read_model_checkpoint
 from megatron_llama.pretrain import main
 
 ITERATIONS = 3
+# --make-vocab-size-divisible-by 8: the vocabulary splits over the tensor ranks (see test_tp_training.py).
 BASE = ("--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
-        "--vocab-size 100 --seq-length 16 --micro-batch-size 1 --global-batch-size 4 --lr 3e-3 "
+        "--vocab-size 100 --make-vocab-size-divisible-by 8 --seq-length 16 --micro-batch-size 1 "
+        "--global-batch-size 4 --lr 3e-3 "
         "--lr-warmup-iters 1 --min-lr 3e-4 --mock-data --device cpu --log-interval 1 --eval-interval 2 --eval-iters 1 "
         f"--train-iters {ITERATIONS}").split()
 SMALL_BUCKETS = ["--ddp-bucket-size", "2000"]  # the tiny model (~17k parameters) spans several buckets

@@ -16,8 +16,10 @@ from trainer_runs import assert_same_run, metrics, run_in_process
 from megatron_llama.pretrain import main
 
 ITERATIONS, STOP = 4, 2
+# --make-vocab-size-divisible-by 8: the vocabulary splits over the tensor ranks (see test_tp_training.py).
 BASE = ("--num-layers 4 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
-        "--vocab-size 100 --seq-length 16 --micro-batch-size 1 --global-batch-size 4 --lr 3e-3 "
+        "--vocab-size 100 --make-vocab-size-divisible-by 8 --seq-length 16 --micro-batch-size 1 "
+        "--global-batch-size 4 --lr 3e-3 "
         "--lr-warmup-iters 1 --min-lr 3e-4 --mock-data --device cpu --log-interval 1 --eval-interval 2 --eval-iters 1 "
         f"--train-iters {ITERATIONS} --tie-embeddings-and-output-weights").split()
 TP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]

@@ -1,5 +1,6 @@
 """The trainer (pretrain.main) with pipeline parallelism gives the losses, gradient norms and final weights of one
-process: pp=2 (even, uneven, interleaved, tied and untied) on 2 gloo ranks and pp=2 x tp=2 on 4; a pp=2 resume is
+process: pp=2 (even, uneven, interleaved, tied and untied) on 2 gloo ranks and pp=2 x tp=2 on 4 (also tied, with the
+fused head and cross entropy); a pp=2 resume is
 exact; a pp=2 x tp=2 checkpoint exports to Hugging Face with matching logits; and schedule/split misfits fail up front.
 
 One fork of 2 ranks and one of 4 run every layout in turn (each main() builds and tears down its groups);
@@ -21,8 +22,10 @@ from megatron_llama.model.llama import LlamaModel
 from megatron_llama.pretrain import main
 
 ITERATIONS = 3
+# --make-vocab-size-divisible-by 8: the vocabulary splits over the tensor ranks (see test_tp_training.py).
 BASE = ("--num-layers 4 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
-        "--vocab-size 100 --seq-length 16 --micro-batch-size 1 --global-batch-size 4 --lr 3e-3 "
+        "--vocab-size 100 --make-vocab-size-divisible-by 8 --seq-length 16 --micro-batch-size 1 "
+        "--global-batch-size 4 --lr 3e-3 "
         "--lr-warmup-iters 1 --min-lr 3e-4 --mock-data --device cpu --log-interval 1 --eval-interval 2 --eval-iters 1 "
         f"--train-iters {ITERATIONS}").split()
 TIED = ["--tie-embeddings-and-output-weights"]
@@ -34,6 +37,9 @@ LAYOUTS = {
     "pp2_uneven": (2, PP2 + ["--decoder-first-pipeline-num-layers", "1"], []),
     "pp2_virtual2_tied": (2, PP2 + ["--num-layers-per-virtual-pipeline-stage", "1"] + TIED, TIED),
     "pp2_tp2_sp": (4, PP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], []),
+    # the fused head + vocabulary-parallel cross entropy (CUDA's default) against the unfused single process
+    "pp2_tp2_sp_tied_fused_head": (4, PP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"] + TIED +
+                                   ["--cross-entropy-loss-fusion"], TIED),
 }
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 

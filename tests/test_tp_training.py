@@ -18,8 +18,11 @@ from megatron_llama.checkpointing import read_model_checkpoint
 from megatron_llama.pretrain import main
 
 ITERATIONS = 3
+# --make-vocab-size-divisible-by 8: at tp=2 each rank holds real vocabulary rows (56 and 44, then 12 of padding); at
+# the default 128 all 100 would sit on rank 0, and no vocabulary-parallel sum would carry anything from rank 1.
 BASE = ("--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
-        "--vocab-size 100 --seq-length 16 --micro-batch-size 2 --global-batch-size 4 --lr 3e-3 "
+        "--vocab-size 100 --make-vocab-size-divisible-by 8 --seq-length 16 --micro-batch-size 2 "
+        "--global-batch-size 4 --lr 3e-3 "
         "--lr-warmup-iters 1 --min-lr 3e-4 --mock-data --device cpu --log-interval 1 --eval-interval 2 --eval-iters 1 "
         f"--train-iters {ITERATIONS}").split()
 TIED = ["--tie-embeddings-and-output-weights"]
@@ -73,7 +76,7 @@ def test_tp2_checkpoint_holds_one_shard_per_tensor_rank_and_dp2_one_optimizer_fi
     assert sorted(os.listdir(tp_iteration)) == ["config.json", "meta.json", "mp_rank_00_000", "mp_rank_01_000"]
     shards = [torch.load(os.path.join(tp_iteration, f"mp_rank_{rank:02d}_000", "model.pt"), weights_only=True)
               for rank in (0, 1)]
-    assert shards[0]["embedding.weight"].shape == (128, 32)  # 100 padded to 128 x tp = 256 rows, half each
+    assert shards[0]["embedding.weight"].shape == (56, 32)  # 100 padded to 8 x tp = 112 rows, half each
     assert shards[0]["layers.0.mlp.down.weight"].shape == (32, 32)  # row-parallel: ffn 64 columns halved
     assert torch.equal(shards[0]["final_norm.weight"], shards[1]["final_norm.weight"])  # replicas stay equal
     rng = [torch.load(os.path.join(tp_iteration, f"mp_rank_{rank:02d}_000", "rng_dp_000.pt"), weights_only=True)
