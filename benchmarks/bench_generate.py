@@ -26,6 +26,7 @@ from model_shape import add_model_shape_arguments, model_config
 
 from megatron_llama.config import ModelConfig
 from megatron_llama.inference.generator import Generator
+from megatron_llama.inference.kv_cache import SPAN_GRANULE
 from megatron_llama.model.compile import EAGER_KERNELS, compile_blocks, default_on_cuda
 from megatron_llama.model.llama import build_model
 
@@ -71,7 +72,9 @@ def check_graph_against_eager(config: ModelConfig, device: torch.device, prompts
     """The CUDA-graph decoder must give the eager decoder's greedy tokens, row for row. Checked on a fp32 copy of
     the shape with CHECK_LAYERS layers: the graph attends over every cache slot through a mask, the eager step over
     the filled slots only, so bf16 sums round apart and flip near-ties of a random-weight model's flat logits; in
-    fp32 a differing token means a wrong mask, slot or position."""
+    fp32 a differing token means a wrong mask, slot or position. The prompts are cut so that the checked tokens
+    cross from one attended span (and CUDA graph) to the next."""
+    prompts = [prompt[:SPAN_GRANULE - CHECKED_TOKENS // 2] for prompt in prompts]
     small = dataclasses.replace(config, num_layers=CHECK_LAYERS)
     model = build_model(small, seed=0, device=device, dtype=torch.float32)
     eager = Generator(model, RandomIdsTokenizer()).generate(prompts, CHECKED_TOKENS)
