@@ -4,8 +4,9 @@ The cache holds `max_length` SLOTS per sequence and layer. Prompts are left-padd
 step all rows write the same slots (prefill: slots 0..L-1, then one slot per decode step) and one slot index
 serves the batch, which lets a CUDA graph replay a decode step. `valid` marks the slots that hold real tokens;
 a query attends to the valid slots at or before its own (padding is never seen), through an additive mask in the
-cache's dtype (0 where attended, -inf elsewhere: what SDPA adds to the scores, so it converts nothing per layer). A row's rotary position is its
-count of real tokens before the slot (the generator's position_ids), so padding never shifts positions.
+cache's dtype (0 where attended, -inf elsewhere: what SDPA adds to the scores, so it converts nothing per layer).
+A row's rotary position is its count of real tokens before the slot (the generator's position_ids), so padding
+never shifts positions.
 
     cache = KVCache.for_model(model.config, batch=4, max_length=256, device=..., dtype=...)
     cache.begin_step(real_tokens)                              # [b, s] bool: which new tokens are not padding
