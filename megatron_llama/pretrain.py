@@ -42,8 +42,8 @@ frozen, a second copy of this rank's chunks, the reference (megatron_llama/dpo.p
 from __future__ import annotations
 
 import dataclasses
-import functools
 import datetime
+import functools
 import math
 import os
 import signal
