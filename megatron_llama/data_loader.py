@@ -16,9 +16,6 @@ A micro-batch is a dict {"tokens", "labels"[, "position_ids", "document_ids"]}, 
 (collate_micro_batch): what the pipeline's forward step (model/stage_model.py) reads on every stage.
 A DPO sample (data/preference_dataset.py) is a pair, [2, seq_length + 1]: it becomes two adjacent rows, chosen then
 rejected.
-
-MockGPTDataset (--mock-data) gives random tokens that depend only on (seed, index), for smoke tests
-and benchmarks without a corpus.
 """
 from __future__ import annotations
 
@@ -88,6 +85,15 @@ def collate_micro_batch(samples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def as_micro_batch(batch) -> dict:
+    """A micro-batch as the dict the pipeline's forward step reads; a (tokens, labels) pair becomes
+    {"tokens", "labels"}."""
+    if isinstance(batch, dict):
+        return batch
+    tokens, labels = batch
+    return {"tokens": tokens, "labels": labels}
+
+
 def micro_batches(dataset, sampler: PretrainingSampler, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """The micro-batch (collate_micro_batch) on `device` for each micro-batch the sampler names."""
     for indices in sampler:
@@ -95,19 +101,3 @@ def micro_batches(dataset, sampler: PretrainingSampler, device: torch.device) ->
         if device.type == "cuda":
             batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
         yield {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-
-
-class MockGPTDataset:
-    """`num_samples` random token sequences; sample i depends only on (seed, i)."""
-
-    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
-        self.num_samples, self.seq_length, self.vocab_size, self.seed = num_samples, seq_length, vocab_size, seed
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"sample {index} is outside the mock dataset of {self.num_samples}")
-        generator = np.random.default_rng([self.seed, index])
-        return {"text": generator.integers(0, self.vocab_size, size=self.seq_length + 1, dtype=np.int64)}

@@ -1,13 +1,10 @@
 """The training loop: micro-batches -> forward/backward -> optimizer step -> log -> eval -> save.
 
-One iteration is one optimizer update over a global batch of G sequences, made of
-G / (micro_batch_size x dp) micro-batches whose gradients accumulate in fp32 main grads. The
-loss is the mean over every token of the global batch: each micro-batch contributes
-sum(per-token loss) / (G x seq_length), so accumulation gives the gradient of one big batch.
-With SFT (--sft) labels outside the responses are -100 and contribute nothing; the divisor is then the
-count of the other labels over the global batch (loss_token_count), so the loss is the mean over
-response tokens: sum(loss x mask) / sum(mask). With DPO (--dpo) a sample is a preference pair and the loss is
-dpo.DPOObjective's: the mean DPO loss over the global batch's pairs, against a frozen reference run in the same step.
+One iteration is one optimizer update over a global batch of G samples, made of G / (micro_batch_size x dp)
+micro-batches whose gradients accumulate in fp32 main grads. What the loss is belongs to the run's objective
+(objectives/): it prepares the step's micro-batches, gives the schedule each micro-batch's share of the global-batch
+loss (already divided by the global count, so accumulation gives the gradient of one big batch), adds its metrics to
+the training record and evaluates. The loop knows no objective by name.
 
 Stops: after --train-iters; at --exit-interval or on SIGTERM with --exit-signal-handler (both save
 first when --save is set); on a NaN/Inf loss or gradient norm, with TrainingDiverged naming the
@@ -20,11 +17,12 @@ and checked there; the updated parameters are checked before each save (check_pa
 flag per tensor, one host sync, one all-reduce over every rank), not every step, because that reads every
 weight once more. A parameter that became NaN/Inf in a step that is not saved makes the next step's loss
 non-finite, which stops the run; the one moment it could slip through is a save, and that is where it is checked.
+When to save, and how, is the checkpointer's (checkpoint/checkpointer.py): the loop asks it `is_due(iteration)`.
 
-Parallel layouts (pretrain.py builds the process groups before the model). Each data-parallel rank
+Parallel layouts (the entry point builds the process groups before the model). Each data-parallel rank
 takes its own micro-batches of the global batch (data_loader.PretrainingSampler); the tensor and pipeline
-ranks of one data-parallel rank read identical micro-batches. `model` is this rank's StageModel (its
-pipeline chunks; model/stage_model.py) or a plain LlamaModel. One step:
+ranks of one data-parallel rank read identical micro-batches. `run.model` is this rank's StageModel (its
+pipeline chunks; model/stage_model.py). One step:
 
     forward_backward     the micro-batches through parallel/pipeline.run_schedule (plain gradient
                          accumulation at pp=1, 1F1B or interleaved 1F1B otherwise); the data-parallel sync
@@ -34,11 +32,11 @@ pipeline chunks; model/stage_model.py) or a plain LlamaModel. One step:
                          reduce-scatter for the distributed optimizer), sum sequence-parallel partial grads over
                          tensor ranks, sum the tied embedding's two copies over the first and last stage
     reduce_loss_across_ranks   the last stage's loss copied to every stage, then summed over data-parallel
-                         ranks: the global-batch mean loss, equal on every rank (any rank may log it)
+                         ranks: the global-batch loss, equal on every rank (any rank may log it)
     optimizer.step       norm over the model-parallel group (every rank with the distributed optimizer; the
                          tied copy skipped), clip, AdamW (on this rank's shard, then all-gather)
 
-Every rank's contribution is already divided by the GLOBAL token count, so the data-parallel
+Every rank's contribution is already divided by the global count, so the data-parallel
 reductions are sums, not averages. A loop stop (SIGTERM) is agreed by all ranks before it is acted on.
 
 Logging (every --log-interval iterations, metrics.py lists the fields): the interval's mean loss and throughput; each
@@ -47,7 +45,7 @@ all-reduce at log time; profiling.ComputeTimer), so a slow GPU shows; with a ble
 the interval (from the blend's order: no communication); with --log-memory-to-tensorboard, memory statistics.
 --profile traces the iterations it names (profiling.StepProfiler).
 
-Entry point: python -m megatron_llama.pretrain (pretrain.py builds the pieces and calls `train`).
+    train(run, objective, config, layout, progress, datasets, logger, checkpointer=checkpointer)
 """
 from __future__ import annotations
 
@@ -58,22 +56,22 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megatron_llama.data_loader import PretrainingSampler, micro_batches
-from megatron_llama.dpo import DPOObjective
-from megatron_llama.metrics import (MetricsLogger, memory_statistics, model_flops_utilization, peak_memory_gib,
-                                    perplexity)
+from megatron_llama.assembly import Run
+from megatron_llama.config import RunConfig
+from megatron_llama.data.datasets import Datasets
+from megatron_llama.data_loader import PretrainingSampler, as_micro_batch, micro_batches
+from megatron_llama.metrics import MetricsLogger, memory_statistics, model_flops_utilization, peak_memory_gib
 from megatron_llama.model.stage_model import llama_forward_step, model_chunks, schedule_shapes
+from megatron_llama.objectives.base import Objective
 from megatron_llama.optim.base import StepOutcome, TrainingOptimizer
 from megatron_llama.optim.grad_scaler import DynamicLossScaler
-from megatron_llama.optim.lr_schedule import LearningRateSchedule
-from megatron_llama.parallel import comm, state as parallel_state
-from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
+from megatron_llama.parallel import comm, world
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.grad_finalize import finalize_model_grads
 from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
+from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.profiling import ComputeTimer, StepProfiler
 
 
@@ -88,124 +86,59 @@ class TrainingProgress:
     skipped_iterations: int = 0  # fp16 overflow steps (counted, never silent)
 
 
-@dataclass
-class TrainingSetup:
-    """Everything the loop needs besides the model, optimizer and data (filled from the arguments)."""
-
-    train_iters: int
-    global_batch_size: int
-    micro_batch_size: int
-    num_micro_batches: int
-    seq_length: int
-    flops_per_token: int
-    device: torch.device
-    buffers: DataParallelBuffers  # the fp32 main grads and their bucketed data-parallel sync
-    log_interval: int = 100
-    eval_interval: int | None = None
-    eval_iters: int = 0
-    save_interval: int | None = None
-    exit_interval: int | None = None
-    world_size: int = 1
-    data_parallel_rank: int = 0
-    data_parallel_size: int = 1
-    save: Callable[[TrainingProgress], None] | None = None  # writes a checkpoint at this progress
-    stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
-    count_loss_tokens: bool = False  # SFT: divide by the labels that are not IGNORE_INDEX, not by G x seq_length
-    profiler: StepProfiler | None = None  # --profile: traces the iterations it names
-    log_memory: bool = False  # --log-memory-to-tensorboard: memory statistics in every training record
-    dpo: DPOObjective | None = None  # DPO: its loss over preference pairs instead of the per-token mean
-
-
-def as_micro_batch(batch) -> dict:
-    """A (tokens, labels) pair from the data loader -> the dict the pipeline schedule draws ("tokens", "labels")."""
-    if isinstance(batch, dict):
-        return batch
-    tokens, labels = batch
-    return {"tokens": tokens, "labels": labels}
-
-
-def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_global_batch: int,
-                     buffers: DataParallelBuffers, loss_fn: Callable | None = None) -> torch.Tensor:
-    """Accumulate the gradient of the global-batch mean loss over `batches` through the pipeline schedule
-    (gradient accumulation alone at pp=1); returns this rank's share of the loss (0 off the last stage).
-    The data-parallel gradient sync of `buffers` is off until the last backward (overlap starts there).
-    `loss_fn(per_token_loss, micro_batch)` replaces the per-token mean (e.g. DPOObjective.loss_fn)."""
+def forward_backward(model: nn.Module, optimizer, batches: Iterable, buffers: DataParallelBuffers,
+                     loss_fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> torch.Tensor:
+    """Accumulate the gradient of the loss `loss_fn(per_token_loss, micro_batch)` sums over `batches` through the
+    pipeline schedule (gradient accumulation alone at pp=1); returns this rank's share of the loss (0 off the last
+    stage). The data-parallel gradient sync of `buffers` is off until the last backward (overlap starts there)."""
     chunks = model_chunks(model)
     batches = [as_micro_batch(batch) for batch in batches]
     buffers.disable_grad_sync()
-    losses = run_schedule(chunks, batches, loss_fn or (lambda per_token_loss, _: per_token_loss.sum()
-                                                       / tokens_in_global_batch),
-                          forward_step=llama_forward_step, **schedule_shapes(chunks, batches),
-                          scale_loss=optimizer.scale_loss, before_last_backward=buffers.enable_grad_sync)
+    losses = run_schedule(chunks, batches, loss_fn, forward_step=llama_forward_step,
+                          **schedule_shapes(chunks, batches), scale_loss=optimizer.scale_loss,
+                          before_last_backward=buffers.enable_grad_sync)
     buffers.enable_grad_sync()
     if losses:
         return torch.stack(losses).sum()
     return torch.zeros((), dtype=torch.float32, device=next(chunks[0].parameters()).device)
 
 
-def loss_token_count(batches: Iterable, device: torch.device) -> int:
-    """Labels that are not IGNORE_INDEX in the global batch: this rank's micro-batches, summed over data-parallel
-    ranks (every tensor and pipeline rank holds the labels, so each computes the same count)."""
-    count = torch.zeros(1, dtype=torch.int64, device=device)
-    for batch in batches:
-        count += (as_micro_batch(batch)["labels"] != IGNORE_INDEX).sum().to(device)  # summed on the device: one sync
-    comm.all_reduce(count, parallel_state.get_data_parallel_group())
-    return int(count.item())
-
-
-def reduce_loss_across_ranks(loss: torch.Tensor) -> torch.Tensor:
+def reduce_loss_across_ranks(loss: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
     """The last stage's loss copied to every stage, then the data-parallel shares summed (in place; returned)."""
     broadcast_from_last_stage(loss)
-    return comm.all_reduce(loss, parallel_state.get_data_parallel_group())
+    return comm.all_reduce(loss, layout.data_group)
 
 
 def train_step(model: nn.Module, optimizer: TrainingOptimizer, batches: Iterable, lr: float,
-               tokens_in_global_batch: int, buffers: DataParallelBuffers,
-               compute_timer: ComputeTimer | None = None, loss_fn: Callable | None = None) -> tuple[float, StepOutcome]:
+               buffers: DataParallelBuffers, loss_fn: Callable[[torch.Tensor, dict], torch.Tensor],
+               layout: ParallelLayout, compute_timer: ComputeTimer | None = None) -> tuple[float, StepOutcome]:
     """One optimizer update: zero grads, accumulate over the micro-batches, finalize grads, step.
-    Returns (global-batch mean loss, outcome), equal on every rank. `compute_timer` measures the forward and
+    Returns (global-batch loss, outcome), equal on every rank. `compute_timer` measures the forward and
     backward (not the wait for the other ranks' gradients that follows); `loss_fn`: forward_backward's."""
     optimizer.zero_grad()
     with compute_timer.measure() if compute_timer is not None else contextlib.nullcontext():
-        loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers, loss_fn)
+        loss = forward_backward(model, optimizer, batches, buffers, loss_fn)
     finalize_model_grads(model, buffers)
-    loss = reduce_loss_across_ranks(loss)
+    loss = reduce_loss_across_ranks(loss, layout)
     outcome = optimizer.step(lr)
     return float(loss), outcome
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable) -> float:
-    """Mean per-token loss over `batches` (each data-parallel rank's own), taken over all data-parallel ranks."""
-    chunks = model_chunks(model)
-    batches = [as_micro_batch(batch) for batch in batches]
-    was_training = model.training
-    model.eval()
-    losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.double().sum(),
-                          forward_step=llama_forward_step, **schedule_shapes(chunks, batches), forward_only=True)
-    model.train(was_training)
-    device = next(chunks[0].parameters()).device
-    loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float64, device=device)
-    token_count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
-    totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=device)])
-    broadcast_from_last_stage(totals[:1])
-    comm.all_reduce(totals, parallel_state.get_data_parallel_group())
-    return float(totals[0] / totals[1])
-
-
 def stop_agreed(requested: bool, device: torch.device) -> bool:
     """True on every rank when any rank asks to stop (a signal reaches each process at its own moment)."""
-    return comm.any_rank_true(requested, dist.group.WORLD if dist.is_initialized() else None, device)
+    return comm.any_rank_true(requested, world.world_group(), device)
 
 
-def eval_batches(dataset, setup: TrainingSetup) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(dataset, config: RunConfig, layout: ParallelLayout,
+                 device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """The same --eval-iters global batches from the start of `dataset` at every evaluation (comparable curves)."""
-    count = setup.eval_iters * setup.global_batch_size
+    eval_iters, global_batch = config.logging.eval_iters, config.training.global_batch_size
+    count = eval_iters * global_batch
     if len(dataset) < count:
         raise ValueError(f"the evaluation set holds {len(dataset)} samples, fewer than --eval-iters "
-                         f"{setup.eval_iters} x global batch {setup.global_batch_size} = {count}")
-    sampler = PretrainingSampler(count, 0, setup.micro_batch_size, setup.data_parallel_rank, setup.data_parallel_size)
-    return micro_batches(dataset, sampler, setup.device)
+                         f"{eval_iters} x global batch {global_batch} = {count}")
+    sampler = PretrainingSampler(count, 0, config.training.micro_batch_size, layout.data_rank, layout.data_size)
+    return micro_batches(dataset, sampler, device)
 
 
 def _diverged(loss: float, outcome: StepOutcome, optimizer: TrainingOptimizer) -> bool:
@@ -234,27 +167,23 @@ def check_parameters_finite(model: nn.Module, iteration: int, device: torch.devi
     named = list(model.named_parameters())
     finite = torch.stack([torch.isfinite(param).all() for _, param in named]).tolist() if named else []
     bad = [name for (name, _), ok in zip(named, finite) if not ok]
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.group.WORLD if dist.is_initialized() else None
-    first = torch.tensor([rank if bad else comm.group_size(world)], dtype=torch.int64, device=device)
-    comm.all_reduce(first, world, op=dist.ReduceOp.MIN)
-    if int(first.item()) == comm.group_size(world):
+    rank, group = world.world_rank(), world.world_group()
+    size = comm.group_size(group)
+    # the largest of (size - rank) over the ranks holding one is the first of them; 0 when none does
+    first = torch.tensor([size - rank if bad else 0], dtype=torch.int64, device=device)
+    comm.all_reduce_max(first, group)
+    if int(first.item()) == 0:
         return
+    first_rank = size - int(first.item())
     name = torch.zeros(_NAME_CHARACTERS, dtype=torch.int64, device=device)
-    if rank == int(first.item()):
+    if rank == first_rank:
         codes = [ord(character) for character in bad[0][:_NAME_CHARACTERS]]
         name[:len(codes)] = torch.tensor(codes, dtype=torch.int64)
-    comm.all_reduce(name, world)
+    comm.all_reduce(name, group)
     shown = "".join(chr(code) for code in name.tolist() if code)
-    raise TrainingDiverged(f"iteration {iteration}: parameter {shown} (rank {int(first.item())}) holds NaN/Inf after "
+    raise TrainingDiverged(f"iteration {iteration}: parameter {shown} (rank {first_rank}) holds NaN/Inf after "
                            f"the update, though the loss and gradient norm were finite; "
                            f"{_stopped_without_saving(last_saved)}")
-
-
-def _save_if_finite(model: nn.Module, setup: TrainingSetup, progress: TrainingProgress, last_saved: int | None):
-    setup.buffers.finish_param_sync()  # the distributed optimizer's updated parameters may still be gathering
-    check_parameters_finite(model, progress.iteration, setup.device, last_saved)
-    setup.save(progress)
 
 
 class _IntervalMeter:
@@ -280,68 +209,76 @@ class _IntervalMeter:
         self.started += time.perf_counter() - since
 
 
-def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningRateSchedule,
-          progress: TrainingProgress,
-          setup: TrainingSetup, train_dataset, logger: MetricsLogger, valid_dataset=None, test_dataset=None) -> str:
-    """Run iterations progress.iteration + 1 .. setup.train_iters; returns why it stopped."""
+def train(run: Run, objective: Objective, config: RunConfig, layout: ParallelLayout, progress: TrainingProgress,
+          datasets: Datasets, logger: MetricsLogger, *, checkpointer=None,
+          stop_requested: Callable[[], bool] | None = None, profiler: StepProfiler | None = None) -> str:
+    """Run iterations progress.iteration + 1 .. --train-iters; returns why it stopped. `checkpointer`: the run's
+    checkpoint/checkpointer.Checkpointer (None: nothing is saved); `stop_requested`: e.g. a SIGTERM was received."""
+    model, optimizer, device = run.model, run.optimizer, run.device
+    training, logging = config.training, config.logging
     model.train()
-    sampler = PretrainingSampler(len(train_dataset), progress.consumed_train_samples, setup.micro_batch_size,
-                                 setup.data_parallel_rank, setup.data_parallel_size)
-    batches = micro_batches(train_dataset, sampler, setup.device)
-    tokens_in_global_batch = setup.global_batch_size * setup.seq_length
-    meter = _IntervalMeter(progress.consumed_train_samples, setup.device)
+    sampler = PretrainingSampler(len(datasets.train), progress.consumed_train_samples, training.micro_batch_size,
+                                 layout.data_rank, layout.data_size)
+    batches = micro_batches(datasets.train, sampler, device)
+    meter = _IntervalMeter(progress.consumed_train_samples, device)
+    saving = checkpointer is not None and checkpointer.enabled
     last_saved = progress.iteration if progress.iteration > 0 else None  # a resumed iteration is already on disk
     last_evaluated = None
-    if setup.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(setup.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def save():
+        run.buffers.finish_param_sync()  # the distributed optimizer's updated parameters may still be gathering
+        check_parameters_finite(model, progress.iteration, device, last_saved)
+        checkpointer.save(progress.iteration, progress.consumed_train_samples)
+
     reason = "finished"
-    while progress.iteration < setup.train_iters:
+    while progress.iteration < training.train_iters:
         iteration = progress.iteration + 1
-        step_batches = [next(batches) for _ in range(setup.num_micro_batches)]
-        lr = lr_schedule.lr_at(iteration)
-        if setup.count_loss_tokens:
-            tokens_in_global_batch = loss_token_count(step_batches, setup.device)
-        if setup.profiler is not None:
-            setup.profiler.step_begins(iteration)
-        if setup.dpo is not None:
-            step_batches = setup.dpo.with_reference(step_batches)
-        loss, outcome = train_step(model, optimizer, step_batches, lr, tokens_in_global_batch, setup.buffers,
-                                   meter.compute_timer, setup.dpo.loss_fn if setup.dpo is not None else None)
+        lr = run.lr_schedule.lr_at(iteration)
+        step_batches = objective.prepare([next(batches) for _ in range(config.num_micro_batches)])
+        if profiler is not None:
+            profiler.step_begins(iteration)
+        loss, outcome = train_step(model, optimizer, step_batches, lr, run.buffers, objective.loss_fn, layout,
+                                   meter.compute_timer)
         if _diverged(loss, outcome, optimizer):
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
                                    f"finite; {_stopped_without_saving(last_saved)}")
         progress.iteration = iteration
-        progress.consumed_train_samples += setup.global_batch_size
+        progress.consumed_train_samples += training.global_batch_size
         progress.skipped_iterations += int(outcome.skipped)
         meter.add(loss, outcome.skipped)
-        if iteration % setup.log_interval == 0:
-            _log_train(logger, progress, setup, meter, lr, outcome, optimizer, train_dataset,
-                       setup.dpo.metrics(setup.device) if setup.dpo is not None else {})
+        if iteration % logging.log_interval == 0:
+            _log_train(logger, progress, config, meter, lr, outcome, optimizer, datasets.train, device,
+                       objective.metrics(device))
             meter.reset(progress.consumed_train_samples)
-        if _due(iteration, setup.eval_interval) and setup.eval_iters > 0 and valid_dataset is not None:
+        if (_due(iteration, logging.eval_interval) and logging.eval_iters > 0
+                and datasets.valid is not None):
             since = time.perf_counter()
-            _log_eval(logger, "valid", iteration, _evaluation(model, valid_dataset, setup))
+            _log_eval(logger, "valid", iteration, objective.evaluate(
+                model, list(eval_batches(datasets.valid, config, layout, device)), device))
             last_evaluated = iteration
             meter.exclude(since)
-        if setup.save is not None and _due(iteration, setup.save_interval):
+        if saving and checkpointer.is_due(iteration):
             since = time.perf_counter()
-            _save_if_finite(model, setup, progress, last_saved)
+            save()
             last_saved = iteration
             meter.exclude(since)
-        if _due(iteration, setup.exit_interval):
-            reason = f"--exit-interval {setup.exit_interval} reached"
+        if _due(iteration, config.checkpoint.exit_interval):
+            reason = f"--exit-interval {config.checkpoint.exit_interval} reached"
             break
-        if setup.stop_requested is not None and stop_agreed(setup.stop_requested(), setup.device):
+        if stop_requested is not None and stop_agreed(stop_requested(), device):
             reason = "exit signal received"
             break
-    if setup.profiler is not None:
-        setup.profiler.finish()
-    if reason == "finished" and setup.eval_iters > 0:
-        for kind, dataset in (("valid", valid_dataset), ("test", test_dataset)):
+    if profiler is not None:
+        profiler.finish()
+    if reason == "finished" and logging.eval_iters > 0:
+        for kind, dataset in (("valid", datasets.valid), ("test", datasets.test)):
             if dataset is not None and not (kind == "valid" and last_evaluated == progress.iteration):
-                _log_eval(logger, kind, progress.iteration, _evaluation(model, dataset, setup))
-    if setup.save is not None and last_saved != progress.iteration:
-        _save_if_finite(model, setup, progress, last_saved)
+                _log_eval(logger, kind, progress.iteration, objective.evaluate(
+                    model, list(eval_batches(dataset, config, layout, device)), device))
+    if saving and last_saved != progress.iteration:
+        save()
     logger.print(f"training stopped at iteration {progress.iteration}: {reason}")
     return reason
 
@@ -354,44 +291,36 @@ def rank_step_time_range(seconds_per_iteration: float, device: torch.device) -> 
     """The least and the most of every rank's `seconds_per_iteration` (one all-reduce over all ranks; call on every
     rank)."""
     both = torch.tensor([seconds_per_iteration, -seconds_per_iteration], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        comm.all_reduce(both, dist.group.WORLD, op=dist.ReduceOp.MAX)
+    comm.all_reduce_max(both, world.world_group())
     return {"rank_step_time_min_s": -float(both[1]), "rank_step_time_max_s": float(both[0])}
 
 
-def _log_train(logger: MetricsLogger, progress: TrainingProgress, setup: TrainingSetup, meter: _IntervalMeter, lr: float,
-               outcome: StepOutcome, optimizer: TrainingOptimizer, train_dataset, extra: dict):
-    """The interval's training record (with `extra` fields, e.g. DPO's rewards); every rank calls it (the step-time
-    range is reduced over all ranks)."""
+def _log_train(logger: MetricsLogger, progress: TrainingProgress, config: RunConfig, meter: _IntervalMeter,
+               lr: float, outcome: StepOutcome, optimizer: TrainingOptimizer, train_dataset, device: torch.device,
+               extra: dict):
+    """The interval's training record (with the objective's `extra` fields); every rank calls
+    it (the step-time range is reduced over all ranks)."""
+    training = config.training
     elapsed = time.perf_counter() - meter.started
     iterations = max(meter.iterations, 1)
     step_time = elapsed / iterations
-    tokens_per_s_per_gpu = setup.global_batch_size * setup.seq_length / step_time / setup.world_size
+    tokens_per_s_per_gpu = (training.global_batch_size * training.seq_length / step_time
+                            / config.parallel.world_size)
     record = {
         "kind": "train", "iteration": progress.iteration, "consumed_samples": progress.consumed_train_samples,
         "loss": meter.loss_sum / meter.applied if meter.applied else None, "lr": lr, "grad_norm": outcome.grad_norm,
         "loss_scale": optimizer.loss_scale, "skipped_iterations": progress.skipped_iterations,
         "step_time_s": step_time, "tokens_per_s_per_gpu": tokens_per_s_per_gpu,
-        "mfu": model_flops_utilization(setup.flops_per_token, tokens_per_s_per_gpu),
-        "peak_mem_gib": peak_memory_gib(setup.device),
-        **rank_step_time_range(meter.compute_timer.take() / iterations, setup.device), **extra,
+        "mfu": model_flops_utilization(config.model.flops_per_token(training.seq_length), tokens_per_s_per_gpu),
+        "peak_mem_gib": peak_memory_gib(device),
+        **rank_step_time_range(meter.compute_timer.take() / iterations, device), **extra,
     }
     if hasattr(train_dataset, "samples_per_dataset"):  # a blend of several datasets
         record["samples_per_dataset"] = train_dataset.samples_per_dataset(meter.first_sample,
                                                                           progress.consumed_train_samples)
-    if setup.log_memory:
-        record.update(memory_statistics(setup.device))
+    if config.logging.log_memory_to_tensorboard:
+        record.update(memory_statistics(device))
     logger.log(record)
-
-
-def _evaluation(model: nn.Module, dataset, setup: TrainingSetup) -> dict[str, float]:
-    """The evaluation record's values on --eval-iters global batches of `dataset`: the loss and its perplexity, or
-    with DPO the DPO loss and the reward metrics (dpo.DPOObjective.evaluate)."""
-    batches = list(eval_batches(dataset, setup))
-    if setup.dpo is not None:
-        return setup.dpo.evaluate(model, batches, setup.device)
-    loss = evaluate(model, batches)
-    return {"loss": loss, "perplexity": perplexity(loss)}
 
 
 def _log_eval(logger: MetricsLogger, kind: str, iteration: int, values: dict[str, float]):

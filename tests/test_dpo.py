@@ -11,11 +11,12 @@ from megatron_llama.data.chat_template import get_chat_template
 from megatron_llama.data.preference_dataset import PreferenceDataError, PreferenceDataset, encode_answer, parse_pair
 from megatron_llama.data.tokenizer import build_tokenizer
 from megatron_llama.data_loader import collate
-from megatron_llama.dpo import DPOObjective
 from megatron_llama.hf_conversion import save_hf_checkpoint, to_hf_state_dict
 from megatron_llama.model.llama import build_model
+from megatron_llama.objectives.dpo import DPOObjective
 from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import forward_backward
 from test_hf_conversion import BASE, write_tokenizer  # tests/ is on sys.path under pytest
 from test_model import sharpen_
@@ -89,9 +90,10 @@ def our_first_step(tmp_path, tokenizer, policy, reference, loss_type: str, beta:
     buffers = DataParallelBuffers(policy)
     optimizer, _ = build_optimizer(policy, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                    clip_grad=0.0)
-    objective = DPOObjective(reference, beta, loss_type, pairs_in_global_batch=len(PAIRS))
+    objective = DPOObjective(ParallelLayout.single_process(), reference, beta, loss_type,
+                             pairs_in_global_batch=len(PAIRS))
     optimizer.zero_grad()
-    loss = forward_backward(policy, optimizer, objective.with_reference(batches), 0, buffers, objective.loss_fn)
+    loss = forward_backward(policy, optimizer, objective.prepare(batches), buffers, objective.loss_fn)
     grads = {name: param.main_grad.clone() for name, param in policy.named_parameters()}
     return float(loss), to_hf_state_dict(CONFIG, grads), objective.metrics(torch.device("cpu"))
 

@@ -34,6 +34,8 @@ from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer
 from megatron_llama.parallel import state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.grad_finalize import finalize_model_grads
+from megatron_llama.objectives.language_model import token_mean_loss
+from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import train_step
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -323,8 +325,9 @@ def llama_steps_until_one_is_clean(model, loss_scaler, max_steps: int = 12):
     steps = []
     for _ in range(max_steps):
         scale = optimizer.loss_scale
-        loss, outcome = train_step(model, optimizer, batches, lr=LR, tokens_in_global_batch=TOKENS[:, 1:].numel(),
-                                   buffers=buffers)
+        loss, outcome = train_step(model, optimizer, batches, lr=LR, buffers=buffers,
+                                   loss_fn=token_mean_loss(TOKENS[:, 1:].numel()),
+                                   layout=ParallelLayout.single_process())
         steps.append((loss, outcome.grad_norm, outcome.skipped, scale))
         if not outcome.skipped:
             return optimizer, steps

@@ -17,6 +17,8 @@ from megatron_llama.optim.distributed_optimizer import DistributedOptimizer
 from megatron_llama.optim.optimizer import weight_decay_groups
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.grad_finalize import finalize_model_grads
+from megatron_llama.objectives.language_model import token_mean_loss
+from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import train_step
 
 
@@ -202,8 +204,9 @@ def train_steps(model, buffers, optimizer, steps: int) -> list[tuple[float, floa
     batches = [(TOKENS[:2, :-1], TOKENS[:2, 1:]), (TOKENS[2:, :-1], TOKENS[2:, 1:])]
     results = []
     for _ in range(steps):
-        loss, outcome = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=TOKENS[:, 1:].numel(),
-                                   buffers=buffers)
+        loss, outcome = train_step(model, optimizer, batches, lr=1e-2, buffers=buffers,
+                                   loss_fn=token_mean_loss(TOKENS[:, 1:].numel()),
+                                   layout=ParallelLayout.single_process())
         results.append((loss, outcome.grad_norm))
     return results
 

@@ -21,7 +21,9 @@ from megatron_llama.model.llama import build_model
 from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.pretrain import EXIT_BAD_DATA, main
-from megatron_llama.training import loss_token_count, train_step
+from megatron_llama.objectives.language_model import loss_token_count, token_mean_loss
+from megatron_llama.parallel.state import ParallelLayout
+from megatron_llama.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "examples", "sft_sample.jsonl")  # outside examples/data, which the quickstart reads whole
@@ -155,9 +157,10 @@ def test_train_step_loss_is_the_masked_mean_cross_entropy_over_the_global_batch(
     optimizer, _ = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                    clip_grad=0.0)
     batches = [(tokens[:2], labels[:2]), (tokens[2:], labels[2:])]  # two micro-batches of unequal response counts
-    count = loss_token_count(batches, torch.device("cpu"))
+    count = loss_token_count(batches, ParallelLayout.single_process(), torch.device("cpu"))
     assert count == int((labels != -100).sum()) < labels.numel()
-    loss, _ = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=count, buffers=buffers)
+    loss, _ = train_step(model, optimizer, batches, lr=1e-2, buffers=buffers, loss_fn=token_mean_loss(count),
+                         layout=ParallelLayout.single_process())
 
     with torch.no_grad():
         logits = build_model(config, seed=7)(tokens).float()[..., :tokenizer.vocab_size]  # [b, s, V]

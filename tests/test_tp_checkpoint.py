@@ -18,7 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from megatron_llama.arguments import parse_args
 from megatron_llama.checkpointing import read_model_checkpoint
-from megatron_llama.data_loader import MockGPTDataset, collate
+from megatron_llama.data.mock_dataset import MockGPTDataset
+from megatron_llama.data_loader import collate
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.pretrain import find_resume_checkpoint, main
 from test_model import sharpen_

@@ -24,6 +24,8 @@ from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.pretrain import main
+from megatron_llama.objectives.language_model import token_mean_loss
+from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +157,8 @@ def test_gradient_accumulation_equals_one_big_batch():
                                        clip_grad=0.0)
         batches = [(tokens[i:i + micro_batch_size], labels[i:i + micro_batch_size])
                    for i in range(0, 4, micro_batch_size)]
-        loss, outcome = train_step(model, optimizer, batches, lr=1e-2, tokens_in_global_batch=4 * 16, buffers=buffers)
+        loss, outcome = train_step(model, optimizer, batches, lr=1e-2, buffers=buffers, loss_fn=token_mean_loss(4 * 16),
+                                   layout=ParallelLayout.single_process())
         results.append((loss, outcome.grad_norm, buffers.grad_buffer.clone()))
     (loss_a, norm_a, grads_a), (loss_b, norm_b, grads_b) = results
     with torch.no_grad():

@@ -34,6 +34,11 @@ def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tenso
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The elementwise maximum of `tensor` over `group`, in place; returned."""
+    return all_reduce(tensor, group, op=dist.ReduceOp.MAX)
+
+
 def all_gather_along(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenate every member's `tensor` along `dim`, in rank order. [.., n, ..] -> [.., n * size, ..]."""
     size = group_size(group)

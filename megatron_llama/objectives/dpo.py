@@ -17,18 +17,19 @@ The loss of a step is the mean over the global batch's pairs: each micro-batch a
 in the global batch), so gradient accumulation and the data-parallel sum give the mean, at any (tp, pp, dp).
 
 The reference policy is a second, frozen copy of this rank's chunks holding the weights of --dpo-reference (by
-default the model as loaded with --load ... --finetune; pretrain.dpo_reference_folder).
+default the model as loaded with --load ... --finetune; checkpoint.dpo_reference_folder).
 Before a step's forward-backward it runs the same micro-batches forward only, through the same pipeline schedule
 (or, with --dpo-precompute-reference, every pair's reference log-probabilities are computed once before training,
 precompute_reference_logps, the reference copy is freed, and the micro-batches carry them):
 
-    objective = DPOObjective(reference_model, beta=0.1, loss_type="sigmoid", pairs_in_global_batch=G)
-    batches = objective.with_reference(batches)          # adds "reference_logps" [2b] on the last stage
+    objective = DPOObjective(layout, reference_model, beta=0.1, loss_type="sigmoid", pairs_in_global_batch=G)
+    batches = objective.prepare(batches)                 # adds "reference_logps" [2b] on the last stage
     run_schedule(chunks, batches, objective.loss_fn, ...)
     objective.metrics()                                  # means since the last call; every rank calls it
 
-    dataset.reference_logps = precompute_reference_logps(reference_model, dataset, pairs_per_micro_batch, device)
-    objective = DPOObjective(None, ...)                  # --dpo-precompute-reference: the samples carry them
+    dataset.reference_logps = precompute_reference_logps(reference_model, dataset, pairs_per_micro_batch, layout,
+                                                         device)
+    objective = DPOObjective(layout, None, ...)                 # --dpo-precompute-reference: the samples carry them
 
 The step's loss is logged as the run's loss; `metrics` gives the rewards of the chosen and rejected answers, the
 reward accuracy (how often the chosen reward is the larger) and margin (chosen - rejected), averaged over the pairs
@@ -41,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_llama.data_loader import collate_micro_batch
+from megatron_llama.data_loader import as_micro_batch, collate_micro_batch
 from megatron_llama.model.stage_model import llama_forward_step, model_chunks, schedule_shapes
-from megatron_llama.parallel import comm, state as parallel_state
+from megatron_llama.objectives.base import Objective
+from megatron_llama.parallel import comm
 from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.pipeline import broadcast_from_last_stage, run_schedule
+from megatron_llama.parallel.state import ParallelLayout
 
 DPO_LOSSES = ("sigmoid", "ipo")
 PRECOMPUTE_MICRO_BATCHES = 32  # micro-batches per forward-only schedule run while precomputing the reference
@@ -91,14 +94,14 @@ def frozen_chunks(reference_model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def precompute_reference_logps(reference_model: nn.Module, dataset, pairs_per_micro_batch: int,
-                               device: torch.device) -> np.ndarray:
+                               layout: ParallelLayout, device: torch.device) -> np.ndarray:
     """Every pair's reference log-probabilities, [pairs, 2] float32 (chosen, rejected), on every rank: each
     data-parallel rank runs its share of the pairs through the pipeline (forward only), then the shares are summed.
     `dataset`: a PreferenceDataset (its pair_sample)."""
     chunks = frozen_chunks(reference_model)
     pairs = len(dataset.pairs)
     table = torch.zeros(pairs, 2, dtype=torch.float32, device=device)
-    mine = list(range(parallel_state.get_data_parallel_rank(), pairs, parallel_state.get_data_parallel_world_size()))
+    mine = list(range(layout.data_rank, pairs, layout.data_size))
     groups = [mine[start:start + pairs_per_micro_batch] for start in range(0, len(mine), pairs_per_micro_batch)]
     for first in range(0, len(groups), PRECOMPUTE_MICRO_BATCHES):
         window = groups[first:first + PRECOMPUTE_MICRO_BATCHES]
@@ -108,26 +111,27 @@ def precompute_reference_logps(reference_model: nn.Module, dataset, pairs_per_mi
         for group, logps in zip(window, _reference_log_probs(chunks, batches)):
             table[group] = logps.view(-1, 2)[:len(group)]  # [2b] -> [b, 2]
     broadcast_from_last_stage(table)
-    comm.all_reduce(table, parallel_state.get_data_parallel_group())
+    comm.all_reduce(table, layout.data_group)
     return table.cpu().numpy()
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     """The schedule's loss function for preference pairs, its frozen reference chunks (None when the micro-batches
     carry precomputed "reference_logps") and its running metrics."""
 
-    def __init__(self, reference_model: nn.Module | None, beta: float, loss_type: str, pairs_in_global_batch: int):
+    def __init__(self, layout: ParallelLayout, reference_model: nn.Module | None, beta: float, loss_type: str,
+                 pairs_in_global_batch: int):
         if loss_type not in DPO_LOSSES:
             raise ValueError(f"unknown DPO loss {loss_type!r} (--dpo-loss); choose one of {', '.join(DPO_LOSSES)}")
         self.reference_chunks = frozen_chunks(reference_model) if reference_model is not None else None
-        self.beta, self.loss_type, self.pairs_in_global_batch = beta, loss_type, pairs_in_global_batch
+        self.layout, self.beta, self.loss_type, self.pairs_in_global_batch = layout, beta, loss_type, pairs_in_global_batch
         self._sums = None  # [pairs, *METRICS] summed over this rank's micro-batches since the last metrics()
 
     @torch.no_grad()
-    def with_reference(self, batches: list) -> list[dict]:
+    def prepare(self, batches: list) -> list[dict]:
         """The micro-batches as dicts, each with its rows' reference log-probabilities ("reference_logps" [2b]) on
         the last pipeline stage, where the loss is computed (other stages get the dicts unchanged)."""
-        batches = [batch if isinstance(batch, dict) else {"tokens": batch[0], "labels": batch[1]} for batch in batches]
+        batches = [as_micro_batch(batch) for batch in batches]
         if self.reference_chunks is None:
             if not all("reference_logps" in batch for batch in batches):
                 raise ValueError("the DPO reference was precomputed, but a micro-batch carries no reference_logps")
@@ -155,7 +159,7 @@ class DPOObjective:
         """Means over the pairs of every data-parallel rank since the last call (METRICS); a collective: every rank
         calls it at the same iteration."""
         sums, self._sums = self._sums, None
-        return _means_over_ranks(sums, device, METRICS)
+        return _means_over_ranks(sums, self.layout, device, METRICS)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[dict], device: torch.device) -> dict[str, float]:
@@ -164,7 +168,7 @@ class DPOObjective:
         chunks = model_chunks(model)
         was_training = model.training
         model.eval()
-        batches = self.with_reference(batches)
+        batches = self.prepare(batches)
 
         def pair_sums(per_token_loss: torch.Tensor, micro_batch: dict) -> torch.Tensor:
             losses, sums = self._pair_losses(per_token_loss, micro_batch)
@@ -173,14 +177,16 @@ class DPOObjective:
         sums = run_schedule(chunks, batches, pair_sums, forward_step=llama_forward_step,
                             **schedule_shapes(chunks, batches), forward_only=True)
         model.train(was_training)
-        return _means_over_ranks(torch.stack(sums).sum(dim=0) if sums else None, device, ("loss", *METRICS))
+        return _means_over_ranks(torch.stack(sums).sum(dim=0) if sums else None, self.layout, device,
+                                 ("loss", *METRICS))
 
 
-def _means_over_ranks(sums: torch.Tensor | None, device: torch.device, names: tuple[str, ...]) -> dict[str, float]:
+def _means_over_ranks(sums: torch.Tensor | None, layout: ParallelLayout, device: torch.device,
+                      names: tuple[str, ...]) -> dict[str, float]:
     """Sums [pairs, *names] of the last stage (None elsewhere, or with no pair) -> each name's mean over the pairs
     of every data-parallel rank; a collective of the pipeline and data-parallel groups."""
     sums = sums.double() if sums is not None else torch.zeros(1 + len(names), dtype=torch.float64, device=device)
     broadcast_from_last_stage(sums)
-    comm.all_reduce(sums, parallel_state.get_data_parallel_group())
+    comm.all_reduce(sums, layout.data_group)
     pairs = max(float(sums[0]), 1.0)
     return {name: float(value) / pairs for name, value in zip(names, sums[1:].tolist())}
