@@ -9,9 +9,10 @@ mean 435 tokens, and 2% are cut to 2,048. Each record's last 60% is its answer (
 - packed: whole records one after another while they fit (data/packing.pack_greedily; --sft-packing), each row
   carrying document ids and positions, so attention stays inside each record;
 - dpo: pairs (two records sharing a prompt), a chosen and a rejected row each, padded; the step runs the frozen
-  reference forward and the policy forward-backward (dpo.DPOObjective), as `--dpo` does.
+  reference forward and the policy forward-backward (objectives/dpo.DPOObjective), as `--dpo` does.
 
-Every mode runs the trainer's step (training.train_step: fp32 main grads, AdamW over fp32 masters) on micro-batches
+Every mode runs the trainer's assembly and step (assembly.build_run, training.train_step: fp32 main grads, AdamW over
+fp32 masters) and objectives on micro-batches
 of --mbs rows, --accum per step, and reports useful tokens/s: the non-padding tokens of the rows (for DPO, of both
 rows of each pair) per second. --attention-kernels also times the candidate kernels for packed rows alone
 (forward + backward of one layer's attention): torch SDPA with a boolean mask, what the sdpa backend runs for packed
@@ -34,15 +35,16 @@ import numpy as np
 import torch
 from model_shape import add_model_shape_arguments, model_config
 
+from megatron_llama.assembly import build_run, build_stage_model
+from megatron_llama.config import RunConfig, TrainingConfig
 from megatron_llama.data.packing import pack_greedily, positions_within_documents
-from megatron_llama.dpo import DPOObjective
 from megatron_llama.model.attention import document_causal_mask, grouped_sdpa, sdpa_attention
-from megatron_llama.model.compile import compile_blocks, default_on_cuda
-from megatron_llama.model.llama import build_model
-from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.model.compile import default_on_cuda
+from megatron_llama.objectives.dpo import DPOObjective
+from megatron_llama.objectives.language_model import LanguageModelObjective
 from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
-from megatron_llama.parallel.data_parallel import DataParallelBuffers
-from megatron_llama.training import loss_token_count, train_step
+from megatron_llama.parallel.state import ParallelLayout
+from megatron_llama.training import train_step
 
 ANSWER_SHARE = 0.6  # the learned tail of each record
 ERROR_GROWTH_TOLERANCE = 1.25  # the packed-attention kernel's error against fp32 may exceed the masked kernel's by this
@@ -241,34 +243,34 @@ def main(argv=None):
             "dpo": dpo_rows(lengths, args, rng)}
     if args.attention_kernels:
         time_attention_kernels(args, rows["packed"], device, dtype)
-    config = model_config(args, max_position_embeddings=args.seq)
-    model = build_model(config, seed=0, device=device, dtype=dtype)
-    compile_blocks(model, enabled=default_on_cuda(None, device))
-    model.fuse_cross_entropy = True
-    buffers = DataParallelBuffers(model)
-    optimizer, _ = build_optimizer(model, buffers, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                                   clip_grad=1.0)
+    config = RunConfig(model=model_config(args, max_position_embeddings=args.seq),
+                       training=TrainingConfig(micro_batch_size=args.mbs, global_batch_size=args.mbs * args.accum,
+                                               seq_length=args.seq, lr=1e-5, adam_beta2=0.95, weight_decay=0.0,
+                                               clip_grad=1.0, precision="bf16" if dtype == torch.bfloat16 else "fp32",
+                                               device=device.type, seed=0,
+                                               compile_blocks=default_on_cuda(None, device),
+                                               cross_entropy_loss_fusion=True))
+    layout = ParallelLayout.single_process()
+    run = build_run(config, layout, device)  # the trainer's own assembly
     seconds = {}
     for mode in args.modes:
         batches, useful = micro_batches(rows[mode], args, device)
-        learned = loss_token_count(batches, device)
-        loss_fn = None
         if mode == "dpo":
-            reference = build_model(config, seed=0, device=device, dtype=dtype)
-            compile_blocks(reference, enabled=default_on_cuda(None, device))
-            reference.fuse_cross_entropy = True
-            objective = DPOObjective(reference, beta=0.1, loss_type="sigmoid",
+            reference, _ = build_stage_model(config, layout, device)
+            objective = DPOObjective(layout, reference, beta=0.1, loss_type="sigmoid",
                                      pairs_in_global_batch=args.mbs * args.accum // 2)
-            loss_fn = objective.loss_fn
+        else:
+            objective = LanguageModelObjective(layout, args.mbs * args.accum, args.seq, count_loss_tokens=True,
+                                               device=device)
 
         def step():
-            step_batches = objective.with_reference(batches) if mode == "dpo" else batches
-            train_step(model, optimizer, step_batches, lr=1e-5, tokens_in_global_batch=learned, buffers=buffers,
-                       loss_fn=loss_fn)
+            train_step(run.model, run.optimizer, objective.prepare(batches), lr=1e-5, buffers=run.buffers,
+                       loss_fn=objective.loss_fn, layout=layout)
 
         seconds[mode] = timed_steps(step, args.steps, args.warmup, device)
         if mode == "dpo":
-            del reference, objective
+            del reference
+        del objective
         rows_in_step = args.mbs * args.accum
         print("RESULT", json.dumps(dict(
             mode=mode, layers=args.layers, seq=args.seq, rows_per_step=rows_in_step,

@@ -1,6 +1,6 @@
 """Throughput of our training step on one device: tokens/s, MFU and peak memory.
 
-The step is exactly the trainer's (megatron_llama.training.train_step): bf16 model weights, fp32
+The step is exactly the trainer's (assembly.build_run, then training.train_step): bf16 model weights, fp32
 main grads accumulated over the micro-batches, fp32 master params in AdamW (apex FusedAdam when it
 imports, else torch's fused AdamW), global-norm clipping, on random tokens. MFU = tokens/s/GPU x
 ModelConfig.flops_per_token(seq) / 989e12 (docs/performance.md). The RESULT line has the fields of
@@ -32,12 +32,14 @@ import time
 import torch
 from model_shape import add_model_shape_arguments, model_config
 
+from megatron_llama.assembly import build_run
+from megatron_llama.config import RunConfig, TrainingConfig
 from megatron_llama.metrics import model_flops_utilization, peak_memory_gib
 from megatron_llama.model.compile import compile_blocks, default_on_cuda
 from megatron_llama.model.llama import build_model
-from megatron_llama.optim.builder import build_optimizer
-from megatron_llama.parallel.data_parallel import DataParallelBuffers
+from megatron_llama.objectives.language_model import token_mean_loss
 from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
+from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import train_step
 
 
@@ -151,32 +153,37 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         props = torch.cuda.get_device_properties(device)
         print("gpu", props.name, props.total_memory // 2**20, "MiB", "torch", torch.__version__, flush=True)
-    config = model_config(args, max_position_embeddings=args.seq, num_query_groups=args.query_groups,
-                          attention_backend=args.attention_backend)
-    model = build_model(config, seed=0, device=device, dtype=dtype)
-    model.train()
     fusions = (default_on_cuda(args.compile_blocks, device), not args.unfused_cross_entropy,
                default_on_cuda(args.gradient_accumulation_fusion, device))
-    set_fusions(model, *fusions)
-    buffers = DataParallelBuffers(model)  # dp=1: the fp32 main grads, nothing communicated
-    optimizer, description = build_optimizer(model, buffers, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                                             clip_grad=1.0)
+    config = RunConfig(
+        model=model_config(args, max_position_embeddings=args.seq, num_query_groups=args.query_groups,
+                           attention_backend=args.attention_backend),
+        training=TrainingConfig(micro_batch_size=args.mbs, global_batch_size=args.mbs * args.accum,
+                                seq_length=args.seq, lr=1e-4, adam_beta2=0.95, weight_decay=0.1, clip_grad=1.0,
+                                precision="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type, seed=0,
+                                compile_blocks=fusions[0], cross_entropy_loss_fusion=fusions[1],
+                                gradient_accumulation_fusion=fusions[2]))
+    layout = ParallelLayout.single_process()  # dp=1: the fp32 main grads, nothing communicated
+    run = build_run(config, layout, device)  # the trainer's own assembly
+    model, optimizer, buffers = run.model, run.optimizer, run.buffers
+    model.train()
+    description = run.optimizer_description
     print(description, flush=True)
     generator = torch.Generator(device=device).manual_seed(0)
     tokens_in_step = args.accum * args.mbs * args.seq
+    loss_fn = token_mean_loss(tokens_in_step)
 
     def step() -> float:
         batches = []
         for _ in range(args.accum):
             text = torch.randint(0, args.vocab, (args.mbs, args.seq + 1), device=device, generator=generator)
             batches.append((text[:, :-1], text[:, 1:]))  # [b, s + 1] -> inputs, labels [b, s]
-        loss, _ = train_step(model, optimizer, batches, lr=1e-4, tokens_in_global_batch=tokens_in_step,
-                             buffers=buffers)
+        loss, _ = train_step(model, optimizer, batches, lr=1e-4, buffers=buffers, loss_fn=loss_fn, layout=layout)
         return loss
 
     if device.type == "cuda" and any(fusions):
         text = torch.randint(0, args.vocab, (1, args.seq + 1), device=device, generator=generator)
-        check_fused_against_eager(model, optimizer, config, (text[:, :-1], text[:, 1:]), fusions)
+        check_fused_against_eager(model.chunks[0], optimizer, config.model, (text[:, :-1], text[:, 1:]), fusions)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -189,7 +196,7 @@ def main(argv=None):
         torch.cuda.synchronize(device)
     step_s = (time.perf_counter() - started) / args.steps
     tokens_per_s = tokens_in_step / step_s
-    flops_per_token = config.flops_per_token(args.seq)
+    flops_per_token = config.model.flops_per_token(args.seq)
     if args.profile and device.type == "cuda":
         profile_step(step)
     result = dict(impl="megatron_llama", mode=str(dtype).replace("torch.", ""), attention=args.attention_backend,
