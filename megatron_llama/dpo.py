@@ -17,7 +17,7 @@ The loss of a step is the mean over the global batch's pairs: each micro-batch a
 in the global batch), so gradient accumulation and the data-parallel sum give the mean, at any (tp, pp, dp).
 
 The reference policy is a second, frozen copy of this rank's chunks holding the weights of --dpo-reference (by
-default the model as loaded with --load ... --finetune; pretrain.dpo_reference_folder).
+default the model as loaded with --load ... --finetune; checkpoint.dpo_reference_folder).
 Before a step's forward-backward it runs the same micro-batches forward only, through the same pipeline schedule
 (or, with --dpo-precompute-reference, every pair's reference log-probabilities are computed once before training,
 precompute_reference_logps, the reference copy is freed, and the micro-batches carry them):

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import math
 import os
 import signal
@@ -54,10 +53,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_llama.arguments import ArgumentsError, parse_args
-from megatron_llama.async_save import AsyncCheckpointSaver
-from megatron_llama.checkpoint_files import set_aside_unpublished, tracker_path
-from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint, load_weights,
-                                          open_checkpoint, save_checkpoint, snapshot_checkpoint)
+from megatron_llama.checkpoint import (CheckpointError, Checkpointer, dpo_reference_folder, find_resume_checkpoint,
+                                       load_weights)
 from megatron_llama.config import RunConfig
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets, parse_data_path
 from megatron_llama.data.chat_template import get_chat_template
@@ -77,12 +74,13 @@ from megatron_llama.model.stage_model import StageModel, build_model_chunks
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.optim.builder import build_optimizer
-from megatron_llama.parallel import comm, state as parallel_state
+from megatron_llama.parallel import state as parallel_state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.state import ParallelLayout
+from megatron_llama.parallel.world import world_rank
 from megatron_llama.profiling import StepProfiler, trace_folder
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingProgress, train
 
@@ -106,57 +104,6 @@ def open_tokenizer(config: RunConfig):
     config.model = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
     config.data = dataclasses.replace(config.data, tokenizer_hash=tokenizer_hash(tokenizer))
     return tokenizer
-
-
-def _rank() -> int:
-    """This process's global rank, also before the default process group starts (torchrun's RANK)."""
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
-def find_resume_checkpoint(config: RunConfig, notes: list[str]) -> str | None:
-    """The iteration folder of --load this run starts from (checked against the run: checkpointing.check_resumable,
-    whose warnings join `notes`), or None. A --load folder that is also the --save folder means "resume in place":
-    the first rank sets aside the folders of unpublished iterations (an interrupted save; it prints what it moved),
-    and without a published checkpoint the run starts at iteration 0."""
-    load, save, step = config.checkpoint.load, config.checkpoint.save, config.checkpoint.ckpt_step
-    if load is None:
-        return None
-    if save is not None and os.path.abspath(save) == os.path.abspath(load):
-        if _rank() == 0:
-            for line in set_aside_unpublished(load, keep=step):
-                print(line, flush=True)
-        if step is None and not os.path.isfile(tracker_path(load)):
-            notes.append(f"no checkpoint published in {load} yet: starting from iteration 0")
-            return None
-    try:
-        folder, saved, meta = open_checkpoint(load, step)
-    except CheckpointError as error:
-        raise CheckpointError(f"--load {load}: {error}") from None
-    notes.extend(check_resumable(folder, saved, config, bool(meta.get("model_only"))))
-    return folder
-
-
-def dpo_reference_folder(config: RunConfig, resume_from: str | None) -> str | None:
-    """The iteration folder whose weights are a DPO run's frozen reference (None: the run's initial weights):
-    --dpo-reference; else the folder --load --finetune (or a model-only checkpoint) starts from; else, resuming a
-    DPO run, the reference its checkpoint records. CheckpointError when it cannot be known."""
-    if config.data.dpo_reference is not None:
-        reference = os.path.abspath(config.data.dpo_reference)
-        if os.path.isfile(tracker_path(reference)):  # a run's folder: its published iteration
-            reference = open_checkpoint(reference)[0]
-        return reference
-    if resume_from is None:
-        return None
-    _, saved, meta = open_checkpoint(config.checkpoint.load, config.checkpoint.ckpt_step)
-    if config.checkpoint.finetune or meta.get("model_only"):
-        return os.path.abspath(resume_from)
-    if not saved.data.dpo:
-        raise CheckpointError(f"--load {resume_from} is not a DPO run's checkpoint; add --finetune to start DPO from "
-                              f"its weights (they become the frozen reference)")
-    if saved.data.dpo_reference is None:
-        raise CheckpointError(f"--load {resume_from} is a DPO run's checkpoint that records no reference (the run "
-                              f"started from its initial weights); pass --dpo-reference ITER_DIR")
-    return saved.data.dpo_reference
 
 
 def build_datasets(config: RunConfig, tokenizer, log):
@@ -318,6 +265,9 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
     logger.print(f"layout: {config.parallel.world_size} processes = tensor {layout.tensor_size} x pipeline "
                  f"{layout.pipeline_size} x data {layout.data_size}"
                  f"{', sequence parallel' if layout.sequence_parallel else ''}")
+    if config.data.dpo:  # recorded in every checkpoint's config.json, so that a resumed DPO run keeps its reference
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, dpo_reference=dpo_reference_folder(config, resume_from)))
     set_random_seeds(training.seed)
     model_config = config.model
     model, split = build_stage_model(config, device)
@@ -334,18 +284,11 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
     lr_schedule = LearningRateSchedule(max_lr=training.lr, min_lr=training.min_lr,
                                        warmup_iters=training.lr_warmup_iters, decay_iters=training.lr_decay_iters,
                                        decay_style=training.lr_decay_style, warmup_init=training.lr_warmup_init)
-    progress = TrainingProgress()
-    if resume_from is not None:
-        resumed, message = load_checkpoint(checkpoint.load, model=model, optimizer=optimizer, config=config,
-                                           layout=layout)
-        progress = TrainingProgress(resumed.iteration, resumed.consumed_train_samples)
-        if resumed.loss_scaler is not None and optimizer.loss_scaler is not None:
-            optimizer.loss_scaler.load_state_dict(resumed.loss_scaler)
-        logger.print(message)
+    checkpointer = Checkpointer(config, layout, model, optimizer, lr_schedule, logger.print)
+    progress = TrainingProgress(*checkpointer.resume(resume_from))
     train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer, logger.print)
     dpo = None
     if config.data.dpo:
-        config.data.dpo_reference = dpo_reference_folder(config, resume_from)
         reference, _ = build_stage_model(config, device)
         if config.data.dpo_reference in (None, resume_from and os.path.abspath(resume_from)):
             reference.load_state_dict(model.state_dict())  # the policy holds those weights now: no second read
@@ -364,42 +307,19 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
                          f"{time.perf_counter() - started:.1f} s; the reference model is freed")
         dpo = DPOObjective(reference, config.data.dpo_beta, config.data.dpo_loss, training.global_batch_size)
 
-    # Saves end with every rank's agreement (comm.all_ranks_true) on a gloo group of their own, which the
-    # training thread's collectives never share (--async-save runs it on a background thread).
-    agree = None
-    if checkpoint.save and config.parallel.world_size > 1:
-        agree = functools.partial(comm.all_ranks_true, group=dist.new_group(backend="gloo"))
-    saver = AsyncCheckpointSaver(agree) if checkpoint.async_save and checkpoint.save else None
-
-    def save(current: TrainingProgress):
-        """Save `current`; the log line gives the seconds the training loop stood still for it."""
-        started = time.perf_counter()  # training._save_if_finite has already waited for the parameters' gather
-        state = dict(model=model, optimizer=optimizer, consumed_train_samples=current.consumed_train_samples,
-                     lr_schedule_state=lr_schedule.state_dict(),
-                     loss_scaler_state=optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
-                     layout=layout)
-        if saver is not None:
-            saver.save(checkpoint.save, lambda: snapshot_checkpoint(current.iteration, copy=True, **state), config,
-                       layout)
-            logger.print(f"saving checkpoint of iteration {current.iteration} to {checkpoint.save} in the background "
-                         f"(training stalled {time.perf_counter() - started:.2f} s)")
-            return
-        save_checkpoint(checkpoint.save, current.iteration, config=config, agree=agree, **state)
-        logger.print(f"saved checkpoint of iteration {current.iteration} to {checkpoint.save} "
-                     f"(training stalled {time.perf_counter() - started:.2f} s)")
-
     stop_flag = SignalFlag(checkpoint.exit_signal_handler, logger)
     profiler = (StepProfiler(trace_folder(logging.tensorboard_dir, logging.metrics_path), logging.profile_step_start,
-                             logging.profile_step_end, _rank(), device, enabled=_rank() in logging.profile_ranks)
+                             logging.profile_step_end, world_rank(), device,
+                             enabled=world_rank() in logging.profile_ranks)
                 if logging.profile else None)
     setup = TrainingSetup(
         train_iters=training.train_iters, global_batch_size=training.global_batch_size,
         micro_batch_size=training.micro_batch_size, num_micro_batches=config.num_micro_batches,
         seq_length=training.seq_length, flops_per_token=model_config.flops_per_token(training.seq_length),
         device=device, log_interval=logging.log_interval, eval_interval=logging.eval_interval,
-        eval_iters=logging.eval_iters, save_interval=checkpoint.save_interval, exit_interval=checkpoint.exit_interval,
+        eval_iters=logging.eval_iters, exit_interval=checkpoint.exit_interval,
         world_size=config.parallel.world_size, data_parallel_rank=layout.data_rank,
-        data_parallel_size=layout.data_size, buffers=buffers, save=save if checkpoint.save else None,
+        data_parallel_size=layout.data_size, buffers=buffers, checkpointer=checkpointer,
         stop_requested=stop_flag if checkpoint.exit_signal_handler else None,
         count_loss_tokens=config.data.sft or config.data.eod_mask_loss, profiler=profiler,
         log_memory=logging.log_memory_to_tensorboard, dpo=dpo)
@@ -407,14 +327,13 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
         train(model, optimizer, lr_schedule, progress, setup, train_dataset, logger, valid_dataset, test_dataset)
     finally:
         stop_flag.restore()
-        if saver is not None:
-            saver.wait()  # the last save is written and published before the process ends
+        checkpointer.close()  # the last save is written and published before the process ends
     return EXIT_DONE
 
 
 def _print_on_first_rank(message: str):
     """Every rank fails alike before the layout starts; one message is enough."""
-    if _rank() == 0:
+    if world_rank() == 0:
         print(f"error: {message}", file=sys.stderr)
 
 

@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_llama.checkpoint import Checkpointer
 from megatron_llama.data_loader import PretrainingSampler, micro_batches
 from megatron_llama.dpo import DPOObjective
 from megatron_llama.metrics import (MetricsLogger, memory_statistics, model_flops_utilization, peak_memory_gib,
@@ -100,15 +101,14 @@ class TrainingSetup:
     flops_per_token: int
     device: torch.device
     buffers: DataParallelBuffers  # the fp32 main grads and their bucketed data-parallel sync
+    checkpointer: Checkpointer  # resume done; the save policy (--save-interval) and the saves
     log_interval: int = 100
     eval_interval: int | None = None
     eval_iters: int = 0
-    save_interval: int | None = None
     exit_interval: int | None = None
     world_size: int = 1
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
-    save: Callable[[TrainingProgress], None] | None = None  # writes a checkpoint at this progress
     stop_requested: Callable[[], bool] | None = None  # e.g. a SIGTERM was received (agreed across ranks)
     count_loss_tokens: bool = False  # SFT: divide by the labels that are not IGNORE_INDEX, not by G x seq_length
     profiler: StepProfiler | None = None  # --profile: traces the iterations it names
@@ -254,7 +254,7 @@ def check_parameters_finite(model: nn.Module, iteration: int, device: torch.devi
 def _save_if_finite(model: nn.Module, setup: TrainingSetup, progress: TrainingProgress, last_saved: int | None):
     setup.buffers.finish_param_sync()  # the distributed optimizer's updated parameters may still be gathering
     check_parameters_finite(model, progress.iteration, setup.device, last_saved)
-    setup.save(progress)
+    setup.checkpointer.save(progress.iteration, progress.consumed_train_samples)
 
 
 class _IntervalMeter:
@@ -323,7 +323,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
             _log_eval(logger, "valid", iteration, _evaluation(model, valid_dataset, setup))
             last_evaluated = iteration
             meter.exclude(since)
-        if setup.save is not None and _due(iteration, setup.save_interval):
+        if setup.checkpointer.is_due(iteration):
             since = time.perf_counter()
             _save_if_finite(model, setup, progress, last_saved)
             last_saved = iteration
@@ -340,7 +340,7 @@ def train(model: nn.Module, optimizer: TrainingOptimizer, lr_schedule: LearningR
         for kind, dataset in (("valid", valid_dataset), ("test", test_dataset)):
             if dataset is not None and not (kind == "valid" and last_evaluated == progress.iteration):
                 _log_eval(logger, kind, progress.iteration, _evaluation(model, dataset, setup))
-    if setup.save is not None and last_saved != progress.iteration:
+    if setup.checkpointer.enabled and last_saved != progress.iteration:
         _save_if_finite(model, setup, progress, last_saved)
     logger.print(f"training stopped at iteration {progress.iteration}: {reason}")
     return reason
