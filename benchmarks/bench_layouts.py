@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_llama.checkpointing import read_model_checkpoint
+from megatron_llama.checkpoint import read_model_checkpoint
 
 SHORTHANDS = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size"}
 

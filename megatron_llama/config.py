@@ -320,7 +320,7 @@ class CheckpointConfig:
     """On SIGTERM, save after the current iteration and exit."""
     async_save: bool = False
     """Write checkpoints on a background thread: the step waits only for a copy of the state in host memory
-    (async_save.py); the next save and the end of training wait for the previous one."""
+    (checkpoint/async_save.py); the next save and the end of training wait for the previous one."""
 
 
 @dataclass

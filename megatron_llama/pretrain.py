@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = open_tokenizer(config)
         resume_from = find_resume_checkpoint(config, notes)
         if config.data.dpo:
-            config.data = dataclasses.replace(config.data, dpo_reference=dpo_reference_folder(config, resume_from))
+            # recorded in every checkpoint's config.json, so that a resumed DPO run keeps its reference
+            config = dataclasses.replace(config, data=dataclasses.replace(
+                config.data, dpo_reference=dpo_reference_folder(config, resume_from)))
     except (ArgumentsError, CheckpointError) as error:
         _print_on_first_rank(str(error))
         return EXIT_BAD_ARGUMENTS_OR_CHECKPOINT

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sentencepiece
 
-from megatron_llama.checkpointing import write_model_checkpoint
+from megatron_llama.checkpoint import write_model_checkpoint
 from megatron_llama.config import DataConfig, ModelConfig, RunConfig
 from megatron_llama.model.llama import build_model
 

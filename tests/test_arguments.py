@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from megatron_llama.arguments import ArgumentsError, default_ffn_hidden_size, parse_args
-from megatron_llama.checkpointing import CheckpointError, write_model_checkpoint
+from megatron_llama.checkpoint import CheckpointError, find_resume_checkpoint, write_model_checkpoint
 from megatron_llama.config import ModelConfig, RunConfig
 from megatron_llama.model.llama import build_model
-from megatron_llama.pretrain import find_resume_checkpoint, open_tokenizer
+from megatron_llama.pretrain import open_tokenizer
 
 BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --vocab-size 128 --seq-length 16 "
         "--micro-batch-size 2 --train-iters 4 --lr 1e-3 --mock-data --device cpu").split()

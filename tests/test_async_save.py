@@ -16,8 +16,7 @@ import pytest
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from trainer_runs import metrics, run_in_process
-from megatron_llama.checkpoint_files import read_tracker, set_aside_unpublished
-from megatron_llama.checkpointing import read_model_checkpoint
+from megatron_llama.checkpoint import read_model_checkpoint, read_tracker, set_aside_unpublished
 from megatron_llama.pretrain import main
 
 BASE = ("--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
@@ -76,10 +75,10 @@ def logged_iterations(path: Path) -> set[int]:
 # The child blocks the background write of iteration 4 after its first file and says so in a marker file.
 CHILD = textwrap.dedent("""
     import sys, time
-    import megatron_llama.checkpointing as checkpointing
+    import megatron_llama.checkpoint.saving as saving
     from megatron_llama.pretrain import main
 
-    real_save = checkpointing.atomic_torch_save
+    real_save = saving.atomic_torch_save
 
     def save_then_hang(value, path):
         record = real_save(value, path)
@@ -88,7 +87,7 @@ CHILD = textwrap.dedent("""
             time.sleep(3600)
         return record
 
-    checkpointing.atomic_torch_save = save_then_hang
+    saving.atomic_torch_save = save_then_hang
     sys.exit(main(sys.argv[2:]))
 """)
 
@@ -120,15 +119,15 @@ def test_an_async_save_killed_mid_write_leaves_the_previous_checkpoint_latest_an
 
 def save_with_one_rank_failing(root: str, flags: list[str]) -> tuple[int, str]:
     """Rank 1 cannot write its files of iteration 4; returns (exit status, tracker iteration)."""
-    import megatron_llama.checkpointing as checkpointing
-    real_save = checkpointing.atomic_torch_save
+    import megatron_llama.checkpoint.saving as saving
+    real_save = saving.atomic_torch_save
 
     def disk_full_on_rank_1(value, path):
         if "iter_0000004" in path and int(os.environ["RANK"]) == 1:
             raise OSError(28, "No space left on device")
         return real_save(value, path)
 
-    checkpointing.atomic_torch_save = disk_full_on_rank_1
+    saving.atomic_torch_save = disk_full_on_rank_1
     status = main(BASE + flags + ["--global-batch-size", "8", "--save", root])
     return status, read_tracker(root)
 

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from megatron_llama import checkpointing
-from megatron_llama.checkpointing import (CheckpointError, load_checkpoint, open_checkpoint, read_model_checkpoint,
-                                          write_model_checkpoint)
+from megatron_llama.checkpoint import (CheckpointError, iteration_dir, load_checkpoint, open_checkpoint,
+                                       read_model_checkpoint, read_tracker, saving, write_model_checkpoint)
+from megatron_llama.checkpoint.files import load_tensor_file
 from megatron_llama.config import DataConfig, ModelConfig, RunConfig
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.builder import build_optimizer
@@ -60,7 +60,7 @@ def test_model_checkpoint_accepts_an_unpadded_vocabulary_and_pads_it(tmp_path):
 def test_tp2_pp2_checkpoint_holds_half_shards_per_stage_and_merges_back(tmp_path):
     state = build_model(CONFIG, seed=5).state_dict()
     write_model_checkpoint(str(tmp_path), 3, CONFIG, state, tensor_parallel_size=2, pipeline_parallel_size=2)
-    folder = checkpointing.iteration_dir(str(tmp_path), 3)
+    folder = iteration_dir(str(tmp_path), 3)
     first = torch.load(os.path.join(folder, "mp_rank_01_000", "model.pt"), weights_only=True)
     last = torch.load(os.path.join(folder, "mp_rank_00_001", "model.pt"), weights_only=True)
     assert "layers.0.mlp.up.weight" in first and "layers.1.mlp.up.weight" not in first
@@ -89,22 +89,22 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path):
     path = str(tmp_path / "model.pt")
     torch.save({"weights": torch.zeros(2), "payload": ModelConfig()}, path)  # an arbitrary object, not plain data
     with pytest.raises(CheckpointError, match="cannot read checkpoint file"):
-        checkpointing.load_tensor_file(path)
+        load_tensor_file(path)
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_published(trained, tmp_path, monkeypatch, capsys):
     save = copy_of(trained, tmp_path)
-    real_save = checkpointing.atomic_torch_save
+    real_save = saving.atomic_torch_save
 
     def crash_on_rng(obj, path):
         if "rng_dp" in path:
             raise OSError("disk full")
         real_save(obj, path)
 
-    monkeypatch.setattr(checkpointing, "atomic_torch_save", crash_on_rng)
+    monkeypatch.setattr(saving, "atomic_torch_save", crash_on_rng)
     assert main(TRAIN + ["--train-iters", "3", "--save", save, "--load", save]) == 2
     assert "could not write the files of iteration 3 (OSError: disk full)" in capsys.readouterr().err
-    assert checkpointing.read_tracker(save) == 2
+    assert read_tracker(save) == 2
     assert open_checkpoint(save)[0].endswith("iter_0000002")
     assert not os.path.exists(os.path.join(save, "iter_0000003", "meta.json"))  # never published
 
@@ -148,7 +148,7 @@ def test_load_into_a_model_of_another_shape_names_the_differing_values(trained):
     optimizer, _ = build_optimizer(model, DataParallelBuffers(model), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                                    weight_decay=0.0, clip_grad=0.0)
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(trained, model=model, optimizer=optimizer, config=RunConfig(model=other))
+        load_checkpoint(open_checkpoint(trained)[0], model=model, optimizer=optimizer, config=RunConfig(model=other))
     assert "holds a different model (ffn_hidden_size: checkpoint 64, this run 48)" in str(caught.value)
 
 
@@ -160,7 +160,7 @@ def test_trainer_starts_a_model_only_checkpoint_at_iteration_zero_with_its_weigh
                          "--save", save]) == 0
     assert "starting at iteration 0" in capsys.readouterr().out
     _, trained_state, _ = read_model_checkpoint(save)
-    assert checkpointing.read_tracker(save) == 1
+    assert read_tracker(save) == 1
     torch.testing.assert_close(trained_state["layers.1.mlp.up.weight"], state["layers.1.mlp.up.weight"],
                                atol=1e-6, rtol=0)
     meta = json.load(open(os.path.join(save, "iter_0000001", "meta.json")))

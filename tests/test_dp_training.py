@@ -13,7 +13,7 @@ import torch
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from trainer_runs import assert_same_run, metrics, run_in_process
-from megatron_llama.checkpointing import read_model_checkpoint
+from megatron_llama.checkpoint import read_model_checkpoint
 from megatron_llama.pretrain import main
 
 ITERATIONS = 3

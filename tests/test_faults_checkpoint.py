@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_llama import checkpointing
-from megatron_llama.checkpointing import open_checkpoint, read_tracker, write_model_checkpoint
+from megatron_llama.checkpoint import open_checkpoint, read_tracker, saving, tracker_path, write_model_checkpoint
 from megatron_llama.config import ModelConfig
 from megatron_llama.hf_conversion import save_hf_checkpoint
 from megatron_llama.model.llama import build_model
@@ -244,18 +243,18 @@ def test_ckpt_step_loads_the_chosen_iteration(trained, tmp_path, capsys):
 def test_a_kill_during_the_first_save_does_not_block_resuming_in_place(tmp_path, monkeypatch, capsys):
     save = str(tmp_path / "run")
     os.mkdir(save)
-    real_save = checkpointing.atomic_torch_save
+    real_save = saving.atomic_torch_save
 
     def die_writing_the_rng_state(obj, path):
         if "rng_dp" in path:
             raise KeyboardInterrupt  # the process dies half-way through its first save
         return real_save(obj, path)
 
-    monkeypatch.setattr(checkpointing, "atomic_torch_save", die_writing_the_rng_state)
+    monkeypatch.setattr(saving, "atomic_torch_save", die_writing_the_rng_state)
     with pytest.raises(KeyboardInterrupt):
         main(TRAIN + ["--train-iters", "2", "--save", save, "--load", save, "--save-interval", "1"])
-    monkeypatch.setattr(checkpointing, "atomic_torch_save", real_save)
-    assert os.path.isdir(os.path.join(save, "iter_0000001")) and not os.path.exists(checkpointing.tracker_path(save))
+    monkeypatch.setattr(saving, "atomic_torch_save", real_save)
+    assert os.path.isdir(os.path.join(save, "iter_0000001")) and not os.path.exists(tracker_path(save))
     capsys.readouterr()
     assert main(TRAIN + ["--train-iters", "2", "--save", save, "--load", save, "--save-interval", "1"]) == 0
     output = capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from megatron_llama.checkpointing import read_model_checkpoint, write_model_checkpoint
+from megatron_llama.checkpoint import read_model_checkpoint, write_model_checkpoint
 from megatron_llama.config import DataConfig, ModelConfig, RunConfig
 from megatron_llama.hf_conversion import (ConversionError, load_hf_checkpoint, load_hf_weights, model_config_from_hf,
                                           save_hf_checkpoint)

@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from trainer_runs import assert_same_run, metrics, run_in_process
 from megatron_llama.arguments import ArgumentsError, parse_args
-from megatron_llama.checkpointing import read_model_checkpoint
+from megatron_llama.checkpoint import read_model_checkpoint
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.pretrain import main
 

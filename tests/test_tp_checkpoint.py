@@ -17,11 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from megatron_llama.arguments import parse_args
-from megatron_llama.checkpointing import read_model_checkpoint
+from megatron_llama.checkpoint import find_resume_checkpoint, read_model_checkpoint
 from megatron_llama.data.mock_dataset import MockGPTDataset
 from megatron_llama.data_loader import collate
 from megatron_llama.model.llama import LlamaModel
-from megatron_llama.pretrain import find_resume_checkpoint, main
+from megatron_llama.pretrain import main
 from test_model import sharpen_
 
 SEED, VOCAB, SEQ, GLOBAL_BATCH = 1234, 100, 16, 4

@@ -14,7 +14,7 @@ import torch
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from trainer_runs import assert_same_run, metrics
 from megatron_llama.arguments import ArgumentsError, parse_args
-from megatron_llama.checkpointing import read_model_checkpoint
+from megatron_llama.checkpoint import read_model_checkpoint
 from megatron_llama.pretrain import main
 
 ITERATIONS = 3

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 from megatron_llama import metrics as metrics_module
 from megatron_llama import training
-from megatron_llama.checkpointing import open_checkpoint, read_tracker
+from megatron_llama.checkpoint import open_checkpoint, read_tracker
 from megatron_llama.config import ModelConfig
 from megatron_llama.data_loader import PretrainingSampler, collate
 from megatron_llama.hf_conversion import save_hf_checkpoint

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from megatron_llama.checkpointing import open_checkpoint, read_model_checkpoint
+from megatron_llama.checkpoint import open_checkpoint, read_model_checkpoint
 from megatron_llama.pretrain import main
 
 

@@ -17,7 +17,7 @@ import sys
 
 import uvicorn
 
-from megatron_llama.checkpointing import CheckpointError
+from megatron_llama.checkpoint import CheckpointError
 from megatron_llama.data.chat_template import get_chat_template
 from megatron_llama.data.tokenizer import TokenizerError
 from megatron_llama.hf_conversion import ConversionError

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from megatron_llama.checkpointing import CheckpointError, tracker_path, write_model_checkpoint
+from megatron_llama.checkpoint import CheckpointError, tracker_path, write_model_checkpoint
 from megatron_llama.config import DataConfig, RunConfig
 from megatron_llama.hf_conversion import ConversionError, load_hf_checkpoint, read_hf_config
 

@@ -4,7 +4,7 @@
         [--ckpt-step 2000] [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB] \
         [--tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/] [--chat-template openllama|llama2|chatml]
 
-Reads any tensor/pipeline layout (merged by checkpointing.read_model_checkpoint); default iteration:
+Reads any tensor/pipeline layout (merged by checkpoint.read_model_checkpoint); default iteration:
 the latest. Writes config.json, generation_config.json, model.safetensors (or shards plus
 model.safetensors.index.json above --max-shard-size) and the tokenizer files of the tokenizer the
 checkpoint was trained with (or the one given here), with the chat template (default openllama) that
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from megatron_llama.checkpointing import CheckpointError, read_model_checkpoint
+from megatron_llama.checkpoint import CheckpointError, read_model_checkpoint
 from megatron_llama.config import DataConfig
 from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from megatron_llama.checkpointing import CheckpointError
+from megatron_llama.checkpoint import CheckpointError
 from megatron_llama.data.chat_template import ChatTemplateError, get_chat_template
 from megatron_llama.data.tokenizer import TokenizerError
 from megatron_llama.hf_conversion import ConversionError

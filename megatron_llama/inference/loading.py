@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_llama.checkpointing import read_model_checkpoint
-from megatron_llama.shard_layout import split_state_dict
+from megatron_llama.checkpoint import read_model_checkpoint, split_state_dict
 from megatron_llama.config import ModelConfig
 from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_llama.hf_conversion import load_hf_checkpoint

@@ -10,7 +10,7 @@ It reads the files of either optimizer: MixedPrecisionOptimizer's (torch's state
 parameter names; fp32 masters saved apart only when the model is not fp32, else they are the weights) and
 DistributedOptimizer's (flat shards of every data-parallel rank, cut back into whole parameters by
 distributed_optimizer.reshard_optimizer_state). Because every per-element state has its parameter's shape,
-checkpointing.py merges and re-splits it over tensor and pipeline ranks exactly as it does the weights.
+checkpoint/loading.py merges and re-splits it over tensor and pipeline ranks exactly as it does the weights.
 """
 from __future__ import annotations
 

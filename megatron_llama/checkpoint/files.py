@@ -1,12 +1,13 @@
 """A checkpoint's files on disk: names, atomic checksummed writes, verified reads, the tracker, leftovers set aside.
 
-    {save}/iter_{iteration:07d}/                      one folder per saved iteration (its layout: checkpointing.py)
+    {save}/iter_{iteration:07d}/                      one folder per saved iteration (its content: the package
+                                                      docstring, megatron_llama/checkpoint/__init__.py)
     {save}/latest_checkpointed_iteration.txt          the published iteration, written last
     {save}/unpublished_iter_{iteration:07d}/          an interrupted save, set aside by a restart in place
 
 Writing: every file goes to a temporary name, is flushed, fsynced and renamed, so its final name only ever holds a
 complete file. The sha256 and size of the bytes are computed while they are written (a record,
-{"sha256": hex, "bytes": n}); checkpointing.py gathers the records of an iteration into its meta.json.
+{"sha256": hex, "bytes": n}); saving.py gathers the records of an iteration into its meta.json.
 
 Reading: `load_tensor_file(path, record=...)` first compares the file with its record (size, then sha256), so a
 truncated or corrupted file is named and never unpickled; torch.load(weights_only=True) reads tensors and plain
@@ -25,6 +26,11 @@ import re
 import torch
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CONFIG_FILENAME = "config.json"
+LEGACY_ARGS_FILENAME = "args.json"  # the flat argument record of checkpoints written before config.json
+META_FILENAME = "meta.json"
+MODEL_FILENAME = "model.pt"
+FILE_RECORDS = "files"  # meta.json's entry: path inside the iteration folder -> {"sha256", "bytes"}
 UNPUBLISHED_PREFIX = "unpublished_"
 _ITERATION_FOLDER = re.compile(r"iter_(\d{7,})")
 _READ_CHUNK_BYTES = 1 << 24

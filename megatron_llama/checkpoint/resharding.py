@@ -1,12 +1,13 @@
-"""Checkpoint content between tensor/pipeline layouts: which parameters each (tp, pp) rank holds, which dimension
-tensor parallelism slices, and the full tensors merged from shards or split into them.
+"""Resharding: checkpoint content between two parallel layouts. Which parameters each (tp, pp) rank holds, which
+dimension tensor parallelism slices, and the full tensors merged from shards or split into them.
 
 Tensor-parallel shards of a parameter are slices along its `tensor_parallel_dim` (set by parallel/layers.py),
 learnt by building the model on the meta device; pipeline stages hold the blocks of the stage split
 (RunConfig.stage_split). The embedding and output head carry vocabulary padding that depends on tp
 (ModelConfig.padded_vocab_size): merged tensors have the tp=1 padding, and a split accepts any number of rows
->= vocab_size. checkpointing.py uses this to write model-only checkpoints, to read them back whole, and to resume
-a full checkpoint at another layout (optimizer states are split like their parameters):
+>= vocab_size. The package uses this to write model-only checkpoints (saving.py), to read them back whole
+(reading.py), and to resume a full checkpoint at another layout (loading.py; optimizer states are split like their
+parameters):
 
     full = merge_shards(config, {(tp_rank, pp_rank): shard, ...}, tensor_parallel_size)
     shards = split_state_dict(config, full, tensor_parallel_size, pipeline_parallel_size, split)
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_llama.checkpoint_files import CheckpointError
+from megatron_llama.checkpoint.files import CheckpointError
 from megatron_llama.config import ModelConfig, RunConfig
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.parallel.stages import split_layers

@@ -6,11 +6,11 @@ host memory; a background thread writes the files (with their checksums) and pub
                                                           # (a CheckpointSnapshot), returns at once
     saver.wait()                                # before the process ends: the last save is written and published
 
-The background thread runs checkpointing.write_snapshot, the same code a synchronous save runs, on a snapshot
-copied with checkpointing.snapshot_checkpoint(copy=True), so both write identical files. Publishing is unchanged:
+The background thread runs saving.write_snapshot, the same code a synchronous save runs, on a snapshot
+copied with saving.snapshot_checkpoint(copy=True), so both write identical files. Publishing is unchanged:
 every rank's files and receipt first, every rank's agreement, then rank 0 writes meta.json and the tracker last. The
 agreement runs on the background thread, so it needs a process group that the training thread never uses at the
-same time: pretrain.py builds one (gloo, every rank) for it. A process killed while the thread writes leaves the
+same time: the Checkpointer builds one (gloo, every rank) for it. A process killed while the thread writes leaves the
 tracker naming the previous iteration, and the new folder unpublished (a restart in place sets it aside).
 
 One save is in flight at most: the next save, and the end of training, wait for the previous one first. A
@@ -21,8 +21,8 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from megatron_llama.checkpoint_files import CheckpointError
-from megatron_llama.checkpointing import CheckpointSnapshot, write_snapshot
+from megatron_llama.checkpoint.files import CheckpointError
+from megatron_llama.checkpoint.saving import CheckpointSnapshot, write_snapshot
 from megatron_llama.config import RunConfig
 from megatron_llama.parallel.state import ParallelLayout
 
