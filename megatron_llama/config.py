@@ -277,7 +277,7 @@ class DataConfig:
     """Pretraining: no loss on the prediction made from an end-of-document token (the next document's first)."""
     dpo: bool = False
     """Direct preference optimization on {prompt, chosen, rejected} jsonl pairs against the loaded model, frozen
-    (megatron_llama/dpo.py)."""
+    (megatron_llama/objectives/dpo.py)."""
     dpo_beta: float = 0.1
     """DPO's beta: how far the policy may move from the reference (IPO's tau)."""
     dpo_loss: str = "sigmoid"

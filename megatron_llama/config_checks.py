@@ -190,7 +190,7 @@ def _check_data(config: RunConfig):
 
 def _check_dpo_data(config: RunConfig, given: dict):
     """--dpo reads one jsonl file of preference pairs with the run's tokenizer (data/preference_dataset.py) and
-    trains against a frozen reference (megatron_llama/dpo.py): --dpo-reference, else the weights it starts from."""
+    trains against a frozen reference (megatron_llama/objectives/dpo.py): --dpo-reference, else the weights it starts from."""
     data = config.data
     if data.sft:
         raise ArgumentsError("--sft and --dpo were both given; choose one")
