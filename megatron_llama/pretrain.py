@@ -92,7 +92,7 @@ def initialize_distributed(config: RunConfig) -> tuple[ParallelLayout, bool]:
     if config.training.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before any NCCL call: each rank on its GPU
     timeout = datetime.timedelta(minutes=config.parallel.distributed_timeout_minutes)
-    started = world.start_default_group(config.training.device, timeout)
+    started = world.start_default_group(config.training.device, timeout, config.parallel.world_size)
     if not world.is_distributed():
         return parallel_state.current_layout(), started
     return parallel_state.initialize_model_parallel(config.parallel.tensor_model_parallel_size,

@@ -1,7 +1,7 @@
 """The default process group of a run (every process torchrun started): starting and stopping it, this
 process's rank and the world's size before and after it starts, and groups over all ranks.
 
-    started = start_default_group("cuda", datetime.timedelta(minutes=10))   # nccl on cuda, gloo on cpu
+    started = start_default_group("cuda", datetime.timedelta(minutes=10), processes=8)   # nccl on cuda, gloo on cpu
     world_rank(), world_size()      # torchrun's RANK / WORLD_SIZE before the group starts, the group's after
     stop_default_group(started)
 """
@@ -33,10 +33,10 @@ def world_group():
     return dist.group.WORLD if is_distributed() else None
 
 
-def start_default_group(device_type: str, timeout: datetime.timedelta) -> bool:
-    """Start the default group (nccl on cuda, gloo on cpu) when the run has several processes and none is started;
-    True when this call started it."""
-    if world_size() == 1 or is_distributed():
+def start_default_group(device_type: str, timeout: datetime.timedelta, processes: int) -> bool:
+    """Start the default group (nccl on cuda, gloo on cpu) of a run of `processes` (its configuration's world size)
+    when there are several and none is started; True when this call started it."""
+    if processes == 1 or is_distributed():
         return False
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     return True
