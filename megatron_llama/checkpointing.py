@@ -66,7 +66,6 @@ from megatron_llama.checkpoint_files import (CheckpointError, atomic_torch_save,
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
 from megatron_llama.optim.base import NamedOptimizerState
 from megatron_llama.optim.named_state import named_optimizer_state
-from megatron_llama.parallel.random import get_rng_tracker
 from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.shard_layout import merge_shards, resplit, same_model_split, split_state_dict
 
@@ -248,15 +247,13 @@ def read_model_checkpoint(load_dir: str, iteration: int | None = None) -> tuple[
 # ------------------------------------------------------------------------------- trainer save and load
 
 def capture_rng_state() -> dict:
-    """Every random generator this rank draws from: python, numpy, torch CPU, this rank's CUDA device, and
-    the tensor-parallel tracker's named states (parallel/random.py)."""
+    """Every random generator this rank draws from: python, numpy, torch CPU and this rank's CUDA device."""
     version, python_state, gauss = random.getstate()
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {"python": {"version": version, "state": list(python_state), "gauss": gauss},
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "torch_cpu": torch.get_rng_state(),
-             "tracker": get_rng_tracker().get_states()}
+             "torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()  # the current device only: one GPU per rank
     return state
@@ -274,8 +271,6 @@ def restore_rng_state(state: dict):
         if isinstance(cuda, list):  # written before checkpoints kept one device per rank
             cuda = cuda[torch.cuda.current_device()]
         torch.cuda.set_rng_state(cuda)
-    if state.get("tracker"):
-        get_rng_tracker().set_states(state["tracker"])
 
 
 def _on_host(value, copy: bool):

@@ -76,8 +76,8 @@ def dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: fl
 def _reference_log_probs(reference_chunks: list[nn.Module], batches: list[dict]) -> list[torch.Tensor]:
     """The frozen reference's log-probability of every row of `batches` ([2b] per micro-batch, last stage only)."""
     return run_schedule(reference_chunks, batches, lambda per_token_loss, _: sequence_log_probs(per_token_loss),
-                        forward_step=llama_forward_step, **schedule_shapes(reference_chunks, batches),
-                        forward_only=True)
+                        layout=parallel_state.current_layout(), forward_step=llama_forward_step,
+                        **schedule_shapes(reference_chunks, batches), forward_only=True)
 
 
 def frozen_chunks(reference_model: nn.Module) -> list[nn.Module]:
@@ -98,7 +98,8 @@ def precompute_reference_logps(reference_model: nn.Module, dataset, pairs_per_mi
     chunks = frozen_chunks(reference_model)
     pairs = len(dataset.pairs)
     table = torch.zeros(pairs, 2, dtype=torch.float32, device=device)
-    mine = list(range(parallel_state.get_data_parallel_rank(), pairs, parallel_state.get_data_parallel_world_size()))
+    layout = parallel_state.current_layout()
+    mine = list(range(layout.data_rank, pairs, layout.data_size))
     groups = [mine[start:start + pairs_per_micro_batch] for start in range(0, len(mine), pairs_per_micro_batch)]
     for first in range(0, len(groups), PRECOMPUTE_MICRO_BATCHES):
         window = groups[first:first + PRECOMPUTE_MICRO_BATCHES]
@@ -107,8 +108,8 @@ def precompute_reference_logps(reference_model: nn.Module, dataset, pairs_per_mi
             for group in window]  # the last micro-batch filled up with its last pair; the extra rows are dropped
         for group, logps in zip(window, _reference_log_probs(chunks, batches)):
             table[group] = logps.view(-1, 2)[:len(group)]  # [2b] -> [b, 2]
-    broadcast_from_last_stage(table)
-    comm.all_reduce(table, parallel_state.get_data_parallel_group())
+    broadcast_from_last_stage(table, layout)
+    comm.all_reduce(table, layout.data_group)
     return table.cpu().numpy()
 
 
@@ -170,7 +171,8 @@ class DPOObjective:
             losses, sums = self._pair_losses(per_token_loss, micro_batch)
             return torch.cat([sums[:1], losses.sum()[None], sums[1:]])  # [pairs, loss, *METRICS]
 
-        sums = run_schedule(chunks, batches, pair_sums, forward_step=llama_forward_step,
+        sums = run_schedule(chunks, batches, pair_sums, layout=parallel_state.current_layout(),
+                            forward_step=llama_forward_step,
                             **schedule_shapes(chunks, batches), forward_only=True)
         model.train(was_training)
         return _means_over_ranks(torch.stack(sums).sum(dim=0) if sums else None, device, ("loss", *METRICS))
@@ -180,7 +182,8 @@ def _means_over_ranks(sums: torch.Tensor | None, device: torch.device, names: tu
     """Sums [pairs, *names] of the last stage (None elsewhere, or with no pair) -> each name's mean over the pairs
     of every data-parallel rank; a collective of the pipeline and data-parallel groups."""
     sums = sums.double() if sums is not None else torch.zeros(1 + len(names), dtype=torch.float64, device=device)
-    broadcast_from_last_stage(sums)
-    comm.all_reduce(sums, parallel_state.get_data_parallel_group())
+    layout = parallel_state.current_layout()
+    broadcast_from_last_stage(sums, layout)
+    comm.all_reduce(sums, layout.data_group)
     pairs = max(float(sums[0]), 1.0)
     return {name: float(value) / pairs for name, value in zip(names, sums[1:].tolist())}

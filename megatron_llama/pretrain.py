@@ -270,7 +270,7 @@ class SignalFlag:
             self.previous = None
 
 
-def build_stage_model(config: RunConfig, device: torch.device):
+def build_stage_model(config: RunConfig, device: torch.device, layout: ParallelLayout):
     """This rank's model chunks (the configuration's stage split), with activation recompute applied to each, as one
     StageModel; and the split. Order: parallel layers (built sharded) -> recompute (wraps block forwards) ->
     compiled elementwise regions (model/compile.py), the fused output head + cross entropy
@@ -279,7 +279,8 @@ def build_stage_model(config: RunConfig, device: torch.device):
     are)."""
     training = config.training
     split = config.stage_split()
-    chunks = build_model_chunks(config.model, training.seed, split, device=device, dtype=training.params_dtype)
+    chunks = build_model_chunks(config.model, training.seed, split, layout, device=device,
+                                dtype=training.params_dtype)
     for chunk in chunks:
         apply_recompute(chunk, training.recompute_granularity, training.recompute_method,
                         training.recompute_num_layers)
@@ -289,13 +290,13 @@ def build_stage_model(config: RunConfig, device: torch.device):
     return StageModel(chunks), split
 
 
-def build_optimizer_and_buffers(config: RunConfig, model: StageModel):
+def build_optimizer_and_buffers(config: RunConfig, model: StageModel, layout: ParallelLayout):
     """The data-parallel gradient buffers and the optimizer over them (distributed or replicated); a log line."""
     parallel, training = config.parallel, config.training
     names = {name for name, _ in model.named_parameters()}
     tied_split = (not config.model.untie_embeddings_and_output_weights and parallel.pipeline_model_parallel_size > 1
                   and parallel.use_distributed_optimizer and "embedding.weight" in names)
-    buffers = DataParallelBuffers(model, parallel_state.get_data_parallel_group(),
+    buffers = DataParallelBuffers(model, layout.data_group,
                                   bucket_size=parallel.ddp_bucket_size, overlap_grad_reduce=parallel.overlap_grad_reduce,
                                   use_distributed_optimizer=parallel.use_distributed_optimizer,
                                   overlap_param_gather=parallel.overlap_param_gather, reduction="sum",
@@ -303,7 +304,7 @@ def build_optimizer_and_buffers(config: RunConfig, model: StageModel):
     settings = dict(lr=training.lr, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps,
                     weight_decay=training.weight_decay, clip_grad=training.clip_grad,
                     loss_scaler=build_loss_scaler(config))
-    optimizer, description = build_optimizer(model, buffers, **settings)
+    optimizer, description = build_optimizer(model, buffers, layout, **settings)
     return optimizer, buffers, (f"{description}; {len(buffers.buckets)} gradient bucket(s)"
                                 f"{', overlapped reduction' if parallel.overlap_grad_reduce else ''}")
 
@@ -318,9 +319,9 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
     logger.print(f"layout: {config.parallel.world_size} processes = tensor {layout.tensor_size} x pipeline "
                  f"{layout.pipeline_size} x data {layout.data_size}"
                  f"{', sequence parallel' if layout.sequence_parallel else ''}")
-    set_random_seeds(training.seed)
+    set_random_seeds(training.seed, layout)
     model_config = config.model
-    model, split = build_stage_model(config, device)
+    model, split = build_stage_model(config, device, layout)
     if layout.pipeline_size > 1:
         logger.print(f"pipeline: {schedule_name(split.pipeline_size, split.num_chunks)}, "
                      f"{config.num_micro_batches} micro-batches per step\n{split.describe()}")
@@ -329,7 +330,7 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
                  f"layers, hidden {model_config.hidden_size}, vocabulary {model_config.vocab_size} padded to "
                  f"{model_config.padded_vocab_size(layout.tensor_size)}, {training.precision} weights on {device}, "
                  f"attention {model_config.attention_backend}")
-    optimizer, buffers, description = build_optimizer_and_buffers(config, model)
+    optimizer, buffers, description = build_optimizer_and_buffers(config, model, layout)
     logger.print(description)
     lr_schedule = LearningRateSchedule(max_lr=training.lr, min_lr=training.min_lr,
                                        warmup_iters=training.lr_warmup_iters, decay_iters=training.lr_decay_iters,
@@ -346,7 +347,7 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
     dpo = None
     if config.data.dpo:
         config.data.dpo_reference = dpo_reference_folder(config, resume_from)
-        reference, _ = build_stage_model(config, device)
+        reference, _ = build_stage_model(config, device, layout)
         if config.data.dpo_reference in (None, resume_from and os.path.abspath(resume_from)):
             reference.load_state_dict(model.state_dict())  # the policy holds those weights now: no second read
         else:

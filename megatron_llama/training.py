@@ -135,7 +135,8 @@ def forward_backward(model: nn.Module, optimizer, batches: Iterable, tokens_in_g
     buffers.disable_grad_sync()
     losses = run_schedule(chunks, batches, loss_fn or (lambda per_token_loss, _: per_token_loss.sum()
                                                        / tokens_in_global_batch),
-                          forward_step=llama_forward_step, **schedule_shapes(chunks, batches),
+                          layout=parallel_state.current_layout(), forward_step=llama_forward_step,
+                          **schedule_shapes(chunks, batches),
                           scale_loss=optimizer.scale_loss, before_last_backward=buffers.enable_grad_sync)
     buffers.enable_grad_sync()
     if losses:
@@ -149,14 +150,15 @@ def loss_token_count(batches: Iterable, device: torch.device) -> int:
     count = torch.zeros(1, dtype=torch.int64, device=device)
     for batch in batches:
         count += (as_micro_batch(batch)["labels"] != IGNORE_INDEX).sum().to(device)  # summed on the device: one sync
-    comm.all_reduce(count, parallel_state.get_data_parallel_group())
+    comm.all_reduce(count, parallel_state.current_layout().data_group)
     return int(count.item())
 
 
 def reduce_loss_across_ranks(loss: torch.Tensor) -> torch.Tensor:
     """The last stage's loss copied to every stage, then the data-parallel shares summed (in place; returned)."""
-    broadcast_from_last_stage(loss)
-    return comm.all_reduce(loss, parallel_state.get_data_parallel_group())
+    layout = parallel_state.current_layout()
+    broadcast_from_last_stage(loss, layout)
+    return comm.all_reduce(loss, layout.data_group)
 
 
 def train_step(model: nn.Module, optimizer: TrainingOptimizer, batches: Iterable, lr: float,
@@ -168,7 +170,7 @@ def train_step(model: nn.Module, optimizer: TrainingOptimizer, batches: Iterable
     optimizer.zero_grad()
     with compute_timer.measure() if compute_timer is not None else contextlib.nullcontext():
         loss = forward_backward(model, optimizer, batches, tokens_in_global_batch, buffers, loss_fn)
-    finalize_model_grads(model, buffers)
+    finalize_model_grads(model, buffers, parallel_state.current_layout())
     loss = reduce_loss_across_ranks(loss)
     outcome = optimizer.step(lr)
     return float(loss), outcome
@@ -182,14 +184,16 @@ def evaluate(model: nn.Module, batches: Iterable) -> float:
     was_training = model.training
     model.eval()
     losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.double().sum(),
-                          forward_step=llama_forward_step, **schedule_shapes(chunks, batches), forward_only=True)
+                          layout=parallel_state.current_layout(), forward_step=llama_forward_step,
+                          **schedule_shapes(chunks, batches), forward_only=True)
     model.train(was_training)
     device = next(chunks[0].parameters()).device
     loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float64, device=device)
     token_count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
     totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=device)])
-    broadcast_from_last_stage(totals[:1])
-    comm.all_reduce(totals, parallel_state.get_data_parallel_group())
+    layout = parallel_state.current_layout()
+    broadcast_from_last_stage(totals[:1], layout)
+    comm.all_reduce(totals, layout.data_group)
     return float(totals[0] / totals[1])
 
 
