@@ -17,8 +17,8 @@ Worked example: 16 GPUs, tp=2, pp=4, so dp=2:
 Rank 6 is tp_rank 0, dp_rank 1, pp_rank 1: 0 + 1*2 + 1*4 = 6.
 
 `ParallelLayout` holds one rank's view of this: the sizes, its coordinates, its groups and their
-global ranks; it checks itself when built. Building one with groups (every rank calls it, on a
-default process group started by torchrun and `torch.distributed.init_process_group`):
+global ranks; it checks itself when built. Building one with groups (every rank calls it, on the
+default process group of a torchrun launch, started by world.start_default_group):
 
     layout = initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=4,
                                        sequence_parallel=True)   # builds the groups, installs the layout
