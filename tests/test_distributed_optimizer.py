@@ -122,8 +122,8 @@ def test_bf16_model_gets_its_update_rounded_from_fp32_masters():
 def test_grad_norm_counts_replicated_and_tied_parameters_once():
     tied = dataclasses.replace(MODEL, untie_embeddings_and_output_weights=False)
     split = split_layers(tied.num_layers, 2)
-    (first_stage,), (last_stage,) = (build_model_chunks(tied, SEED, split, ParallelLayout.single_process(),
-                                                        pipeline_rank=rank) for rank in (0, 1))
+    layouts = [ParallelLayout.for_rank(rank, 2, pipeline_size=2) for rank in (0, 1)]  # each stage's, no groups
+    (first_stage,), (last_stage,) = (build_model_chunks(tied, SEED, split, layout) for layout in layouts)
     assert counts_in_grad_norm(first_stage.embedding.weight, 0)
     assert not counts_in_grad_norm(last_stage.embedding.weight, 0)  # the tied head's copy of the same weight
     norm = last_stage.final_norm.weight  # replicated on every tensor rank

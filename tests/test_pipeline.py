@@ -24,6 +24,7 @@ from megatron_llama.parallel.pipeline import (ACTIVATION, BACKWARD, FORWARD, Sch
                                               build_plans, check_micro_batch_count, compute_order, release_storage,
                                               run_schedule, warmup_forwards)
 from megatron_llama.parallel.stages import allreduce_tied_embedding_grads, split_layers, sync_tied_embedding_weights
+from megatron_llama.parallel.state import ParallelLayout
 
 SEED = 4321
 MODEL = ModelConfig(num_layers=8, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -90,7 +91,7 @@ def test_stage_chunks_hold_exactly_the_single_process_parameters_once_plus_the_t
     split = split_layers(8, 2, layers_per_virtual_stage=2)
     held = collections.Counter()
     for rank in range(2):
-        for chunk in build_model_chunks(config, SEED, split, state.current_layout(), pipeline_rank=rank):
+        for chunk in build_model_chunks(config, SEED, split, ParallelLayout.for_rank(rank, 2, pipeline_size=2)):
             for name, param in chunk.named_parameters():
                 held[name] += 1
                 assert torch.equal(param, reference[name]), f"rank {rank}: {name} initialised differently"

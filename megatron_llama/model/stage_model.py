@@ -24,16 +24,13 @@ from megatron_llama.parallel.state import ParallelLayout
 
 
 def build_model_chunks(config: ModelConfig, seed: int, split: StageSplit, layout: ParallelLayout, *,
-                       pipeline_rank: int | None = None, device: torch.device | str | None = None,
-                       dtype: torch.dtype | None = None) -> list[LlamaModel]:
+                       device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[LlamaModel]:
     """The model chunks of `layout`'s pipeline rank, chunk 0 first (build_model, tensor-parallel as `layout`);
-    marks a tied embedding's two ends for the pipeline.
-
-    `pipeline_rank`: build another rank's chunks instead (tests, tools; the split's pipeline size need not be
-    the layout's then).
+    marks a tied embedding's two ends for the pipeline. Another rank's chunks, in one process (tests, tools):
+    pass its layout, ParallelLayout.for_rank(rank, world_size, tensor_size, pipeline_size), which has no groups.
     """
-    rank = layout.pipeline_rank if pipeline_rank is None else pipeline_rank
-    if split.pipeline_size != layout.pipeline_size and pipeline_rank is None:
+    rank = layout.pipeline_rank
+    if split.pipeline_size != layout.pipeline_size:
         raise ValueError(f"the stage split is for {split.pipeline_size} pipeline stages but the layout has "
                          f"{layout.pipeline_size}; build both from the same --pipeline-model-parallel-size")
     chunks = []
