@@ -56,6 +56,7 @@ from megatron_llama.data.chat_template import CHAT_TEMPLATES
 from megatron_llama.model.attention import ATTENTION_BACKENDS
 from megatron_llama.model.compile import default_on_cuda
 from megatron_llama.optim.lr_schedule import DECAY_STYLES
+from megatron_llama.parallel import world
 from megatron_llama.config_checks import ArgumentsError, check_positive, complete_and_check, flag_name
 
 MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -243,19 +244,12 @@ def _section(section, args: argparse.Namespace, **values):
     return section(**{name: getattr(args, name) for name in names if name not in values}, **values)
 
 
-def launched_world_size() -> int:
-    """Processes of this run: the started default process group's size, else torchrun's WORLD_SIZE, else 1."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _parallel_config(args: argparse.Namespace, notes: list[str]) -> ParallelConfig:
     config = _section(ParallelConfig, args, data_parallel_size=1)
     check_positive(config, "tensor_model_parallel_size", "pipeline_model_parallel_size", "ddp_bucket_size",
               "num_layers_per_virtual_pipeline_stage", "distributed_timeout_minutes")
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
-    world_size = launched_world_size()
+    world_size = world.world_size()
     if world_size % (tp * pp):
         raise ArgumentsError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                              f"--pipeline-model-parallel-size {pp} = {tp * pp}; launch a multiple of "

@@ -60,7 +60,8 @@ def build_stage_model(config: RunConfig, layout: ParallelLayout, device: torch.d
     as one StageModel; and the split."""
     training = config.training
     split = config.stage_split()
-    chunks = build_model_chunks(config.model, training.seed, split, device=device, dtype=training.params_dtype)
+    chunks = build_model_chunks(config.model, training.seed, split, layout, device=device,
+                                dtype=training.params_dtype)
     for chunk in chunks:
         apply_recompute(chunk, training.recompute_granularity, training.recompute_method,
                         training.recompute_num_layers)
@@ -92,7 +93,7 @@ def build_optimizer_and_buffers(config: RunConfig, layout: ParallelLayout,
                                   use_distributed_optimizer=parallel.use_distributed_optimizer,
                                   overlap_param_gather=parallel.overlap_param_gather, reduction="sum",
                                   separate_bucket_names=["embedding.weight"] if tied_split else [])
-    optimizer, description = build_optimizer(model, buffers, lr=training.lr,
+    optimizer, description = build_optimizer(model, buffers, layout, lr=training.lr,
                                              betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps,
                                              weight_decay=training.weight_decay, clip_grad=training.clip_grad,
                                              loss_scaler=build_loss_scaler(training))
@@ -108,7 +109,7 @@ def build_lr_schedule(training: TrainingConfig) -> LearningRateSchedule:
 
 def build_run(config: RunConfig, layout: ParallelLayout, device: torch.device) -> Run:
     """Every trainable piece of `config` on this rank (the module docstring's order)."""
-    set_random_seeds(config.training.seed)
+    set_random_seeds(config.training.seed, layout)
     model, split = build_stage_model(config, layout, device)
     optimizer, buffers, description = build_optimizer_and_buffers(config, layout, model)
     return Run(model=model, split=split, buffers=buffers, optimizer=optimizer, optimizer_description=description,

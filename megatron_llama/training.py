@@ -87,14 +87,14 @@ class TrainingProgress:
 
 
 def forward_backward(model: nn.Module, optimizer, batches: Iterable, buffers: DataParallelBuffers,
-                     loss_fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> torch.Tensor:
+                     loss_fn: Callable[[torch.Tensor, dict], torch.Tensor], layout: ParallelLayout) -> torch.Tensor:
     """Accumulate the gradient of the loss `loss_fn(per_token_loss, micro_batch)` sums over `batches` through the
     pipeline schedule (gradient accumulation alone at pp=1); returns this rank's share of the loss (0 off the last
     stage). The data-parallel gradient sync of `buffers` is off until the last backward (overlap starts there)."""
     chunks = model_chunks(model)
     batches = [as_micro_batch(batch) for batch in batches]
     buffers.disable_grad_sync()
-    losses = run_schedule(chunks, batches, loss_fn, forward_step=llama_forward_step,
+    losses = run_schedule(chunks, batches, loss_fn, layout=layout, forward_step=llama_forward_step,
                           **schedule_shapes(chunks, batches), scale_loss=optimizer.scale_loss,
                           before_last_backward=buffers.enable_grad_sync)
     buffers.enable_grad_sync()
@@ -105,7 +105,7 @@ def forward_backward(model: nn.Module, optimizer, batches: Iterable, buffers: Da
 
 def reduce_loss_across_ranks(loss: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
     """The last stage's loss copied to every stage, then the data-parallel shares summed (in place; returned)."""
-    broadcast_from_last_stage(loss)
+    broadcast_from_last_stage(loss, layout)
     return comm.all_reduce(loss, layout.data_group)
 
 
@@ -117,8 +117,8 @@ def train_step(model: nn.Module, optimizer: TrainingOptimizer, batches: Iterable
     backward (not the wait for the other ranks' gradients that follows); `loss_fn`: forward_backward's."""
     optimizer.zero_grad()
     with compute_timer.measure() if compute_timer is not None else contextlib.nullcontext():
-        loss = forward_backward(model, optimizer, batches, buffers, loss_fn)
-    finalize_model_grads(model, buffers)
+        loss = forward_backward(model, optimizer, batches, buffers, loss_fn, layout)
+    finalize_model_grads(model, buffers, layout)
     loss = reduce_loss_across_ranks(loss, layout)
     outcome = optimizer.step(lr)
     return float(loss), outcome

@@ -87,8 +87,8 @@ def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_a
                       resume: tuple[dict, list[dict]] | None = None) -> dict:
     """Steps first_step .. steps-1 of the global batches on this rank; `resume` = (full model state, optimizer
     shards of every saved data-parallel rank); `save_after` = step count at which to record both."""
-    dp_group = state.get_data_parallel_group()
-    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    dp_group = state.current_layout().data_group
+    dp, dp_rank = state.current_layout().data_size, state.current_layout().data_rank
     model = build_model(MODEL, seed=SEED)
     model.fuse_cross_entropy = layout.fused_cross_entropy
     if resume is not None:
@@ -97,7 +97,8 @@ def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_a
                                   overlap_grad_reduce=layout.overlap_grad_reduce,
                                   use_distributed_optimizer=layout.distributed_optimizer,
                                   overlap_param_gather=layout.overlap_param_gather, reduction=layout.reduction)
-    optimizer, _ = build_optimizer(model, buffers, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+    optimizer, _ = build_optimizer(model, buffers, state.current_layout(),
+                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                                    clip_grad=CLIP)
     if resume is not None:
         model_state, saved_shards = resume
@@ -117,7 +118,7 @@ def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_a
                 (per_token_loss.sum() / denominator).backward()
             record["grad_reductions_in_flight"].append(buffers.grad_reductions_in_flight())
             loss_sum += per_token_loss.detach().sum()
-        finalize_model_grads(model, buffers)
+        finalize_model_grads(model, buffers, state.current_layout())
         record["losses"].append(float(comm.all_reduce(loss_sum, dp_group)) / (GLOBAL_BATCH * SEQ))
         outcome = optimizer.step(LR)
         record["norms"].append(outcome.grad_norm)

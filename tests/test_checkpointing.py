@@ -12,6 +12,7 @@ from megatron_llama.checkpoint.files import load_tensor_file
 from megatron_llama.config import DataConfig, ModelConfig, RunConfig
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.parallel import state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.pretrain import main
 from trainer_runs import metrics
@@ -145,7 +146,8 @@ def test_load_with_a_garbled_tracker_says_what_it_holds(trained, tmp_path, capsy
 def test_load_into_a_model_of_another_shape_names_the_differing_values(trained):
     other = ModelConfig(**{**CONFIG.to_dict(), "ffn_hidden_size": 48})
     model = build_model(other, seed=1)
-    optimizer, _ = build_optimizer(model, DataParallelBuffers(model), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    optimizer, _ = build_optimizer(model, DataParallelBuffers(model), state.current_layout(),
+                                   lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                                    weight_decay=0.0, clip_grad=0.0)
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(open_checkpoint(trained)[0], model=model, optimizer=optimizer, config=RunConfig(model=other))

@@ -18,9 +18,11 @@ from megatron_llama.model.stage_model import build_model_chunks
 from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.optim.clip import counts_in_grad_norm
 from megatron_llama.optim.distributed_optimizer import reshard_optimizer_state
+from megatron_llama.parallel import state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.grad_finalize import finalize_model_grads
 from megatron_llama.parallel.stages import split_layers
+from megatron_llama.parallel.state import ParallelLayout
 
 STEPS, SAVED_AFTER = 4, 2
 RESUMED_LOSS_RTOL = 3e-7  # measured 6.6e-8 (dp1) and 6.1e-8 (dp4): about one ulp of the loss
@@ -98,13 +100,14 @@ def test_resharding_without_every_shard_names_the_missing_ranks(checkpoint):
 def test_bf16_model_gets_its_update_rounded_from_fp32_masters():
     model = build_model(MODEL, seed=SEED, dtype=torch.bfloat16)
     buffers = DataParallelBuffers(model, bucket_size=3000, use_distributed_optimizer=True)
-    optimizer, description = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+    optimizer, description = build_optimizer(model, buffers, state.current_layout(),
+                                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                              clip_grad=1.0)
     assert "distributed optimizer" in description
     tokens = torch.randint(0, MODEL.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     optimizer.zero_grad()
     model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
-    finalize_model_grads(model, buffers)
+    finalize_model_grads(model, buffers, state.current_layout())
     assert not optimizer.step(1e-2).skipped
     params = dict(model.named_parameters())
     masters_differ = False
@@ -119,7 +122,8 @@ def test_bf16_model_gets_its_update_rounded_from_fp32_masters():
 def test_grad_norm_counts_replicated_and_tied_parameters_once():
     tied = dataclasses.replace(MODEL, untie_embeddings_and_output_weights=False)
     split = split_layers(tied.num_layers, 2)
-    (first_stage,), (last_stage,) = (build_model_chunks(tied, SEED, split, pipeline_rank=rank) for rank in (0, 1))
+    layouts = [ParallelLayout.for_rank(rank, 2, pipeline_size=2) for rank in (0, 1)]  # each stage's, no groups
+    (first_stage,), (last_stage,) = (build_model_chunks(tied, SEED, split, layout) for layout in layouts)
     assert counts_in_grad_norm(first_stage.embedding.weight, 0)
     assert not counts_in_grad_norm(last_stage.embedding.weight, 0)  # the tied head's copy of the same weight
     norm = last_stage.final_norm.weight  # replicated on every tensor rank
@@ -130,7 +134,8 @@ def test_grad_norm_counts_replicated_and_tied_parameters_once():
 def test_step_before_the_gradients_are_reduced_asks_for_finalize_model_grads():
     model = build_model(MODEL, seed=SEED)
     buffers = DataParallelBuffers(model, bucket_size=3000, use_distributed_optimizer=True)
-    optimizer, _ = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+    optimizer, _ = build_optimizer(model, buffers, state.current_layout(),
+                                   lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                    clip_grad=1.0)
     optimizer.zero_grad()
     with pytest.raises(RuntimeError, match="finalize_model_grads"):

@@ -15,6 +15,7 @@ from megatron_llama.hf_conversion import save_hf_checkpoint, to_hf_state_dict
 from megatron_llama.model.llama import build_model
 from megatron_llama.objectives.dpo import DPOObjective
 from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.parallel import state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import forward_backward
@@ -88,12 +89,14 @@ def our_first_step(tmp_path, tokenizer, policy, reference, loss_type: str, beta:
     samples = [{"text": text, "loss_mask": mask} for text, mask in dataset.pairs]
     batches = [collate(samples[:2]), collate(samples[2:])]
     buffers = DataParallelBuffers(policy)
-    optimizer, _ = build_optimizer(policy, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+    optimizer, _ = build_optimizer(policy, buffers, state.current_layout(),
+                                   lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                    clip_grad=0.0)
     objective = DPOObjective(ParallelLayout.single_process(), reference, beta, loss_type,
                              pairs_in_global_batch=len(PAIRS))
     optimizer.zero_grad()
-    loss = forward_backward(policy, optimizer, objective.prepare(batches), buffers, objective.loss_fn)
+    loss = forward_backward(policy, optimizer, objective.prepare(batches), buffers, objective.loss_fn,
+                            ParallelLayout.single_process())
     grads = {name: param.main_grad.clone() for name, param in policy.named_parameters()}
     return float(loss), to_hf_state_dict(CONFIG, grads), objective.metrics(torch.device("cpu"))
 

@@ -151,7 +151,7 @@ def backward_known_gradients(model, optimizer, gradients: dict[str, torch.Tensor
     optimizer.zero_grad()
     loss = sum((param.float() * gradients[name]).sum() for name, param in model.named_parameters())
     optimizer.scale_loss(loss).backward()
-    finalize_model_grads(model, optimizer.buffers)
+    finalize_model_grads(model, optimizer.buffers, state.current_layout())
 
 
 def fp16_model_and_its_fp32_copy():
@@ -319,7 +319,8 @@ def llama_steps_until_one_is_clean(model, loss_scaler, max_steps: int = 12):
     """train_step (two micro-batches, AdamW via build_optimizer) until a step is not skipped; the optimizer
     and the (loss, grad norm, skipped, loss scale) of every step taken."""
     buffers = DataParallelBuffers(model, bucket_size=BUCKET_SIZE)
-    optimizer, _ = build_optimizer(model, buffers, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+    optimizer, _ = build_optimizer(model, buffers, state.current_layout(),
+                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                                    clip_grad=1e9, loss_scaler=loss_scaler)
     batches = [(TOKENS[:2, :-1], TOKENS[:2, 1:]), (TOKENS[2:, :-1], TOKENS[2:, 1:])]
     steps = []
@@ -362,12 +363,13 @@ def distributed_fp16_steps(steps_of_rank: list[list[dict[str, torch.Tensor]]], c
     hysteresis 1) takes one step per entry of steps_of_rank[rank], with those gradients; what it ends with."""
     with state.parallel_layout():
         model = build_model(MODEL, seed=SEED, dtype=torch.float16)
-        buffers = DataParallelBuffers(model, state.get_data_parallel_group(), bucket_size=BUCKET_SIZE,
+        buffers = DataParallelBuffers(model, state.current_layout().data_group, bucket_size=BUCKET_SIZE,
                                       use_distributed_optimizer=True)
-        optimizer, _ = build_optimizer(model, buffers, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+        optimizer, _ = build_optimizer(model, buffers, state.current_layout(),
+                                       lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                                        clip_grad=clip_grad, loss_scaler=DynamicLossScaler(SCALE, hysteresis=1))
         record = {"outcomes": [], "scales": []}
-        for gradients in steps_of_rank[state.get_data_parallel_rank()]:
+        for gradients in steps_of_rank[state.current_layout().data_rank]:
             backward_known_gradients(model, optimizer, gradients)
             outcome = optimizer.step(LR)
             record["outcomes"].append((outcome.grad_norm, outcome.skipped))

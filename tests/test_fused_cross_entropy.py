@@ -45,12 +45,12 @@ def loss_and_grads(loss_fn, hidden, weight, labels, loss_weights):
 
 
 def unfused(hidden, weight, labels):
-    return vocab_parallel_cross_entropy(hidden @ weight.t(), labels, VOCAB)
+    return vocab_parallel_cross_entropy(hidden @ weight.t(), labels, VOCAB, state.current_layout().tensor_group)
 
 
 def fused(chunk_tokens):
-    return lambda hidden, weight, labels: fused_vocab_parallel_cross_entropy(hidden, weight, labels, VOCAB,
-                                                                             chunk_tokens=chunk_tokens)
+    return lambda hidden, weight, labels: fused_vocab_parallel_cross_entropy(
+        hidden, weight, labels, VOCAB, state.current_layout().tensor_group, chunk_tokens=chunk_tokens)
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 64])
@@ -72,7 +72,7 @@ def test_fused_cross_entropy_without_grad_mode_gives_the_same_loss():
 
 def _tensor_parallel_comparison(tp: int):
     state.initialize_model_parallel(tp, 1)
-    rank = state.get_tensor_model_parallel_rank()
+    rank = state.current_layout().tensor_rank
     hidden, weight, labels, loss_weights = inputs(2)
     local_weight = weight.chunk(tp)[rank]  # rank 1 holds the padding
     expected = loss_and_grads(unfused, hidden, local_weight, labels, loss_weights)

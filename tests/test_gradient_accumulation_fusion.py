@@ -60,7 +60,7 @@ def test_fused_weight_grads_equal_unfused_main_grads_in_one_process():
 def _data_parallel_grads(fused: bool, options: dict):
     # the group argument None is the default (world) group of the two gloo ranks
     with state.parallel_layout(1, 1):
-        return accumulated_main_grads(fused, seed=10 + state.get_data_parallel_rank(), buffers_options=options)
+        return accumulated_main_grads(fused, seed=10 + state.current_layout().data_rank, buffers_options=options)
 
 
 def test_fused_weights_mark_buckets_ready_for_overlapped_reduce_scatter_at_dp2():

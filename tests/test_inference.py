@@ -27,7 +27,7 @@ def tokenizer(tmp_path_factory):
 
 def incremental_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     batch, length = ids.shape
-    cache = KVCache.for_model(model.config, batch, length, device="cpu", dtype=torch.float32)
+    cache = KVCache.for_model(model.config, model.layout, batch, length, device="cpu", dtype=torch.float32)
     positions = torch.arange(length).expand(batch, length)
     with torch.no_grad():
         cache.begin_step(torch.ones(batch, prefill, dtype=torch.bool))
@@ -72,8 +72,8 @@ def test_static_decode_steps_give_the_logits_of_dynamic_ones(granule, monkeypatc
             spans.append(cache.span)
         return torch.cat(steps, dim=1)
 
-    dynamic = KVCache.for_model(model.config, 2, 14, device="cpu", dtype=torch.float32)
-    static = KVCache.for_model(model.config, 2, 14, device="cpu", dtype=torch.float32)
+    dynamic = KVCache.for_model(model.config, model.layout, 2, 14, device="cpu", dtype=torch.float32)
+    static = KVCache.for_model(model.config, model.layout, 2, 14, device="cpu", dtype=torch.float32)
     static.use_static_step_buffers(1)
     with torch.no_grad():
         expected = decode(dynamic)
@@ -99,7 +99,7 @@ def test_left_padding_gives_each_prompt_the_logits_and_tokens_it_gets_alone(toke
     padded = torch.tensor([[0] * (len(long) - len(short)) + short, long])
     real = padded != 0
     real[1] = True
-    cache = KVCache.for_model(model.config, 2, len(long), device="cpu", dtype=torch.float32)
+    cache = KVCache.for_model(model.config, model.layout, 2, len(long), device="cpu", dtype=torch.float32)
     cache.begin_step(real)
     with torch.no_grad():
         logits = model.forward_with_cache(padded, (real.long().cumsum(1) - 1).clamp(min=0), cache)

@@ -1,12 +1,18 @@
-"""The package's layering: parallel/ never imports model/, and no two modules import each other, even indirectly.
+"""The package's layering, read from the source (ast), at any depth (an import inside a function counts too):
 
-Imports are read from the source (ast), at any depth: an import inside a function is a dependency too.
+- parallel/ never imports model/;
+- no two modules import each other, even indirectly;
+- no module outside parallel/ uses torch.distributed: no `import torch.distributed`, no
+  `from torch.distributed import ...`, no `from torch import distributed`, and no `torch.distributed`
+  attribute reached through a plain `import torch` (parallel/world.py owns the default process group,
+  parallel/comm.py the collectives).
 """
 import ast
 from pathlib import Path
 
 PACKAGE = "megatron_llama"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+
 
 
 def module_name(path: Path) -> str:
@@ -84,3 +90,44 @@ def test_no_import_cycles_in_the_package():
 def test_the_cycle_finder_sees_an_indirect_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
+
+
+def uses_torch_distributed(path: Path) -> list[int]:
+    """Lines of the file that import torch.distributed (in any spelling) or reach it as torch.distributed."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            hit = any(alias.name == "torch.distributed" or alias.name.startswith("torch.distributed.")
+                      for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            hit = module == "torch.distributed" or module.startswith("torch.distributed.") or (
+                module == "torch" and any(alias.name == "distributed" for alias in node.names))
+        elif isinstance(node, ast.Attribute):
+            hit = node.attr == "distributed" and isinstance(node.value, ast.Name) and node.value.id == "torch"
+        else:
+            hit = False
+        if hit:
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_no_module_outside_parallel_uses_torch_distributed():
+    offenders = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = path.relative_to(ROOT.parent).as_posix()
+        if relative.startswith(f"{PACKAGE}/parallel/"):
+            continue
+        lines = uses_torch_distributed(path)
+        if lines:
+            offenders[relative] = lines
+    assert offenders == {}, (f"torch.distributed outside parallel/ (file: lines): {offenders}; use "
+                             f"parallel/world.py (the default process group) or parallel/comm.py (collectives)")
+
+
+def test_the_distributed_finder_sees_every_spelling(tmp_path):
+    source = tmp_path / "spellings.py"
+    source.write_text("import torch.distributed as dist\nfrom torch import distributed\n"
+                      "from torch.distributed import ReduceOp\nimport torch\n\n\ndef f():\n"
+                      "    return torch.distributed.get_rank()\n")
+    assert uses_torch_distributed(source) == [1, 2, 3, 8]

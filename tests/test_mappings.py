@@ -21,19 +21,19 @@ def _per_rank(generator, tp):
     return [torch.randn(B, S, H, generator=generator) for _ in range(tp)]
 
 
-def _forward_backward(mapping, x, upstream):
+def _forward_backward(mapping, x, upstream, group):
     x = x.clone().requires_grad_()
-    y = mapping(x)
+    y = mapping(x, group)
     y.backward(upstream)
     return y.detach(), x.grad
 
 
 def _check_every_mapping(tp):
     with state.parallel_layout(tp, 1) as layout:
-        return _compare_every_mapping(tp, layout.tensor_rank)
+        return _compare_every_mapping(tp, layout.tensor_rank, layout.tensor_group)
 
 
-def _compare_every_mapping(tp, rank):
+def _compare_every_mapping(tp, rank, group):
     generator = torch.Generator().manual_seed(7)
     inputs, upstreams = _per_rank(generator, tp), _per_rank(generator, tp)  # x_r and dL/dy_r of every rank
     shared_x, shared_grad = inputs[0], upstreams[0]
@@ -44,7 +44,7 @@ def _compare_every_mapping(tp, rank):
         return scaled_difference(value, expected) <= REDUCTION_TOL if reduced else torch.equal(value, expected)
 
     def check(name, mapping, x, upstream, expected_y, expected_grad, *, reduced_y=False, reduced_grad=False):
-        y, grad = _forward_backward(mapping, x, upstream)
+        y, grad = _forward_backward(mapping, x, upstream, group)
         results[name] = (agrees(y, expected_y, reduced_y), agrees(grad, expected_grad, reduced_grad))
 
     sequence = mappings.SEQUENCE_DIM
@@ -52,12 +52,8 @@ def _compare_every_mapping(tp, rank):
           reduced_grad=True)
     check("reduce (g)", mappings.reduce_from_tensor_parallel_region, inputs[rank], shared_grad, total_x, shared_grad,
           reduced_y=True)
-    check("scatter last", mappings.scatter_to_tensor_parallel_region, shared_x, shared_grad.chunk(tp, -1)[rank],
-          shared_x.chunk(tp, -1)[rank], shared_grad)
     check("gather last", mappings.gather_from_tensor_parallel_region, shared_x.chunk(tp, -1)[rank], shared_grad,
           shared_x, shared_grad.chunk(tp, -1)[rank])
-    check("scatter sequence", mappings.scatter_to_sequence_parallel_region, shared_x,
-          shared_grad.chunk(tp, sequence)[rank], shared_x.chunk(tp, sequence)[rank], shared_grad)
     check("gather sequence", mappings.gather_from_sequence_parallel_region, shared_x.chunk(tp, sequence)[rank],
           upstreams[rank], shared_x, total_grad.chunk(tp, sequence)[rank], reduced_grad=True)
     check("reduce-scatter sequence", mappings.reduce_scatter_to_sequence_parallel_region, inputs[rank],
@@ -65,9 +61,9 @@ def _compare_every_mapping(tp, rank):
 
     # the collectives of comm.py on a non-contiguous input along a middle dimension
     strided = inputs[rank].transpose(0, 2)  # [H, S, B], not contiguous
-    gathered = comm.all_gather_along(strided, 1, state.get_tensor_model_parallel_group())
+    gathered = comm.all_gather_along(strided, 1, group)
     results["all_gather_along strided"] = (torch.equal(gathered, torch.cat([x.transpose(0, 2) for x in inputs], 1)),)
-    scattered = comm.reduce_scatter_along(strided, 1, state.get_tensor_model_parallel_group())
+    scattered = comm.reduce_scatter_along(strided, 1, group)
     expected = total_x.transpose(0, 2).chunk(tp, 1)[rank]
     results["reduce_scatter_along strided"] = (scaled_difference(scattered, expected) <= REDUCTION_TOL,)
     return results
@@ -83,7 +79,6 @@ def test_every_mapping_pair_matches_single_process_math(tp):
 def test_without_process_groups_every_mapping_returns_its_input_itself():
     x = torch.randn(B, S, H)
     for mapping in (mappings.copy_to_tensor_parallel_region, mappings.reduce_from_tensor_parallel_region,
-                    mappings.scatter_to_tensor_parallel_region, mappings.gather_from_tensor_parallel_region,
-                    mappings.scatter_to_sequence_parallel_region, mappings.gather_from_sequence_parallel_region,
+                    mappings.gather_from_tensor_parallel_region, mappings.gather_from_sequence_parallel_region,
                     mappings.reduce_scatter_to_sequence_parallel_region):
-        assert mapping(x) is x
+        assert mapping(x, None) is x

@@ -15,6 +15,7 @@ from megatron_llama.optim.mixed_precision import MixedPrecisionOptimizer
 from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.optim.distributed_optimizer import DistributedOptimizer
 from megatron_llama.optim.optimizer import weight_decay_groups
+from megatron_llama.parallel import state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.grad_finalize import finalize_model_grads
 from megatron_llama.objectives.language_model import token_mean_loss
@@ -94,7 +95,8 @@ def tiny_linear(dtype):
 
 def make_optimizer(model, weight_decay=0.0, loss_scaler=None):
     """The replicated optimizer at dp=1, over the main grads of the model's DataParallelBuffers."""
-    return build_optimizer(model, DataParallelBuffers(model), lr=0.1, betas=(0.9, 0.95), eps=1e-8,
+    return build_optimizer(model, DataParallelBuffers(model), state.current_layout(),
+                           lr=0.1, betas=(0.9, 0.95), eps=1e-8,
                            weight_decay=weight_decay, clip_grad=0.0, loss_scaler=loss_scaler)[0]
 
 
@@ -105,7 +107,7 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale_then_a_clean_step_a
     x = torch.ones(3, 4, dtype=torch.float16)
     optimizer.zero_grad()
     optimizer.scale_loss(model(x).float().sum()).backward()  # 2**40 overflows fp16
-    finalize_model_grads(model, optimizer.buffers)
+    finalize_model_grads(model, optimizer.buffers, state.current_layout())
     outcome = optimizer.step(lr=0.1)
     assert outcome.skipped and not math.isfinite(outcome.grad_norm)
     assert optimizer.loss_scale == 2.0**39
@@ -113,7 +115,7 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale_then_a_clean_step_a
     optimizer.loss_scaler.scale = 8.0
     optimizer.zero_grad()
     optimizer.scale_loss(model(x).float().sum()).backward()
-    finalize_model_grads(model, optimizer.buffers)
+    finalize_model_grads(model, optimizer.buffers, state.current_layout())
     outcome = optimizer.step(lr=0.1)
     assert not outcome.skipped and math.isfinite(outcome.grad_norm)
     assert not torch.equal(before[0], model[0].weight)
@@ -130,7 +132,7 @@ def test_bf16_model_has_fp32_master_params_and_main_grads_that_accumulate():
     assert model[0].weight.main_grad.dtype == torch.float32
     assert model[0].weight.grad is None  # moved into main_grad by the hook
     torch.testing.assert_close(model[0].weight.main_grad, 2 * first)
-    finalize_model_grads(model, optimizer.buffers)
+    finalize_model_grads(model, optimizer.buffers, state.current_layout())
     optimizer.step(lr=0.1)
     for name, param in model.named_parameters():
         master = optimizer.master_params[name]
@@ -175,7 +177,7 @@ def test_optimizer_applies_weight_decay_only_to_the_decayed_group():
     weight_before = model[1].weight.detach().clone()
     optimizer.zero_grad()
     (0.0 * model(torch.ones(1, 4)).sum()).backward()  # zero gradients: only decay can move a weight
-    finalize_model_grads(model, optimizer.buffers)
+    finalize_model_grads(model, optimizer.buffers, state.current_layout())
     optimizer.step(lr=0.1)
     assert torch.equal(model[0].bias, bias_before)
     torch.testing.assert_close(model[1].weight, weight_before * (1 - 0.1 * 0.5))
@@ -194,7 +196,8 @@ TOKENS = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(0)
 def build_trained_pieces(distributed: bool = False):
     model = build_model(TINY_LLAMA, seed=3)
     buffers = DataParallelBuffers(model, bucket_size=3000, use_distributed_optimizer=distributed)
-    optimizer, _ = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+    optimizer, _ = build_optimizer(model, buffers, state.current_layout(),
+                                   lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                    clip_grad=0.5)
     return model, buffers, optimizer
 

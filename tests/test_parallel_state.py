@@ -96,33 +96,26 @@ def test_the_layout_is_frozen():
         ParallelLayout.single_process().tensor_size = 2
 
 
-def test_without_initialisation_the_single_process_layout_is_current_and_every_getter_answers_it():
+def test_without_initialisation_the_single_process_layout_is_current_with_no_groups():
     assert not dist.is_initialized()
     layout = state.current_layout()
     assert layout == ParallelLayout.single_process()
     assert (layout.world_size, layout.tensor_ranks, layout.pipeline_ranks, layout.embedding_ranks) == (1, [0], [0], [0])
     assert layout.is_first_stage and layout.is_last_stage and layout.is_logging_rank
-    for size in (state.get_tensor_model_parallel_world_size, state.get_pipeline_model_parallel_world_size,
-                 state.get_data_parallel_world_size):
-        assert size() == 1
-    for rank in (state.get_tensor_model_parallel_rank, state.get_pipeline_model_parallel_rank,
-                 state.get_data_parallel_rank, state.get_pipeline_model_parallel_next_rank,
-                 state.get_pipeline_model_parallel_prev_rank):
-        assert rank() == 0
-    for group in (state.get_tensor_model_parallel_group, state.get_data_parallel_group,
-                  state.get_pipeline_model_parallel_group, state.get_model_parallel_group, state.get_embedding_group):
-        assert group() is None
-    assert state.is_pipeline_first_stage() and state.is_pipeline_last_stage() and not state.get_sequence_parallel()
+    assert (layout.tensor_size, layout.pipeline_size, layout.data_size) == (1, 1, 1)
+    assert (layout.tensor_rank, layout.pipeline_rank, layout.data_rank) == (0, 0, 0)
+    assert (layout.next_pipeline_rank, layout.prev_pipeline_rank) == (0, 0)
+    assert all(getattr(layout, f"{kind}_group") is None for kind in state.GROUP_KINDS)
+    assert not layout.sequence_parallel
 
 
 def test_use_layout_installs_a_layout_for_its_block_and_restores_the_previous_one_even_after_an_error():
     outer = ParallelLayout.for_rank(3, 4, tensor_size=2, sequence_parallel=True)
     inner = dataclasses.replace(outer, sequence_parallel=False)
     with state.use_layout(outer):
-        assert state.current_layout() is outer and state.get_sequence_parallel()
-        assert state.get_tensor_model_parallel_rank() == 1 and state.get_data_parallel_rank() == 1
+        assert state.current_layout() is outer
         with pytest.raises(KeyError), state.use_layout(inner):
-            assert state.current_layout() is inner and not state.get_sequence_parallel()
+            assert state.current_layout() is inner
             raise KeyError("inside")
         assert state.current_layout() is outer
     assert state.current_layout() == ParallelLayout.single_process()
@@ -158,14 +151,9 @@ def _check_layouts_in_one_process_group():
                 sizes=(layout.tensor_size, layout.pipeline_size, layout.data_size, layout.world_size),
                 ranks=(layout.rank, layout.tensor_rank, layout.pipeline_rank, layout.data_rank),
                 rank_lists={name: getattr(layout, f"{name}_ranks") for name in state.GROUP_KINDS},
-                sequence_parallel=(layout.sequence_parallel, state.get_sequence_parallel()),
+                sequence_parallel=(layout.sequence_parallel, state.current_layout().sequence_parallel),
                 stages=(layout.is_first_stage, layout.is_last_stage, layout.is_logging_rank),
                 neighbours=(layout.prev_pipeline_rank, layout.next_pipeline_rank),
-                getters=(state.get_tensor_model_parallel_world_size(), state.get_pipeline_model_parallel_world_size(),
-                         state.get_data_parallel_world_size(), state.get_tensor_model_parallel_rank(),
-                         state.get_pipeline_model_parallel_rank(), state.get_data_parallel_rank(),
-                         state.is_pipeline_first_stage(), state.is_pipeline_last_stage(),
-                         state.get_pipeline_model_parallel_prev_rank(), state.get_pipeline_model_parallel_next_rank()),
                 second_build=second_build))
         report[-1]["restored"] = state.current_layout() == ParallelLayout.single_process()
     return report
@@ -191,6 +179,4 @@ def test_four_processes_build_each_layout_and_collectives_reach_exactly_the_list
             assert entry["sequence_parallel"] == (sequence_parallel and tp > 1,) * 2  # no effect at tensor size 1
             assert entry["stages"] == (first, last, last and coords["tp"] == 0 and coords["dp"] == 0)
             assert entry["neighbours"] == (pipeline[(coords["pp"] - 1) % pp], pipeline[(coords["pp"] + 1) % pp])
-            assert entry["getters"] == (tp, pp, dp, coords["tp"], coords["pp"], coords["dp"], first, last,
-                                        *entry["neighbours"])
             assert "call destroy_model_parallel() before building another layout" in entry["second_build"]

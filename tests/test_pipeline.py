@@ -24,6 +24,7 @@ from megatron_llama.parallel.pipeline import (ACTIVATION, BACKWARD, FORWARD, Sch
                                               build_plans, check_micro_batch_count, compute_order, release_storage,
                                               run_schedule, warmup_forwards)
 from megatron_llama.parallel.stages import allreduce_tied_embedding_grads, split_layers, sync_tied_embedding_weights
+from megatron_llama.parallel.state import ParallelLayout
 
 SEED = 4321
 MODEL = ModelConfig(num_layers=8, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -90,7 +91,7 @@ def test_stage_chunks_hold_exactly_the_single_process_parameters_once_plus_the_t
     split = split_layers(8, 2, layers_per_virtual_stage=2)
     held = collections.Counter()
     for rank in range(2):
-        for chunk in build_model_chunks(config, SEED, split, pipeline_rank=rank):
+        for chunk in build_model_chunks(config, SEED, split, ParallelLayout.for_rank(rank, 2, pipeline_size=2)):
             for name, param in chunk.named_parameters():
                 held[name] += 1
                 assert torch.equal(param, reference[name]), f"rank {rank}: {name} initialised differently"
@@ -271,14 +272,15 @@ def gather_full(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor
     dim = getattr(param, "tensor_parallel_dim", None)
     if dim is None:
         return tensor.clone()
-    return comm.all_gather_along(tensor, dim, state.get_tensor_model_parallel_group()).clone()
+    return comm.all_gather_along(tensor, dim, state.current_layout().tensor_group).clone()
 
 
 def train_pipelined(case: dict) -> dict:
     """Three steps on this rank's stage; losses (broadcast to every stage), gradients, schedule measurements."""
     config, m = case["config"], case["micro_batches"]
     split = split_layers(config.num_layers, case["pp"], layers_per_virtual_stage=case["layers_per_virtual_stage"])
-    chunks = build_model_chunks(config, SEED, split)
+    layout = state.current_layout()
+    chunks = build_model_chunks(config, SEED, split, layout)
     optimizer = make_optimizer([param for chunk in chunks for param in chunk.parameters()], case["optimizer"])
     result = {"losses": [], "last stage losses": [], "gradients": [], "max live": [], "hook saw backwards": [],
               "sent outputs": 0, "sent outputs still holding data": 0}
@@ -293,16 +295,16 @@ def train_pipelined(case: dict) -> dict:
     for micro_batches in training_batches(m):
         optimizer.zero_grad()
         stats = ScheduleStats()
-        losses = run_schedule(chunks, micro_batches, global_mean_loss(m), num_micro_batches=m,
+        losses = run_schedule(chunks, micro_batches, global_mean_loss(m), layout=layout, num_micro_batches=m,
                               micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
                               dtype=torch.float32, stats=stats, forward_step=forward_step,
                               after_last_backward=lambda: result["hook saw backwards"].append(stats.backwards))
         for chunk in chunks:
-            layers.allreduce_sequence_parallel_grads(chunk)
-        allreduce_tied_embedding_grads(chunks)
+            layers.allreduce_sequence_parallel_grads(chunk, layout)
+        allreduce_tied_embedding_grads(chunks, layout)
         result["last stage losses"].append(len(losses))
         total = torch.stack(losses).sum() if losses else torch.zeros(())
-        result["losses"].append(broadcast_from_last_stage(total).item())
+        result["losses"].append(broadcast_from_last_stage(total, layout).item())
         result["gradients"].append({name: gather_full(param.grad, param)
                                     for chunk in chunks for name, param in chunk.named_parameters()})
         result["max live"].append(stats.max_live_activations)
@@ -313,11 +315,11 @@ def train_pipelined(case: dict) -> dict:
         sent_outputs.clear()
         optimizer.step()
     stats = ScheduleStats()
-    losses = run_schedule(chunks, training_batches(m)[0], global_mean_loss(m), num_micro_batches=m,
+    losses = run_schedule(chunks, training_batches(m)[0], global_mean_loss(m), layout=layout, num_micro_batches=m,
                           micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
                           dtype=torch.float32, forward_only=True, stats=stats, forward_step=llama_forward_step)
     total = torch.stack(losses).sum() if losses else torch.zeros(())
-    result["evaluation"] = broadcast_from_last_stage(total).item()
+    result["evaluation"] = broadcast_from_last_stage(total, layout).item()
     result["evaluation stats"] = stats
     if hasattr(chunks[-1], "embedding") and chunks[-1].post_process:
         result["final output embedding"] = gather_full(chunks[-1].embedding.weight.data, chunks[-1].embedding.weight)
@@ -395,11 +397,11 @@ def check_interleaved_error_and_weight_sync() -> dict:
     """At pp=2 (dp = world / 2): run_schedule refuses 3 micro-batches for 2 chunks; sync gives the last stage's
     copy the first stage's values."""
     extras = {}
-    with state.parallel_layout(1, 2):
+    with state.parallel_layout(1, 2) as layout:
         config = dataclasses.replace(MODEL, untie_embeddings_and_output_weights=False)
-        chunks = build_model_chunks(config, SEED, split_layers(8, 2, layers_per_virtual_stage=2))
+        chunks = build_model_chunks(config, SEED, split_layers(8, 2, layers_per_virtual_stage=2), layout)
         try:
-            run_schedule(chunks, training_batches(3)[0], global_mean_loss(3), num_micro_batches=3,
+            run_schedule(chunks, training_batches(3)[0], global_mean_loss(3), layout=layout, num_micro_batches=3,
                          micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
                          dtype=torch.float32, forward_step=llama_forward_step)
         except ValueError as error:
@@ -408,7 +410,7 @@ def check_interleaved_error_and_weight_sync() -> dict:
         if not chunks[0].pre_process:
             with torch.no_grad():
                 weight.add_(1.0)
-        sync_tied_embedding_weights(chunks)
+        sync_tied_embedding_weights(chunks, layout)
         extras["synced weight"] = weight.detach().clone()
     return extras
 
@@ -511,7 +513,7 @@ def test_no_pipelining_accumulates_the_single_process_gradients_and_calls_the_ho
     reference_losses, reference_gradients, _ = train_single_process(config, "sgd", 3)
     model = build_model(config, SEED)
     seen = {}
-    losses = run_schedule([model], iter(micro_batches), global_mean_loss(3), num_micro_batches=3,
+    losses = run_schedule([model], iter(micro_batches), global_mean_loss(3), layout=model.layout, num_micro_batches=3,
                           micro_batch_size=MICRO_BATCH, seq_length=SEQ, hidden_size=config.hidden_size,
                           dtype=torch.float32, forward_step=llama_forward_step,
                           after_last_backward=lambda: seen.update(grad=model.layers["0"].mlp.up.weight.grad.clone()))

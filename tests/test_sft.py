@@ -19,6 +19,7 @@ from megatron_llama.data.tokenizer import build_tokenizer, tokenizer_hash
 from megatron_llama.data_loader import collate
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.parallel import state
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.pretrain import EXIT_BAD_DATA, main
 from megatron_llama.objectives.language_model import loss_token_count, token_mean_loss
@@ -154,7 +155,8 @@ def test_train_step_loss_is_the_masked_mean_cross_entropy_over_the_global_batch(
                          vocab_size=tokenizer.vocab_size)
     model = build_model(config, seed=7)
     buffers = DataParallelBuffers(model)
-    optimizer, _ = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+    optimizer, _ = build_optimizer(model, buffers, state.current_layout(),
+                                   lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                    clip_grad=0.0)
     batches = [(tokens[:2], labels[:2]), (tokens[2:], labels[2:])]  # two micro-batches of unequal response counts
     count = loss_token_count(batches, ParallelLayout.single_process(), torch.device("cpu"))

@@ -48,7 +48,7 @@ def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Te
     model.zero_grad()
     loss = model(batch["tokens"], batch["labels"], batch.get("position_ids"), batch.get("document_ids"))
     (loss * (batch["labels"] != IGNORE_INDEX)).sum().backward()
-    allreduce_sequence_parallel_grads(model)
+    allreduce_sequence_parallel_grads(model, state.current_layout())
     return loss.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
 
 

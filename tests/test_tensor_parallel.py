@@ -2,7 +2,7 @@
 
 One spawn per layout (tp=2 on 2 gloo ranks, tp=4 on 4) runs every check of that layout:
 the parallel layers against plain layers, vocab-parallel cross entropy against torch's,
-the RNG tracker, and three training steps of the Llama model for each combination of
+the seeding, and three training steps of the Llama model for each combination of
 sequence parallelism, tied/untied embeddings and key/value heads equal to / larger than tp.
 The module-scoped fixture keeps the results; each test asserts one property of them.
 """
@@ -18,7 +18,8 @@ from megatron_llama.config import ModelConfig
 from megatron_llama.model.llama import build_model
 from megatron_llama.parallel import comm, layers, state
 from megatron_llama.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_llama.parallel.random import checkpoint, get_rng_tracker, set_random_seeds
+from megatron_llama.parallel.random import checkpoint, set_random_seeds
+from megatron_llama.parallel.state import ParallelLayout
 
 SEED = 1234
 CE_VOCAB = 37  # real vocabulary of the cross-entropy checks; logits carry padding up to a multiple of 8 * tp
@@ -72,7 +73,7 @@ def train(config: ModelConfig, optimizer_name: str) -> tuple[list[float], list[d
         optimizer.zero_grad()
         loss = model(tokens[:, :-1], tokens[:, 1:]).mean()  # mean over every token of the global batch
         loss.backward()
-        layers.allreduce_sequence_parallel_grads(model)
+        layers.allreduce_sequence_parallel_grads(model, model.layout)
         losses.append(loss.item())
         gradients.append({name: gather_full(param.grad, param) for name, param in model.named_parameters()})
         optimizer.step()
@@ -83,7 +84,7 @@ def gather_full(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor
     dim = getattr(param, "tensor_parallel_dim", None)
     if dim is None:
         return tensor.clone()
-    return comm.all_gather_along(tensor, dim, state.get_tensor_model_parallel_group()).clone()
+    return comm.all_gather_along(tensor, dim, state.current_layout().tensor_group).clone()
 
 
 def compare_to_reference(losses, gradients, reference, optimizer: str) -> list[str]:
@@ -127,45 +128,40 @@ def check_layers(tp: int) -> dict[str, float]:
             tag = f" sp={sequence_parallel}"
             shard = (lambda t: t.chunk(tp, 1)[rank]) if sequence_parallel else (lambda t: t)
 
-            for gather_output in (False, True):
-                weight, local_weight = _full_and_local(generator, (h_out, h_in), 0, tp, rank)
-                bias, local_bias = _full_and_local(generator, (h_out,), 0, tp, rank)
-                reference = _reference_grads(lambda x, w, c: F.linear(x, w, c), x_full, weight, bias, upstream_full)
-                layer = layers.ColumnParallelLinear(h_in, h_out, bias=True, gather_output=gather_output)
-                layer.weight.data.copy_(local_weight)
-                layer.bias.data.copy_(local_bias)
-                x = shard(x_full).clone().requires_grad_()
-                y = layer(x)
-                upstream = upstream_full if gather_output else upstream_full.chunk(tp, -1)[rank]
-                y.backward(upstream)
-                name = f"column gather_output={gather_output}{tag}"
-                expected_y = reference["y"] if gather_output else reference["y"].chunk(tp, -1)[rank]
-                diffs[name + " output"] = scaled_difference(y, expected_y)
-                diffs[name + " input grad"] = scaled_difference(x.grad, shard(reference["x"]))
-                diffs[name + " weight grad"] = scaled_difference(gather_full(layer.weight.grad, layer.weight),
-                                                                 reference["w"])
-                diffs[name + " bias grad"] = scaled_difference(gather_full(layer.bias.grad, layer.bias), reference["b"])
+            weight, local_weight = _full_and_local(generator, (h_out, h_in), 0, tp, rank)
+            bias, local_bias = _full_and_local(generator, (h_out,), 0, tp, rank)
+            reference = _reference_grads(lambda x, w, c: F.linear(x, w, c), x_full, weight, bias, upstream_full)
+            layer = layers.ColumnParallelLinear(h_in, h_out, bias=True)
+            layer.weight.data.copy_(local_weight)
+            layer.bias.data.copy_(local_bias)
+            x = shard(x_full).clone().requires_grad_()
+            y = layer(x)
+            y.backward(upstream_full.chunk(tp, -1)[rank])
+            name = f"column{tag}"
+            diffs[name + " output"] = scaled_difference(y, reference["y"].chunk(tp, -1)[rank])
+            diffs[name + " input grad"] = scaled_difference(x.grad, shard(reference["x"]))
+            diffs[name + " weight grad"] = scaled_difference(gather_full(layer.weight.grad, layer.weight),
+                                                             reference["w"])
+            diffs[name + " bias grad"] = scaled_difference(gather_full(layer.bias.grad, layer.bias), reference["b"])
 
             weight, local_weight = _full_and_local(generator, (h_in, h_out), 1, tp, rank)
             bias = torch.randn(h_in, generator=generator)
             upstream_row = torch.randn(b, s, h_in, generator=generator)
             x_row = torch.randn(b, s, h_out, generator=generator)
             reference = _reference_grads(lambda x, w, c: F.linear(x, w, c), x_row, weight, bias, upstream_row)
-            for input_is_parallel in ((True,) if sequence_parallel else (True, False)):
-                layer = layers.RowParallelLinear(h_out, h_in, bias=True, input_is_parallel=input_is_parallel)
-                layer.weight.data.copy_(local_weight)
-                layer.bias.data.copy_(bias)
-                x = (x_row.chunk(tp, -1)[rank] if input_is_parallel else x_row).clone().requires_grad_()
-                y = layer(x)
-                y.backward(shard(upstream_row))
-                layers.allreduce_sequence_parallel_grads(layer)  # the bias saw only this rank's tokens
-                name = f"row input_is_parallel={input_is_parallel}{tag}"
-                diffs[name + " output"] = scaled_difference(y, shard(reference["y"]))
-                expected_x_grad = reference["x"].chunk(tp, -1)[rank] if input_is_parallel else reference["x"]
-                diffs[name + " input grad"] = scaled_difference(x.grad, expected_x_grad)
-                diffs[name + " weight grad"] = scaled_difference(gather_full(layer.weight.grad, layer.weight),
-                                                                 reference["w"])
-                diffs[name + " bias grad"] = scaled_difference(layer.bias.grad, reference["b"])
+            layer = layers.RowParallelLinear(h_out, h_in, bias=True)
+            layer.weight.data.copy_(local_weight)
+            layer.bias.data.copy_(bias)
+            x = x_row.chunk(tp, -1)[rank].clone().requires_grad_()
+            y = layer(x)
+            y.backward(shard(upstream_row))
+            layers.allreduce_sequence_parallel_grads(layer, layer.layout)  # the bias saw only this rank's tokens
+            name = f"row{tag}"
+            diffs[name + " output"] = scaled_difference(y, shard(reference["y"]))
+            diffs[name + " input grad"] = scaled_difference(x.grad, reference["x"].chunk(tp, -1)[rank])
+            diffs[name + " weight grad"] = scaled_difference(gather_full(layer.weight.grad, layer.weight),
+                                                             reference["w"])
+            diffs[name + " bias grad"] = scaled_difference(layer.bias.grad, reference["b"])
 
             weight, local_weight = _full_and_local(generator, (vocab, h_in), 0, tp, rank)
             ids = torch.randint(0, vocab, (b, s), generator=generator)
@@ -191,7 +187,8 @@ def _reference_grads(function, x, weight, bias, upstream) -> dict[str, torch.Ten
 
 
 def check_cross_entropy(tp: int) -> dict[str, float]:
-    rank = state.get_tensor_model_parallel_rank()
+    layout = state.current_layout()
+    rank = layout.tensor_rank
     padded = -(-CE_VOCAB // (8 * tp)) * 8 * tp  # the last rank(s) hold padding columns
     generator = torch.Generator().manual_seed(5)
     logits_full = torch.randn(2, 6, padded, generator=generator) * 3
@@ -203,7 +200,7 @@ def check_cross_entropy(tp: int) -> dict[str, float]:
                                 reduction="none").view(2, 6)
     (reference * weights).sum().backward()
     local = logits_full.chunk(tp, -1)[rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(local, labels, CE_VOCAB)
+    loss = vocab_parallel_cross_entropy(local, labels, CE_VOCAB, layout.tensor_group)
     (loss * weights).sum().backward()
     real_columns = min(max(CE_VOCAB - rank * local.shape[-1], 0), local.shape[-1])
     padding_grad = local.grad[..., real_columns:]
@@ -219,17 +216,13 @@ def cross_entropy_agrees(diffs: dict[str, float]) -> bool:
 
 def check_initialisation() -> dict[str, torch.Tensor]:
     """This rank's initial values of a model with padding, gathered to full shape."""
-    model = build_model(dataclasses.replace(MODEL, num_query_groups=state.get_tensor_model_parallel_world_size()),
-                        seed=SEED)
+    model = build_model(dataclasses.replace(MODEL, num_query_groups=state.current_layout().tensor_size), seed=SEED)
     return {name: gather_full(param.data, param) for name, param in model.named_parameters()}
 
 
-def check_random_states() -> dict[str, torch.Tensor]:
-    set_random_seeds(SEED)
-    default = torch.rand(16)
-    with get_rng_tracker().fork():
-        model_parallel = torch.rand(16)
-    return {"default": default, "model-parallel": model_parallel}
+def check_random_states() -> torch.Tensor:
+    set_random_seeds(SEED, state.current_layout())
+    return torch.rand(16)
 
 
 def run_layout(tp: int, references: dict[str, tuple]) -> dict:
@@ -291,13 +284,10 @@ def test_parallel_initialisation_is_a_slice_of_single_process_initialisation(lay
             assert torch.equal(other["init"][name], full), f"{name}: replicated values differ across tensor ranks"
 
 
-def test_model_parallel_rng_differs_across_tensor_ranks_default_rng_agrees(layout):
+def test_seeded_random_numbers_agree_across_tensor_ranks(layout):
     _, ranks = layout
-    defaults = [results["rng"]["default"] for results in ranks]
-    model_parallel = [results["rng"]["model-parallel"] for results in ranks]
+    defaults = [results["rng"] for results in ranks]
     assert all(torch.equal(value, defaults[0]) for value in defaults)
-    assert len({tuple(value.tolist()) for value in model_parallel}) == len(ranks)
-    assert not any(torch.equal(value, defaults[0]) for value in model_parallel)
 
 
 def test_three_training_steps_give_single_process_losses_and_gradients(layout):
@@ -323,34 +313,30 @@ def test_cross_entropy_without_process_group_equals_torch_and_ignores_padding():
 def test_initial_rows_of_the_real_vocabulary_do_not_depend_on_padding():
     embeddings = [layers.VocabParallelEmbedding(rows, 16) for rows in (200, 256, 512)]
     for embedding in embeddings:
-        layers.initialize_parameters(torch.nn.ModuleDict({"embedding": embedding}), seed=SEED)
+        layers.initialize_parameters(torch.nn.ModuleDict({"embedding": embedding}), SEED, embedding.layout)
     assert all(torch.equal(e.weight[:200], embeddings[0].weight) for e in embeddings[1:])
     other_seed = layers.VocabParallelEmbedding(200, 16)
-    layers.initialize_parameters(torch.nn.ModuleDict({"embedding": other_seed}), seed=SEED + 1)
+    layers.initialize_parameters(torch.nn.ModuleDict({"embedding": other_seed}), SEED + 1, other_seed.layout)
     assert not torch.equal(other_seed.weight, embeddings[0].weight)
     assert abs(embeddings[2].weight.std().item() - 0.02) < 0.002
 
 
-def test_recompute_replays_default_and_model_parallel_random_states():
+def test_recompute_replays_the_random_state():
     linear = torch.nn.Linear(16, 16)
 
     def block(x):
-        x = F.dropout(linear(x), p=0.5)  # default generator
-        with get_rng_tracker().fork():
-            x = F.dropout(x, p=0.5)  # model-parallel generator
-        return torch.tanh(x)
+        return torch.tanh(F.dropout(linear(x), p=0.5))
 
     x = torch.randn(4, 16)
     results = []
     for recompute in (False, True):
-        set_random_seeds(SEED)
+        set_random_seeds(SEED, ParallelLayout.single_process())
         linear.zero_grad()
         inputs = x.clone().requires_grad_()
         y = checkpoint(block, inputs) if recompute else block(inputs)
         y.sum().backward()
-        after = (torch.rand(1), get_rng_tracker().get_states())  # both generators advanced exactly once
+        after = torch.rand(1)  # the generator advanced exactly once
         results.append((y.detach(), inputs.grad, linear.weight.grad.clone(), after))
     (y0, gx0, gw0, after0), (y1, gx1, gw1, after1) = results
     assert torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
-    assert torch.equal(after0[0], after1[0])
-    assert all(torch.equal(after0[1][name], after1[1][name]) for name in after0[1])
+    assert torch.equal(after0, after1)

@@ -21,6 +21,7 @@ from megatron_llama.hf_conversion import save_hf_checkpoint
 from megatron_llama.model import stage_model
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.builder import build_optimizer
+from megatron_llama.parallel import state
 from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.pretrain import main
@@ -153,7 +154,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     for micro_batch_size in (1, 4):
         model = build_model(config, seed=7)
         buffers = DataParallelBuffers(model)
-        optimizer, _ = build_optimizer(model, buffers, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+        optimizer, _ = build_optimizer(model, buffers, state.current_layout(),
+                                       lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                        clip_grad=0.0)
         batches = [(tokens[i:i + micro_batch_size], labels[i:i + micro_batch_size])
                    for i in range(0, 4, micro_batch_size)]

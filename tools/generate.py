@@ -27,7 +27,6 @@ from megatron_llama.hf_conversion import ConversionError
 from megatron_llama.inference.generator import encode_prompt
 from megatron_llama.inference.launch import add_model_arguments, start_generator, stop_process_groups
 from megatron_llama.inference.sampling import SamplingParams
-from megatron_llama.parallel import state
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                               prompt_tokens=completion.prompt_tokens, completion_tokens=len(completion.tokens))
     except (CheckpointError, ConversionError, TokenizerError, ValueError, OSError) as error:
         sys.exit(f"generate: error: {error}")
-    if state.get_tensor_model_parallel_rank() == 0:
+    if generator.model.layout.tensor_rank == 0:
         if args.output_file:
             write_jsonl(args.output_file, records)
             print(f"generate: wrote {len(records)} completions to {args.output_file}")

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from typing import Callable
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from megatron_llama.data import helpers
 from megatron_llama.data.errors import DataError
+from megatron_llama.parallel import world
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +50,6 @@ def cache_entry(cache_path: str, stem: str, description: dict) -> str:
 
 def delete_advice(entry: str) -> str:
     return f"delete {entry}-* (or pass another --data-cache-path) and run again to rebuild it"
-
-
-def _distributed():
-    """torch.distributed when a process group is up; torch is only consulted if something imported it."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed
-    return None
 
 
 def _save_atomically(path: str, write: Callable) -> None:
@@ -105,18 +97,17 @@ def _read_entry(entry: str, description: dict) -> dict:
 def cached_index_arrays(cache_path: str, stem: str, description: dict, build: Callable[[], dict]) -> dict:
     """Load the arrays named by `build`'s result from cache_path, building them on rank 0 if missing.
 
-    Every rank must call this (it holds a barrier when torch.distributed is initialized).
+    Every rank must call this (it holds a barrier of every rank when the default process group is started:
+    parallel/world.py).
     """
     entry = cache_entry(cache_path, stem, description)
     description_path = f"{entry}-description.json"
-    distributed = _distributed()
-    rank = distributed.get_rank() if distributed else 0
+    rank = world.world_rank() if world.is_distributed() else 0  # without a group every process builds its own
     if rank == 0 and not os.path.isfile(description_path):
         started = time.perf_counter()
         _write_entry(entry, description, build())
         logger.info("built %s in %.2f s (helpers: %s)", entry, time.perf_counter() - started, helpers.BACKEND)
-    if distributed:
-        distributed.barrier()
+    world.barrier()
     if not os.path.isfile(description_path):
         raise IndexCacheError(
             f"{description_path} is missing after rank 0 built it; --data-cache-path must be a folder every node shares"

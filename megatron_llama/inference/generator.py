@@ -254,16 +254,18 @@ class Generator:
 
     def vocabulary_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """This rank's last-position logits [b, 1, padded_vocab / tp] -> the real vocabulary's [b, vocab] (fp32)."""
-        full = gather_from_tensor_parallel_region(logits[:, -1])  # [b, padded_vocab]
+        full = gather_from_tensor_parallel_region(logits[:, -1], self.model.layout.tensor_group)  # [b, padded_vocab]
         return full[:, :self.config.vocab_size].float()
 
     def cache_and_decoder(self, batch: int, length: int):
         """A KV cache for `batch` rows of up to `length` tokens, and the decode-step function over it."""
         if not self.use_cuda_graph:
-            cache = KVCache.for_model(self.config, batch, length, device=self.device, dtype=self.dtype)
+            cache = KVCache.for_model(self.config, self.model.layout, batch, length, device=self.device,
+                                      dtype=self.dtype)
             return cache, lambda ids, positions: self.model.forward_with_cache(ids, positions, cache)
         if batch not in self._graphs:
-            cache = KVCache.for_model(self.config, batch, self.max_length, device=self.device, dtype=self.dtype)
+            cache = KVCache.for_model(self.config, self.model.layout, batch, self.max_length, device=self.device,
+                                      dtype=self.dtype)
             self._graphs[batch] = (cache, CudaGraphDecoder(self.model, cache))
         cache, decoder = self._graphs[batch]
         cache.reset()

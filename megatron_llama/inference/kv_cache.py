@@ -8,7 +8,7 @@ cache's dtype (0 where attended, -inf elsewhere: what SDPA adds to the scores, s
 A row's rotary position is its count of real tokens before the slot (the generator's position_ids), so padding
 never shifts positions.
 
-    cache = KVCache.for_model(model.config, batch=4, max_length=256, device=..., dtype=...)
+    cache = KVCache.for_model(model.config, model.layout, batch=4, max_length=256, device=..., dtype=...)
     cache.begin_step(real_tokens)                              # [b, s] bool: which new tokens are not padding
     logits = model.forward_with_cache(ids, position_ids, cache)  # each layer: cache.layer(i)(q, k, v)
     cache.begin_decode_step()                                  # then one real token per row and step
@@ -25,7 +25,7 @@ import torch
 
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.attention import grouped_sdpa
-from megatron_llama.parallel import state
+from megatron_llama.parallel.state import ParallelLayout
 
 SPAN_GRANULE = 128  # static mode: a decode step attends over the written slots rounded up to a multiple of this
 
@@ -49,9 +49,10 @@ class KVCache:
         self.static_mask_slot: int | None = None  # the decode slot the static mask was last made for
 
     @classmethod
-    def for_model(cls, config: ModelConfig, batch: int, max_length: int, *, device, dtype) -> KVCache:
-        """A cache for this tensor rank's share of the key/value heads of `config`'s model."""
-        kv_heads = config.kv_heads // state.get_tensor_model_parallel_world_size()
+    def for_model(cls, config: ModelConfig, layout: ParallelLayout, batch: int, max_length: int, *, device,
+                  dtype) -> KVCache:
+        """A cache for one tensor rank's share of the key/value heads of `config`'s model built for `layout`."""
+        kv_heads = config.kv_heads // layout.tensor_size
         return cls(config.num_layers, batch, max_length, kv_heads, config.head_dim, device=device, dtype=dtype)
 
     def reset(self) -> None:

@@ -13,14 +13,13 @@ import datetime
 import os
 
 import torch
-import torch.distributed as dist
 
 from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from megatron_llama.data.tokenizer import TOKENIZER_TYPES
 from megatron_llama.inference.generator import Generator
 from megatron_llama.inference.loading import ModelSource, load_for_inference
 from megatron_llama.model.compile import compile_blocks, default_on_cuda
-from megatron_llama.parallel import state
+from megatron_llama.parallel import state, world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def start_process_groups(tensor_parallel_size: int, device: str) -> state.ParallelLayout:
     """The tensor group of a torchrun launch (WORLD_SIZE processes), or the single-process layout."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world.world_size()
     if world_size != tensor_parallel_size:
         raise ValueError(f"--tensor-model-parallel-size {tensor_parallel_size} needs exactly that many processes, "
                          f"but {world_size} were launched; use torchrun --nproc_per_node {tensor_parallel_size}")
@@ -56,14 +55,15 @@ def start_process_groups(tensor_parallel_size: int, device: str) -> state.Parall
         return state.current_layout()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=24))
+    world.start_default_group(device, timeout=datetime.timedelta(hours=24))
     return state.initialize_model_parallel(tensor_parallel_size)
 
 
 def stop_process_groups() -> None:
-    if dist.is_initialized():
+    """Undo start_process_groups: the tensor group, then the default group (started there whenever there is one)."""
+    if world.is_distributed():
         state.destroy_model_parallel()
-        dist.destroy_process_group()
+        world.stop_default_group(started=True)
 
 
 def start_generator(args: argparse.Namespace) -> tuple[Generator, ModelSource]:

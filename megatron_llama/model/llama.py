@@ -6,14 +6,15 @@ embedding (Open-Llama's shared input-output embedding) and Open-Llama's stable e
 (a LayerNorm right after the token embedding).
 
 It reads as a single-device model. Every linear and embedding layer is a class of
-parallel/layers.py, so tensor parallelism changes those classes, never this file; attention
+parallel/layers.py, built for the model's `layout` (parallel/state.py ParallelLayout, handed down
+from the constructor), so tensor parallelism changes those classes, never this file; attention
 views use -1 for the head count, so the same code runs on the local heads of any tensor
 rank. A pipeline stage holds the blocks of its `layer_range` (keyed by GLOBAL index, so
 parameter names never depend on the layout); a stage without the embedding takes hidden
 states as input. Activations are [b, s, h] everywhere.
 
 Usage:
-    model = build_model(model_config_from_preset("tiny"), seed=1234)
+    model = build_model(model_config_from_preset("tiny"), seed=1234)   # layout=: default the installed one
     logits = model(input_ids)              # [b, s] -> [b, s, padded_vocab]
     loss = model(input_ids, labels)        # per-token loss [b, s], fp32
     loss = model(input_ids, labels, position_ids, document_ids)   # packed rows: several documents each
@@ -47,6 +48,7 @@ from megatron_llama.parallel.fused_cross_entropy import fused_vocab_parallel_cro
 from megatron_llama.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                             column_parallel_linear, enter_column_parallel_region,
                                             initialize_parameters)
+from megatron_llama.parallel.state import ParallelLayout
 
 
 class RMSNorm(nn.Module):
@@ -90,13 +92,15 @@ class SelfAttention(nn.Module):
     head_dim rows. A contiguous tensor-parallel slice of the rows therefore holds whole groups.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout):
         super().__init__()
         d, heads, groups = config.head_dim, config.num_attention_heads, config.kv_heads
         self.head_dim = d
         self.q_heads_per_group = heads // groups
-        self.qkv = ColumnParallelLinear(config.hidden_size, (heads + 2 * groups) * d, init_std=config.init_method_std)
-        self.dense = RowParallelLinear(heads * d, config.hidden_size, init_std=output_projection_std(config))
+        self.qkv = ColumnParallelLinear(config.hidden_size, (heads + 2 * groups) * d, init_std=config.init_method_std,
+                                        layout=layout)
+        self.dense = RowParallelLinear(heads * d, config.hidden_size, init_std=output_projection_std(config),
+                                       layout=layout)
         self.core_attention = CoreAttention(config.attention_backend)
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, kernels: ElementwiseKernels,
@@ -137,24 +141,24 @@ class SelfAttention(nn.Module):
 class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout):
         super().__init__()
         h, ffn = config.hidden_size, config.ffn_hidden_size
-        self.gate = ColumnParallelLinear(h, ffn, init_std=config.init_method_std)
-        self.up = ColumnParallelLinear(h, ffn, init_std=config.init_method_std)
-        self.down = RowParallelLinear(ffn, h, init_std=output_projection_std(config))
+        self.gate = ColumnParallelLinear(h, ffn, init_std=config.init_method_std, layout=layout)
+        self.up = ColumnParallelLinear(h, ffn, init_std=config.init_method_std, layout=layout)
+        self.down = RowParallelLinear(ffn, h, init_std=output_projection_std(config), layout=layout)
 
     def forward(self, x: torch.Tensor, kernels: ElementwiseKernels) -> torch.Tensor:
         return self.down(kernels.swiglu(self.gate(x), self.up(x)))  # [b, s, h] -> [b, s, ffn] -> [b, s, h]
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layout: ParallelLayout):
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.norm_epsilon)
-        self.attention = SelfAttention(config)
+        self.attention = SelfAttention(config, layout)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_epsilon)
-        self.mlp = SwiGLUMLP(config)
+        self.mlp = SwiGLUMLP(config, layout)
 
     def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding, kernels: ElementwiseKernels = EAGER_KERNELS,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,22 +185,24 @@ class LlamaModel(nn.Module):
     norm and output head (last stage); layer_range: global [first, last) block indices held here.
     With a tied head, a last stage without pre_process holds its own `embedding.weight` (same
     name, hence same initial values); the pipeline keeps the two copies' gradients in sync.
-    The config must pass ModelConfig.check at the tensor-parallel size of parallel.state (ValueError names
-    the flag to change). The vocabulary is padded for that size
+    `layout`: the ParallelLayout every parallel layer is built for (default: the installed one,
+    parallel.state.current_layout()). The config must pass ModelConfig.check at its tensor-parallel size
+    (ValueError names the flag to change). The vocabulary is padded for that size
     (ModelConfig.padded_vocab_size); with tensor parallelism the logits are this rank's vocabulary
     columns, which vocab_parallel_cross_entropy consumes without gathering.
     """
 
-    def __init__(self, config: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
-                 layer_range: tuple[int, int] | None = None):
+    def __init__(self, config: ModelConfig, *, layout: ParallelLayout | None = None, pre_process: bool = True,
+                 post_process: bool = True, layer_range: tuple[int, int] | None = None):
         super().__init__()
-        tensor_parallel_size = state.get_tensor_model_parallel_world_size()
+        layout = layout if layout is not None else state.current_layout()
+        tensor_parallel_size = layout.tensor_size
         config.check(tensor_parallel_size)
         first, last = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= first <= last <= config.num_layers:
             raise ValueError(f"layer_range ({first}, {last}) must lie within the model's "
                              f"{config.num_layers} layers (--num-layers)")
-        self.config, self.pre_process, self.post_process = config, pre_process, post_process
+        self.config, self.layout, self.pre_process, self.post_process = config, layout, pre_process, post_process
         self.kernels = EAGER_KERNELS  # model/compile.compile_blocks swaps in the compiled ones
         self.fuse_cross_entropy = False
         self.layer_range = (first, last)
@@ -205,15 +211,15 @@ class LlamaModel(nn.Module):
         h = config.hidden_size
 
         if pre_process or (post_process and self.tied_output):
-            self.embedding = VocabParallelEmbedding(padded_vocab, h, init_std=config.init_method_std)
+            self.embedding = VocabParallelEmbedding(padded_vocab, h, init_std=config.init_method_std, layout=layout)
         if pre_process and config.use_stable_embedding:
             self.embedding_norm = nn.LayerNorm(h)
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base)
-        self.layers = nn.ModuleDict({str(index): TransformerBlock(config) for index in range(first, last)})
+        self.layers = nn.ModuleDict({str(index): TransformerBlock(config, layout) for index in range(first, last)})
         if post_process:
             self.final_norm = RMSNorm(h, config.norm_epsilon)
             if not self.tied_output:
-                self.output = ColumnParallelLinear(h, padded_vocab, init_std=config.init_method_std)
+                self.output = ColumnParallelLinear(h, padded_vocab, init_std=config.init_method_std, layout=layout)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,16 +234,16 @@ class LlamaModel(nn.Module):
             def loss_of(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 # hidden [b, s, h] on every tensor rank, weight [V / tp, h] -> [b, s] fp32
                 return fused_vocab_parallel_cross_entropy(hidden, weight, labels, self.config.vocab_size,
-                                                          kernels=self.kernels)
+                                                          self.layout.tensor_group, kernels=self.kernels)
 
             if self.tied_output:  # the embedding's bucket is gathered first, before any block runs
-                return loss_of(enter_column_parallel_region(hidden, self.embedding.sequence_parallel),
-                               self.embedding.weight)
+                return loss_of(enter_column_parallel_region(hidden, self.layout), self.embedding.weight)
             return self.output(hidden, weight_consumer=loss_of)  # a module call: its parameter-gather hook waits
         logits = self._logits(hidden)
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)  # [b, s] fp32
+        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size,
+                                            self.layout.tensor_group)  # [b, s] fp32
 
     def forward_with_cache(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
                            last_position_only: bool = False) -> torch.Tensor:
@@ -264,22 +270,23 @@ class LlamaModel(nn.Module):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This tensor rank's logits: [b, s, h] -> [b, s, padded_vocab / tp]."""
         if self.tied_output:  # the embedding's vocabulary rows act as a column-parallel linear's weight
-            return column_parallel_linear(hidden, self.embedding.weight)
+            return column_parallel_linear(hidden, self.embedding.weight, self.layout)
         return self.output(hidden)
 
 
-def build_model(config: ModelConfig, seed: int, *, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None, pre_process: bool = True, post_process: bool = True,
-                layer_range: tuple[int, int] | None = None) -> LlamaModel:
-    """Construct the (stage's) model on `device`, initialise it layout-independently, cast to `dtype`.
+def build_model(config: ModelConfig, seed: int, *, layout: ParallelLayout | None = None,
+                device: torch.device | str | None = None, dtype: torch.dtype | None = None, pre_process: bool = True,
+                post_process: bool = True, layer_range: tuple[int, int] | None = None) -> LlamaModel:
+    """Construct the (stage's) model for `layout` (LlamaModel's default when None) on `device`, initialise it
+    layout-independently, cast to `dtype`.
 
     Checks first that the attention backend can run here (AttentionBackendError says why not).
-    Tensor-parallel layers take their size and rank from parallel.state.
     """
     get_core_attention(config.attention_backend)
     with torch.device(device if device is not None else "cpu"):
-        model = LlamaModel(config, pre_process=pre_process, post_process=post_process, layer_range=layer_range)
-    initialize_parameters(model, seed)
+        model = LlamaModel(config, layout=layout, pre_process=pre_process, post_process=post_process,
+                           layer_range=layer_range)
+    initialize_parameters(model, seed, model.layout)
     if dtype is not None:
         model.to(dtype=dtype)
     return model

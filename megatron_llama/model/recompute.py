@@ -9,8 +9,8 @@
         only the core attention softmax(q k^T / sqrt(d)) v of every block is recomputed: its
         activations grow with the square of the sequence length, its FLOPs are a small share
 
-Recompute goes through parallel/random.checkpoint, which replays the default and model-parallel
-random states, so gradients equal those without recompute bit for bit.
+Recompute goes through parallel/random.checkpoint, which replays the random state, so gradients
+equal those without recompute bit for bit.
 
 `apply_recompute(model, granularity, method, num_layers)` changes a built LlamaModel in place,
 after tensor-parallel construction and before the data-parallel buffers and the optimizer; it adds

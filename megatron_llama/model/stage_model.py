@@ -3,9 +3,10 @@
 The pipeline code (parallel/) knows neither the model nor its inputs; this module joins the two:
 
     split = split_layers(config.num_layers, pp)                  # parallel/stages.py: which blocks go where
-    chunks = build_model_chunks(config, seed, split)             # this rank's LlamaModel chunks, schedule order
+    chunks = build_model_chunks(config, seed, split, layout)     # this rank's LlamaModel chunks, schedule order
     model = StageModel(chunks)                                   # one module for buffers, optimizer, checkpoints
-    losses = run_schedule(model_chunks(model), micro_batches, loss_fn, forward_step=llama_forward_step, ...)
+    losses = run_schedule(model_chunks(model), micro_batches, loss_fn, layout=layout,
+                          forward_step=llama_forward_step, **schedule_shapes(model_chunks(model), micro_batches))
 
 `StageModel(chunks)` presents a rank's chunks as one module for the data-parallel buffers, the
 optimizer and checkpoints: its parameter and state-dict names are the chunks' own global names
@@ -18,26 +19,25 @@ from torch import nn
 
 from megatron_llama.config import ModelConfig
 from megatron_llama.model.llama import LlamaModel, build_model
-from megatron_llama.parallel import state
 from megatron_llama.parallel.stages import StageSplit, mark_tied_embedding
+from megatron_llama.parallel.state import ParallelLayout
 
 
-def build_model_chunks(config: ModelConfig, seed: int, split: StageSplit, *, pipeline_rank: int | None = None,
+def build_model_chunks(config: ModelConfig, seed: int, split: StageSplit, layout: ParallelLayout, *,
                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[LlamaModel]:
-    """This rank's model chunks, chunk 0 first (build_model); marks a tied embedding's two ends for the pipeline.
-
-    `pipeline_rank` defaults to parallel.state's; pass it to build another rank's chunks (tests, tools).
+    """The model chunks of `layout`'s pipeline rank, chunk 0 first (build_model, tensor-parallel as `layout`);
+    marks a tied embedding's two ends for the pipeline. Another rank's chunks, in one process (tests, tools):
+    pass its layout, ParallelLayout.for_rank(rank, world_size, tensor_size, pipeline_size), which has no groups.
     """
-    rank = state.get_pipeline_model_parallel_rank() if pipeline_rank is None else pipeline_rank
-    if split.pipeline_size != state.get_pipeline_model_parallel_world_size() and pipeline_rank is None:
-        raise ValueError(f"the stage split is for {split.pipeline_size} pipeline stages but parallel.state has "
-                         f"{state.get_pipeline_model_parallel_world_size()}; build both from the same "
-                         f"--pipeline-model-parallel-size")
+    rank = layout.pipeline_rank
+    if split.pipeline_size != layout.pipeline_size:
+        raise ValueError(f"the stage split is for {split.pipeline_size} pipeline stages but the layout has "
+                         f"{layout.pipeline_size}; build both from the same --pipeline-model-parallel-size")
     chunks = []
     for chunk in range(split.num_chunks):
         first, last = split.is_first(rank, chunk), split.is_last(rank, chunk)
-        model = build_model(config, seed, device=device, dtype=dtype, pre_process=first, post_process=last,
-                            layer_range=split.layer_range(rank, chunk))
+        model = build_model(config, seed, layout=layout, device=device, dtype=dtype, pre_process=first,
+                            post_process=last, layer_range=split.layer_range(rank, chunk))
         if split.pipeline_size > 1 and model.tied_output and (first or last):
             mark_tied_embedding(model.embedding.weight, is_copy=not first)
         chunks.append(model)

@@ -76,10 +76,11 @@ def dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: fl
     return losses, rewards[:, 0], rewards[:, 1]
 
 
-def _reference_log_probs(reference_chunks: list[nn.Module], batches: list[dict]) -> list[torch.Tensor]:
+def _reference_log_probs(reference_chunks: list[nn.Module], batches: list[dict],
+                         layout: ParallelLayout) -> list[torch.Tensor]:
     """The frozen reference's log-probability of every row of `batches` ([2b] per micro-batch, last stage only)."""
     return run_schedule(reference_chunks, batches, lambda per_token_loss, _: sequence_log_probs(per_token_loss),
-                        forward_step=llama_forward_step, **schedule_shapes(reference_chunks, batches),
+                        layout=layout, forward_step=llama_forward_step, **schedule_shapes(reference_chunks, batches),
                         forward_only=True)
 
 
@@ -108,9 +109,9 @@ def precompute_reference_logps(reference_model: nn.Module, dataset, pairs_per_mi
         batches = [{name: tensor.to(device) for name, tensor in collate_micro_batch(
             [dataset.pair_sample(pair) for pair in group + group[-1:] * (pairs_per_micro_batch - len(group))]).items()}
             for group in window]  # the last micro-batch filled up with its last pair; the extra rows are dropped
-        for group, logps in zip(window, _reference_log_probs(chunks, batches)):
+        for group, logps in zip(window, _reference_log_probs(chunks, batches, layout)):
             table[group] = logps.view(-1, 2)[:len(group)]  # [2b] -> [b, 2]
-    broadcast_from_last_stage(table)
+    broadcast_from_last_stage(table, layout)
     comm.all_reduce(table, layout.data_group)
     return table.cpu().numpy()
 
@@ -136,7 +137,7 @@ class DPOObjective(Objective):
             if not all("reference_logps" in batch for batch in batches):
                 raise ValueError("the DPO reference was precomputed, but a micro-batch carries no reference_logps")
             return batches
-        reference = _reference_log_probs(self.reference_chunks, batches)
+        reference = _reference_log_probs(self.reference_chunks, batches, self.layout)
         return [dict(batch, reference_logps=logps) for batch, logps in zip(batches, reference)] or batches
 
     def loss_fn(self, per_token_loss: torch.Tensor, micro_batch: dict) -> torch.Tensor:
@@ -174,7 +175,7 @@ class DPOObjective(Objective):
             losses, sums = self._pair_losses(per_token_loss, micro_batch)
             return torch.cat([sums[:1], losses.sum()[None], sums[1:]])  # [pairs, loss, *METRICS]
 
-        sums = run_schedule(chunks, batches, pair_sums, forward_step=llama_forward_step,
+        sums = run_schedule(chunks, batches, pair_sums, layout=self.layout, forward_step=llama_forward_step,
                             **schedule_shapes(chunks, batches), forward_only=True)
         model.train(was_training)
         return _means_over_ranks(torch.stack(sums).sum(dim=0) if sums else None, self.layout, device,
@@ -186,7 +187,7 @@ def _means_over_ranks(sums: torch.Tensor | None, layout: ParallelLayout, device:
     """Sums [pairs, *names] of the last stage (None elsewhere, or with no pair) -> each name's mean over the pairs
     of every data-parallel rank; a collective of the pipeline and data-parallel groups."""
     sums = sums.double() if sums is not None else torch.zeros(1 + len(names), dtype=torch.float64, device=device)
-    broadcast_from_last_stage(sums)
+    broadcast_from_last_stage(sums, layout)
     comm.all_reduce(sums, layout.data_group)
     pairs = max(float(sums[0]), 1.0)
     return {name: float(value) / pairs for name, value in zip(names, sums[1:].tolist())}

@@ -50,14 +50,14 @@ def evaluate_token_loss(model: nn.Module, batches: Iterable, layout: ParallelLay
     batches = [as_micro_batch(batch) for batch in batches]
     was_training = model.training
     model.eval()
-    losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.double().sum(),
+    losses = run_schedule(chunks, batches, lambda per_token_loss, _: per_token_loss.double().sum(), layout=layout,
                           forward_step=llama_forward_step, **schedule_shapes(chunks, batches), forward_only=True)
     model.train(was_training)
     device = next(chunks[0].parameters()).device
     loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float64, device=device)
     token_count = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
     totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=device)])
-    broadcast_from_last_stage(totals[:1])
+    broadcast_from_last_stage(totals[:1], layout)
     comm.all_reduce(totals, layout.data_group)
     return float(totals[0] / totals[1])
 

@@ -7,8 +7,9 @@ one of them only); the sums are added over `norm_group` (the model-parallel grou
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from megatron_llama.parallel import comm
 
 
 def global_grad_norm(grads: list[torch.Tensor], norm_group=None) -> torch.Tensor:
@@ -16,9 +17,7 @@ def global_grad_norm(grads: list[torch.Tensor], norm_group=None) -> torch.Tensor
     if not grads:
         raise ValueError("no gradients to take the norm of")
     squares = torch.stack([torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]).square().sum()
-    if norm_group is not None and dist.is_initialized() and dist.get_world_size(norm_group) > 1:
-        dist.all_reduce(squares, group=norm_group)
-    return squares.sqrt()
+    return comm.all_reduce(squares, norm_group).sqrt()
 
 
 @torch.no_grad()

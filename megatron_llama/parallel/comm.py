@@ -27,6 +27,11 @@ def group_size(group) -> int:
     return dist.get_world_size(group)
 
 
+def group_rank(group) -> int:
+    """This process's rank within `group` (0 in a group of one)."""
+    return dist.get_rank(group) if group_size(group) > 1 else 0
+
+
 def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Reduce `tensor` in place over `group` and return it."""
     if group_size(group) > 1:

@@ -12,24 +12,24 @@ vocabulary. Per token (Megatron-LM's vocab-parallel cross entropy):
 so only three [b, s] tensors cross the network. Columns at or beyond `vocab_size` are
 vocabulary padding: they are left out of the max and the sum, so padding never changes
 the loss and receives zero gradient. A label of -100 (torch's ignore_index) gives loss 0
-and no gradient. At tensor-parallel size 1 nothing is communicated.
+and no gradient. The tensor group (`layout.tensor_group`) is passed in; at tensor-parallel size 1 (a
+group of one, or None) nothing is communicated.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from megatron_llama.parallel import comm, state
+from megatron_llama.parallel import comm
 
 IGNORE_INDEX = -100
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, vocab_size):
-        group = state.get_tensor_model_parallel_group()
+    def forward(ctx, logits, labels, vocab_size, group):
         local_width = logits.shape[-1]
-        vocab_start = state.get_tensor_model_parallel_rank() * local_width
+        vocab_start = comm.group_rank(group) * local_width
         real_columns = max(0, min(local_width, vocab_size - vocab_start))  # columns left of the padding
         shifted = logits[..., :real_columns].float()  # [b, s, real_columns]
 
@@ -69,9 +69,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         padding = ctx.local_width - grad.shape[-1]
         if padding:
             grad = torch.cat([grad, grad.new_zeros(grad.shape[:-1] + (padding,))], dim=-1)  # [b, s, local_width]
-        return grad.to(ctx.logits_dtype), None, None
+        return grad.to(ctx.logits_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token loss. logits [b, s, padded_vocab / tp] (this rank's columns), labels [b, s] -> loss [b, s] (fp32)."""
-    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_size)
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                                 tensor_group) -> torch.Tensor:
+    """Per-token loss. logits [b, s, padded_vocab / tp] (this rank's columns of `tensor_group`'s vocabulary split),
+    labels [b, s] -> loss [b, s] (fp32)."""
+    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_size, tensor_group)

@@ -32,14 +32,14 @@ asynchronously and a forward pre-hook on each module waits only for the buckets 
 
 Usage (once, before building the optimizer; the model is not wrapped, its parameter names stay):
 
-    buffers = DataParallelBuffers(model, state.get_data_parallel_group(), bucket_size=40_000_000,
+    buffers = DataParallelBuffers(model, layout.data_group, bucket_size=40_000_000,
                                   overlap_grad_reduce=True)
     optimizer, _ = build_optimizer(model, buffers, ...)   # optim/builder.py
     optimizer.zero_grad()                                 # calls buffers.zero_grad()
     for index, micro_batch in enumerate(micro_batches):
         with buffers.no_sync() if index < len(micro_batches) - 1 else contextlib.nullcontext():
             loss_of(micro_batch).backward()
-    finalize_model_grads(model, buffers)                  # parallel/grad_finalize.py; calls finish_grad_sync()
+    finalize_model_grads(model, buffers, layout)          # parallel/grad_finalize.py; calls finish_grad_sync()
     optimizer.step(lr)
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ class DataParallelBuffers:
                              "updates whole parameters and nothing is gathered)")
         self.group = group
         self.size = comm.group_size(group)
-        self.rank = dist.get_rank(group) if self.size > 1 else 0
+        self.rank = comm.group_rank(group)
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_param_gather = overlap_param_gather

@@ -1,11 +1,11 @@
 """Output head and vocabulary-parallel cross entropy in one, over chunks of tokens.
 
-    loss = fused_vocab_parallel_cross_entropy(hidden, weight, labels, vocab_size)
+    loss = fused_vocab_parallel_cross_entropy(hidden, weight, labels, vocab_size, layout.tensor_group)
     # hidden [b, s, h] (already gathered / copied into the tensor-parallel region), weight [V / tp, h]
     # (this rank's vocabulary rows), labels [b, s] -> per-token loss [b, s] fp32
 
-equals `vocab_parallel_cross_entropy(hidden @ weight^T, labels, vocab_size)` (parallel/cross_entropy.py has
-the math) without ever holding fp32 logits of the whole batch. Forward walks the tokens in chunks of
+equals `vocab_parallel_cross_entropy(hidden @ weight^T, labels, vocab_size, tensor_group)`
+(parallel/cross_entropy.py has the math) without ever holding fp32 logits of the whole batch. Forward walks the tokens in chunks of
 `chunk_tokens`: each chunk's logits [c, V / tp] are computed in the model dtype, reduced to per-token
 statistics (log-sum-exp over this rank's real columns, the target's logit), the statistics combined over
 tensor ranks (all-reduce MAX of the log-sum-exps, then one all-reduce SUM of the rescaled sums and target
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_llama.parallel import comm, state
+from megatron_llama.parallel import comm
 from megatron_llama.parallel.cross_entropy import IGNORE_INDEX
 
 DEFAULT_CHUNK_TOKENS = 4096
@@ -64,10 +64,9 @@ EAGER_CROSS_ENTROPY_KERNELS = types.SimpleNamespace(cross_entropy_statistics=cro
                                                     write_cross_entropy_grad=write_cross_entropy_grad)
 
 
-def _combine_over_tensor_ranks(log_sum_exp: torch.Tensor, target_logit: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor]:
+def _combine_over_tensor_ranks(log_sum_exp: torch.Tensor, target_logit: torch.Tensor,
+                               group) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-vocabulary log-sum-exp and target logit from every rank's partial ones ([t] fp32 each)."""
-    group = state.get_tensor_model_parallel_group()
     top = comm.all_reduce(log_sum_exp.clone(), group, op=dist.ReduceOp.MAX)  # [t]; finite: every rank has columns
     sums = comm.all_reduce(torch.stack([torch.exp(log_sum_exp - top), target_logit]), group)  # [2, t]
     return top + torch.log(sums[0]), sums[1]
@@ -75,15 +74,15 @@ def _combine_over_tensor_ranks(log_sum_exp: torch.Tensor, target_logit: torch.Te
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_size, chunk_tokens, kernels, need_grad):
+    def forward(ctx, hidden, weight, labels, vocab_size, group, chunk_tokens, kernels, need_grad):
         # hidden [T, h], weight [V_local, h], labels [T] -> loss [T] fp32
         local_width = weight.shape[0]
-        vocab_start = state.get_tensor_model_parallel_rank() * local_width
+        vocab_start = comm.group_rank(group) * local_width
         real_columns = max(0, min(local_width, vocab_size - vocab_start))  # columns left of the padding
         ignored = labels == IGNORE_INDEX
         label_here = (labels >= vocab_start) & (labels < vocab_start + real_columns)
         local_labels = (labels - vocab_start).masked_fill(~label_here, 0)
-        tensor_parallel = state.get_tensor_model_parallel_world_size() > 1
+        tensor_parallel = comm.group_size(group) > 1
         loss = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         grad_logits = torch.empty(hidden.shape[0], local_width, dtype=hidden.dtype, device=hidden.device) \
             if need_grad else None
@@ -97,7 +96,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 log_sum_exp = torch.full(logits.shape[:1], float("-inf"), device=logits.device)
                 target_logit = torch.zeros(logits.shape[:1], device=logits.device)
             if tensor_parallel:
-                log_sum_exp, target_logit = _combine_over_tensor_ranks(log_sum_exp, target_logit)
+                log_sum_exp, target_logit = _combine_over_tensor_ranks(log_sum_exp, target_logit, group)
             loss[rows] = (log_sum_exp - target_logit).masked_fill(ignored[rows], 0.0)
             if need_grad:
                 kernels.write_cross_entropy_grad(grad_logits[rows], logits, log_sum_exp, local_labels[rows],
@@ -116,13 +115,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = ((grad_logits @ weight).float() * scale).to(hidden.dtype)  # [T, h]
         if ctx.needs_input_grad[1]:
             grad_weight = grad_logits.t() @ (hidden.float() * scale).to(hidden.dtype)  # [V_local, h]
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                       vocab_size: int, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                                       vocab_size: int, tensor_group, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                                        kernels=None) -> torch.Tensor:
-    """Per-token loss of the output head: hidden [b, s, h], weight [V / tp, h], labels [b, s] -> [b, s] fp32.
+    """Per-token loss of the output head: hidden [b, s, h], weight [V / tp, h] (this rank's rows of
+    `tensor_group`'s vocabulary split), labels [b, s] -> [b, s] fp32.
 
     `kernels` has `cross_entropy_statistics` and `write_cross_entropy_grad` (default: the eager ones above).
     """
@@ -130,5 +130,6 @@ def fused_vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss = _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                          vocab_size, chunk_tokens, kernels or EAGER_CROSS_ENTROPY_KERNELS, need_grad)
+                                          vocab_size, tensor_group, chunk_tokens,
+                                          kernels or EAGER_CROSS_ENTROPY_KERNELS, need_grad)
     return loss.view(labels.shape)

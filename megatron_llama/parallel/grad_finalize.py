@@ -12,7 +12,8 @@ sums over different groups complete them, in this order:
                          (parallel/stages.allreduce_tied_embedding_grads; with the distributed optimizer
                          the weight has a bucket of its own, so both stages' shards of it cover the same elements)
 
-Usage:  optimizer.zero_grad(); backward per micro-batch; finalize_model_grads(model, buffers); optimizer.step(lr)
+Usage:  optimizer.zero_grad(); backward per micro-batch; finalize_model_grads(model, buffers, layout);
+        optimizer.step(lr)
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from torch import nn
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.layers import allreduce_sequence_parallel_grads
 from megatron_llama.parallel.stages import allreduce_tied_embedding_grads
+from megatron_llama.parallel.state import ParallelLayout
 
 
-def finalize_model_grads(model: nn.Module, buffers: DataParallelBuffers):
-    """Complete the main grads of `model` (a StageModel or a plain model) whose buffers are `buffers`."""
+def finalize_model_grads(model: nn.Module, buffers: DataParallelBuffers, layout: ParallelLayout):
+    """Complete the main grads of `model` (a StageModel or a plain model, built for `layout`) whose buffers are
+    `buffers`."""
     buffers.finish_grad_sync()
-    allreduce_sequence_parallel_grads(model)
-    allreduce_tied_embedding_grads([model])
+    allreduce_sequence_parallel_grads(model, layout)
+    allreduce_tied_embedding_grads([model], layout)

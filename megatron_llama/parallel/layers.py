@@ -1,13 +1,15 @@
 """Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
 
 The model is written only against these classes (Shoeybi et al. 2019, "Megatron-LM",
-section 3). Each reads the tensor-parallel size and rank and the sequence-parallel switch
-from `parallel.state` when it is built, so the model's constructor calls are the same at
-every layout; at tensor-parallel size 1 each is a plain linear or embedding layer.
+section 3). Each takes the `ParallelLayout` (parallel/state.py) it is built for, `layout=`
+(default: the installed one, state.current_layout()), and keeps it: its tensor size and rank
+shape the weight, its tensor group and sequence-parallel switch serve every forward. So the
+model's constructor calls are the same at every layout; at tensor-parallel size 1 each is a
+plain linear or embedding layer.
 
     layer                   weight split         input                    output
-    ColumnParallelLinear    rows (out / tp)      copied (f), or all-      local columns [.., out / tp],
-                                                 gathered along s (SP)    or all-gathered (gather_output)
+    ColumnParallelLinear    rows (out / tp)      copied (f), or all-      local columns [.., out / tp]
+                                                 gathered along s (SP)
     RowParallelLinear       columns (in / tp)    local [.., in / tp]      all-reduced (g), or
                                                                           reduce-scattered along s (SP)
     VocabParallelEmbedding  rows (vocab / tp)    token ids [b, s]         all-reduced, or reduce-
@@ -17,7 +19,7 @@ With sequence parallelism (SP, Korthikanti et al. 2022) the activations between 
 sequence shards [b, s / tp, h]: norms and residual adds run on 1/tp of the tokens. A
 parameter that is not split across tensor ranks (norm weights, row-parallel biases) then
 sees only its rank's tokens, so its gradient is a partial sum:
-`allreduce_sequence_parallel_grads(model)` completes it after backward.
+`allreduce_sequence_parallel_grads(model, layout)` completes it after backward.
 
 Gradient-accumulation fusion (Megatron's --gradient-accumulation-fusion; `set_gradient_accumulation_fusion`):
 a linear layer whose weight has an fp32 `main_grad` adds its weight gradient straight into it (one GEMM
@@ -46,9 +48,9 @@ from torch import nn
 
 from megatron_llama.parallel import comm, state
 from megatron_llama.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
-                                              gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
-                                              reduce_scatter_to_sequence_parallel_region,
-                                              scatter_to_tensor_parallel_region)
+                                              reduce_from_tensor_parallel_region,
+                                              reduce_scatter_to_sequence_parallel_region)
+from megatron_llama.parallel.state import ParallelLayout
 
 INIT_BLOCK_ROWS = 128
 
@@ -60,54 +62,47 @@ def _mark(param: nn.Parameter, tensor_parallel_dim: int | None, full_shape: tupl
     return param
 
 
-def _local_size(full_size: int, what: str) -> int:
-    tp = state.get_tensor_model_parallel_world_size()
+def _local_size(full_size: int, what: str, layout: ParallelLayout) -> int:
+    tp = layout.tensor_size
     if full_size % tp:
         raise ValueError(f"{what} {full_size} is not divisible by the tensor-parallel size {tp} "
                          f"(--tensor-model-parallel-size); choose sizes that are multiples of {tp}")
     return full_size // tp
 
 
-def _sequence_parallel(requested: bool | None) -> bool:
-    enabled = state.get_sequence_parallel() if requested is None else requested
-    return bool(enabled) and state.get_tensor_model_parallel_world_size() > 1
-
-
-def enter_column_parallel_region(x: torch.Tensor, sequence_parallel: bool | None = None) -> torch.Tensor:
+def enter_column_parallel_region(x: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
     """The input of a column-parallel matmul: all-gathered along s (sequence parallelism; backward reduce-scatters)
     or copied (the f operator; backward all-reduces). [b, s / tp, in] or [b, s, in] -> [b, s, in]"""
-    if _sequence_parallel(sequence_parallel):
-        return gather_from_sequence_parallel_region(x)
-    return copy_to_tensor_parallel_region(x)
+    if layout.sequence_parallel:
+        return gather_from_sequence_parallel_region(x, layout.tensor_group)
+    return copy_to_tensor_parallel_region(x, layout.tensor_group)
 
 
-def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                           sequence_parallel: bool | None = None, gather_output: bool = False,
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, layout: ParallelLayout,
+                           bias: torch.Tensor | None = None, *,
                            gradient_accumulation_fusion: bool = False) -> torch.Tensor:
-    """x A^T + b for a weight A whose rows are split across tensor ranks.
+    """x A^T + b for a weight A whose rows are split across the tensor ranks of `layout`.
 
-    x: [b, s, in] (or the sequence shard [b, s / tp, in] with sequence parallelism) -> [b, s, out / tp]
-    ([b, s, out] with gather_output). A tied output head calls this with the embedding's weight.
+    x: [b, s, in] (or the sequence shard [b, s / tp, in] with sequence parallelism) -> [b, s, out / tp].
+    A tied output head calls this with the embedding's weight.
     gradient_accumulation_fusion (no bias): dL/dA goes straight into A.main_grad (module docstring).
     """
-    x = enter_column_parallel_region(x, sequence_parallel)  # [b, s, in]
+    x = enter_column_parallel_region(x, layout)  # [b, s, in]
     if gradient_accumulation_fusion and bias is None:
-        y = linear_into_main_grad(x, weight)  # [b, s, out / tp]
-    else:
-        y = F.linear(x, weight, bias)  # [b, s, out / tp]
-    return gather_from_tensor_parallel_region(y) if gather_output else y
+        return linear_into_main_grad(x, weight)  # [b, s, out / tp]
+    return F.linear(x, weight, bias)  # [b, s, out / tp]
 
 
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A's output rows split across tensor ranks. [.., in] -> [.., out/tp]."""
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False, init_std: float = 0.02,
-                 gather_output: bool = False, sequence_parallel: bool | None = None):
+                 layout: ParallelLayout | None = None):
         super().__init__()
-        self.input_size, self.output_size, self.gather_output = input_size, output_size, gather_output
-        self.sequence_parallel = _sequence_parallel(sequence_parallel)
+        self.input_size, self.output_size = input_size, output_size
+        self.layout = layout if layout is not None else state.current_layout()
         self.gradient_accumulation_fusion = False
-        local_out = _local_size(output_size, "ColumnParallelLinear output size")
+        local_out = _local_size(output_size, "ColumnParallelLinear output size", self.layout)
         self.weight = _mark(nn.Parameter(torch.empty(local_out, input_size)), 0, (output_size, input_size), init_std)
         self.bias = _mark(nn.Parameter(torch.zeros(local_out)), 0, (output_size,), None) if bias else None
 
@@ -116,9 +111,8 @@ class ColumnParallelLinear(nn.Module):
         a caller that needs the weight itself (the fused output head + cross entropy) still calls this module, so
         its forward pre-hooks run (the data-parallel buffers' wait for an overlapped all-gather of A)."""
         if weight_consumer is not None:
-            return weight_consumer(enter_column_parallel_region(x, self.sequence_parallel), self.weight)
-        return column_parallel_linear(x, self.weight, self.bias, sequence_parallel=self.sequence_parallel,
-                                      gather_output=self.gather_output,
+            return weight_consumer(enter_column_parallel_region(x, self.layout), self.weight)
+        return column_parallel_linear(x, self.weight, self.layout, self.bias,
                                       gradient_accumulation_fusion=self.gradient_accumulation_fusion)
 
 
@@ -127,28 +121,24 @@ class RowParallelLinear(nn.Module):
     ([b, s / tp, out] with sequence parallelism)."""
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False, init_std: float = 0.02,
-                 input_is_parallel: bool = True, sequence_parallel: bool | None = None):
+                 layout: ParallelLayout | None = None):
         super().__init__()
-        self.input_size, self.output_size, self.input_is_parallel = input_size, output_size, input_is_parallel
-        self.sequence_parallel = _sequence_parallel(sequence_parallel)
+        self.input_size, self.output_size = input_size, output_size
+        self.layout = layout if layout is not None else state.current_layout()
         self.gradient_accumulation_fusion = False
-        if self.sequence_parallel and not input_is_parallel:
-            raise ValueError("RowParallelLinear with sequence parallelism needs input_is_parallel=True "
-                             "(its input must already be split along the hidden dimension)")
-        local_in = _local_size(input_size, "RowParallelLinear input size")
+        local_in = _local_size(input_size, "RowParallelLinear input size", self.layout)
         self.weight = _mark(nn.Parameter(torch.empty(output_size, local_in)), 1, (output_size, input_size), init_std)
         # The bias is added after the reduction, so it is replicated (a sequence-parallel partial-gradient parameter).
         self.bias = _mark(nn.Parameter(torch.zeros(output_size)), None, (output_size,), None) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = scatter_to_tensor_parallel_region(x)  # [.., in] -> [.., in / tp]
         linear = linear_into_main_grad if self.gradient_accumulation_fusion else F.linear
-        partial = linear(x, self.weight)  # [b, s, out], a partial sum over tensor ranks
-        if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_parallel_region(partial)  # [b, s, out] -> [b, s / tp, out]
+        partial = linear(x, self.weight)  # [b, s, in / tp] -> [b, s, out], a partial sum over tensor ranks
+        group = self.layout.tensor_group
+        if self.layout.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(partial, group)  # [b, s, out] -> [b, s / tp, out]
         else:
-            y = reduce_from_tensor_parallel_region(partial)
+            y = reduce_from_tensor_parallel_region(partial, group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -161,25 +151,25 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, init_std: float = 0.02,
-                 sequence_parallel: bool | None = None):
+                 layout: ParallelLayout | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.sequence_parallel = _sequence_parallel(sequence_parallel)
-        local_rows = _local_size(num_embeddings, "VocabParallelEmbedding vocabulary (padded) size")
-        self.vocab_start = state.get_tensor_model_parallel_rank() * local_rows
+        self.layout = layout if layout is not None else state.current_layout()
+        local_rows = _local_size(num_embeddings, "VocabParallelEmbedding vocabulary (padded) size", self.layout)
+        self.vocab_start = self.layout.tensor_rank * local_rows
         self.vocab_end = self.vocab_start + local_rows
         self.weight = _mark(nn.Parameter(torch.empty(local_rows, embedding_dim)), 0,
                             (num_embeddings, embedding_dim), init_std)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if state.get_tensor_model_parallel_world_size() == 1:
+        if self.layout.tensor_size == 1:
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)  # [b, s]
         local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
         partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h]
-        if self.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel_region(partial)  # [b, s, h] -> [b, s / tp, h]
-        return reduce_from_tensor_parallel_region(partial)
+        if self.layout.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(partial, self.layout.tensor_group)  # -> [b, s / tp, h]
+        return reduce_from_tensor_parallel_region(partial, self.layout.tensor_group)
 
 
 class _LinearIntoMainGrad(torch.autograd.Function):
@@ -232,12 +222,12 @@ def is_tensor_parallel_replicated(param: nn.Parameter) -> bool:
     return getattr(param, "tensor_parallel_dim", None) is None
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
-    """Sum over tensor ranks the gradients of replicated parameters (call after backward, before the
-    optimizer and before data-parallel reduction). Under sequence parallelism each such parameter saw
+def allreduce_sequence_parallel_grads(model: nn.Module, layout: ParallelLayout) -> None:
+    """Sum over the tensor ranks of `layout` the gradients of replicated parameters (call after backward, before
+    the optimizer and before data-parallel reduction). Under sequence parallelism each such parameter saw
     only this rank's sequence shard. Acts on `main_grad` where a parameter has one, else on `.grad`;
     no-op without sequence parallelism."""
-    if not state.get_sequence_parallel():
+    if not layout.sequence_parallel:
         return
     grads_by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for param in model.parameters():
@@ -248,8 +238,7 @@ def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
         if grad is not None:
             grads_by_dtype.setdefault(grad.dtype, []).append(grad)
     for grads in grads_by_dtype.values():  # one collective per dtype instead of one per parameter
-        flat = comm.all_reduce(torch.cat([grad.reshape(-1) for grad in grads]),
-                               state.get_tensor_model_parallel_group())
+        flat = comm.all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), layout.tensor_group)
         for grad, reduced in zip(grads, flat.split([grad.numel() for grad in grads])):
             grad.copy_(reduced.view_as(grad))
 
@@ -270,12 +259,10 @@ def _draw_rows(name: str, seed: int, std: float, full_shape: tuple[int, ...], st
 
 
 @torch.no_grad()
-def initialize_parameters(module: nn.Module, seed: int, *, tensor_parallel_rank: int | None = None,
-                          tensor_parallel_size: int | None = None) -> None:
-    """Give every parameter with `init_std` its layout-independent values (module docstring); the tensor
-    rank and size default to this process's (parallel.state)."""
-    rank = state.get_tensor_model_parallel_rank() if tensor_parallel_rank is None else tensor_parallel_rank
-    size = state.get_tensor_model_parallel_world_size() if tensor_parallel_size is None else tensor_parallel_size
+def initialize_parameters(module: nn.Module, seed: int, layout: ParallelLayout) -> None:
+    """Give every parameter with `init_std` its layout-independent values (module docstring): this tensor rank's
+    slice, at the tensor size of `layout` (the one the module was built for)."""
+    rank, size = layout.tensor_rank, layout.tensor_size
     for name, param in module.named_parameters():
         std = getattr(param, "init_std", None)
         if std is None:
@@ -294,6 +281,6 @@ def initialize_parameters(module: nn.Module, seed: int, *, tensor_parallel_rank:
                 values = values.chunk(size, dim=dim)[rank]
         if values.shape != param.shape:
             raise ValueError(f"parameter {name} has local shape {list(param.shape)} but its slice {rank} of {size} "
-                             f"of full shape {list(full_shape)} is {list(values.shape)}; build the model after "
-                             f"initialize_model_parallel, or pass the tensor-parallel rank and size it was built with")
+                             f"of full shape {list(full_shape)} is {list(values.shape)}; pass the layout the "
+                             f"module was built for")
         param.copy_(values)

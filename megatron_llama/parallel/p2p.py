@@ -12,29 +12,30 @@
   one message per direction per step, so posting order is the only matching needed, on NCCL
   and on gloo alike (tests run gloo with the same single tag, so they check that order).
 
-Peers are named "next" / "prev" (the pipeline neighbours of parallel.state, wrapping around
-from the last stage to the first, which the interleaved schedule uses).
+Peers are named "next" / "prev": the pipeline neighbours of the `ParallelLayout` passed in
+(parallel/state.py), wrapping around from the last stage to the first, which the interleaved
+schedule uses.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from megatron_llama.parallel import state
+from megatron_llama.parallel.state import ParallelLayout
 
 _STARTED_GROUPS: list = []  # kept alive, so an identity test cannot confuse a new group with a destroyed one
 
 
-def peer_rank(peer: str) -> int:
-    """Global rank of the pipeline neighbour 'next' or 'prev'."""
+def peer_rank(peer: str, layout: ParallelLayout) -> int:
+    """Global rank of the pipeline neighbour 'next' or 'prev' in `layout`."""
     if peer == "next":
-        return state.get_pipeline_model_parallel_next_rank()
+        return layout.next_pipeline_rank
     if peer == "prev":
-        return state.get_pipeline_model_parallel_prev_rank()
+        return layout.prev_pipeline_rank
     raise ValueError(f"peer must be 'next' or 'prev', got {peer!r}")
 
 
-def start_pipeline_group(device: torch.device) -> None:
+def start_pipeline_group(layout: ParallelLayout, device: torch.device) -> None:
     """One all-reduce on the pipeline group before its first batched send/receive (every stage calls it).
 
     torch requires every rank of a group to take part in the group's first collective when
@@ -42,23 +43,26 @@ def start_pipeline_group(device: torch.device) -> None:
     step involves only neighbours, so the group is started with a collective of all its ranks.
     Later calls return at once.
     """
-    group = state.get_pipeline_model_parallel_group()
+    group = layout.pipeline_group
     if group is None or any(started is group for started in _STARTED_GROUPS):
         return
     dist.all_reduce(torch.zeros(1, device=device), group=group)
     _STARTED_GROUPS.append(group)
 
 
-def exchange(sends: list[tuple[torch.Tensor, str]], receives: list[tuple[torch.Tensor, str]]) -> None:
-    """Send each (tensor, peer) and fill each (buffer, peer) in place, as one batch; returns when all are done.
+def exchange(sends: list[tuple[torch.Tensor, str]], receives: list[tuple[torch.Tensor, str]],
+             layout: ParallelLayout) -> None:
+    """Send each (tensor, peer) and fill each (buffer, peer) in place, as one batch over the pipeline group of
+    `layout`; returns when all are done.
 
     Sent tensors must stay alive and unchanged until this returns (the transport reads them).
     Call start_pipeline_group first (run_schedule does).
     """
     if not sends and not receives:
         return
-    group = state.get_pipeline_model_parallel_group()
-    operations = [dist.P2POp(dist.isend, tensor.contiguous(), peer_rank(peer), group) for tensor, peer in sends]
-    operations += [dist.P2POp(dist.irecv, buffer, peer_rank(peer), group) for buffer, peer in receives]
+    group = layout.pipeline_group
+    operations = [dist.P2POp(dist.isend, tensor.contiguous(), peer_rank(peer, layout), group)
+                  for tensor, peer in sends]
+    operations += [dist.P2POp(dist.irecv, buffer, peer_rank(peer, layout), group) for buffer, peer in receives]
     for work in dist.batch_isend_irecv(operations):
         work.wait()

@@ -1,13 +1,14 @@
 """Pipeline schedules: no pipelining, 1F1B, and interleaved 1F1B, behind one call.
 
-    losses = run_schedule(model_chunks, micro_batches, loss_fn, forward_step=forward_step,
+    losses = run_schedule(model_chunks, micro_batches, loss_fn, layout=layout, forward_step=forward_step,
                           num_micro_batches=m, micro_batch_size=b, seq_length=s, hidden_size=h,
                           dtype=torch.bfloat16)
 
 `model_chunks` are this rank's model chunks and `forward_step(chunk, received input or None,
 micro-batch or None)` runs one of them; both come from the caller (for the Llama:
-model/stage_model.py), so nothing here knows the model. The schedule follows from the pipeline
-size p of parallel.state and the number of chunks v:
+model/stage_model.py), so nothing here knows the model; `layout` (parallel/state.py) is this
+rank's place in the pipeline. The schedule follows from its pipeline size p and the number of
+chunks v:
 
     p = 1          no pipelining: forward and backward of each micro-batch in turn (gradient accumulation)
     p > 1, v = 1   1F1B (Narayanan et al. 2021, "PipeDream-Flush"): rank r runs min(p - r - 1, m)
@@ -57,8 +58,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from megatron_llama.parallel import comm, p2p, state
+from megatron_llama.parallel import comm, p2p
 from megatron_llama.parallel.stages import is_first_chunk, is_last_chunk
+from megatron_llama.parallel.state import ParallelLayout
 
 FORWARD, BACKWARD = "forward", "backward"
 ACTIVATION, GRADIENT = "activation", "gradient"
@@ -253,11 +255,10 @@ class _StageRunner:
     """Runs one rank's plan: the model chunks, the tensors in flight, and the schedule's bookkeeping."""
 
     def __init__(self, model_chunks, data: _MicroBatchSource, loss_fn, forward_step, scale_loss,
-                 forward_only: bool, stats: ScheduleStats):
+                 forward_only: bool, stats: ScheduleStats, layout: ParallelLayout):
         self.model_chunks, self.data, self.loss_fn, self.forward_step = model_chunks, data, loss_fn, forward_step
-        self.scale_loss, self.forward_only, self.stats = scale_loss, forward_only, stats
-        self.rank = state.get_pipeline_model_parallel_rank()
-        self.pipeline_size = state.get_pipeline_model_parallel_world_size()
+        self.scale_loss, self.forward_only, self.stats, self.layout = scale_loss, forward_only, stats, layout
+        self.rank, self.pipeline_size = layout.pipeline_rank, layout.pipeline_size
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro-batch) -> received activation
         self.output_grads: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro-batch) -> received gradient
         self.waiting: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> (input, output) until backward
@@ -305,7 +306,7 @@ class _StageRunner:
                     for transfer in step.transfers if transfer.direction == "recv"]
         if not sends and not received:
             return
-        p2p.exchange(sends, [(buffer, transfer.peer) for transfer, buffer in received])
+        p2p.exchange(sends, [(buffer, transfer.peer) for transfer, buffer in received], self.layout)
         self.stats.exchanges += 1
         if sends and step.action.kind == FORWARD and not self.forward_only:
             release_storage(produced)
@@ -318,7 +319,7 @@ class _StageRunner:
 
 
 def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable | None,
-                 loss_fn: Callable[[torch.Tensor, object], torch.Tensor], *,
+                 loss_fn: Callable[[torch.Tensor, object], torch.Tensor], *, layout: ParallelLayout,
                  forward_step: Callable[[nn.Module, torch.Tensor | None, object], torch.Tensor],
                  num_micro_batches: int, micro_batch_size: int, seq_length: int, hidden_size: int,
                  dtype: torch.dtype, device: torch.device | None = None, forward_only: bool = False,
@@ -326,7 +327,8 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable | None,
                  before_last_backward: Callable[[], None] | None = None,
                  after_last_backward: Callable[[], None] | None = None,
                  stats: ScheduleStats | None = None) -> list[torch.Tensor]:
-    """Forward (and, unless forward_only, backward) `num_micro_batches` micro-batches through the pipeline.
+    """Forward (and, unless forward_only, backward) `num_micro_batches` micro-batches through the pipeline of
+    `layout` (this rank's stage of it).
 
     micro_batches: whatever forward_step and loss_fn read (e.g. dicts of "tokens" and "labels"), drawn in
     order; the first and last stages need them, a middle stage may pass None (its forward_step then gets None).
@@ -336,21 +338,18 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable | None,
     under sequence parallelism. Gradients accumulate into the parameters (zero them before). Returns the
     detached loss_fn value of every micro-batch on the last stage, [] on the others.
     """
-    pipeline_size = state.get_pipeline_model_parallel_world_size()
-    virtual_size = len(model_chunks)
-    plan = build_plans(pipeline_size, virtual_size, num_micro_batches, forward_only)[
-        state.get_pipeline_model_parallel_rank()]
+    pipeline_size = layout.pipeline_size
+    plan = build_plans(pipeline_size, len(model_chunks), num_micro_batches, forward_only)[layout.pipeline_rank]
     device = device or next(model_chunks[0].parameters()).device
-    sequence = seq_length // state.get_tensor_model_parallel_world_size() if state.get_sequence_parallel() \
-        else seq_length
+    sequence = seq_length // layout.tensor_size if layout.sequence_parallel else seq_length
     shape = (micro_batch_size, sequence, hidden_size)  # [b, s, h], or the sequence shard [b, s/tp, h]
     data = _MicroBatchSource(micro_batches, num_micro_batches)
     runner = _StageRunner(model_chunks, data, loss_fn, forward_step, scale_loss, forward_only,
-                          stats if stats is not None else ScheduleStats())
+                          stats if stats is not None else ScheduleStats(), layout)
     last_backward = max((index for index, step in enumerate(plan) if step.action and step.action.kind == BACKWARD),
                         default=None)
     if pipeline_size > 1:
-        p2p.start_pipeline_group(device)
+        p2p.start_pipeline_group(layout, device)
     for index, step in enumerate(plan):
         produced = None  # what this step's action sends on
         if step.action is not None:
@@ -366,12 +365,13 @@ def run_schedule(model_chunks: list[nn.Module], micro_batches: Iterable | None,
     return runner.losses
 
 
-def broadcast_from_last_stage(value: torch.Tensor) -> torch.Tensor:
-    """Copy a tensor the last stage computed (e.g. the summed loss) to every stage of the pipeline, in place.
+def broadcast_from_last_stage(value: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """Copy a tensor the last stage computed (e.g. the summed loss) to every stage of the pipeline of `layout`,
+    in place.
 
     Other stages pass a tensor of the same shape and dtype to receive into; sums it over the
     pipeline group with zeros from every stage but the last.
     """
-    if not state.is_pipeline_last_stage():
+    if not layout.is_last_stage:
         value.zero_()
-    return comm.all_reduce(value, state.get_pipeline_model_parallel_group())
+    return comm.all_reduce(value, layout.pipeline_group)

@@ -23,15 +23,15 @@ last stage holds its own copy of the embedding weight for the output head. Its i
 equal the first stage's (same parameter name, and parameters are drawn by name:
 layers.initialize_parameters). Whoever builds the chunks marks both ends' weights with
 `mark_tied_embedding`; `allreduce_tied_embedding_grads` then sums the two copies' gradients over
-the embedding group after backward, so both take identical optimizer steps and stay equal. The
+the layout's embedding group after backward, so both take identical optimizer steps and stay equal. The
 last stage's copy is marked `param.is_tied_embedding_copy = True`: a global gradient norm must skip
 it (it would count the shared weight twice), and a checkpoint merge may drop it (it equals the first stage's).
 
 Usage:
     split = split_layers(config.num_layers, pp, layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)
-    chunks = build_model_chunks(config, seed, split)   # model/stage_model.py: this rank's chunks, marked
-    ... run_schedule(chunks, ...) ...                  # parallel/pipeline.py
-    allreduce_tied_embedding_grads(chunks)             # before the optimizer step
+    chunks = build_model_chunks(config, seed, split, layout)   # model/stage_model.py: this rank's chunks, marked
+    ... run_schedule(chunks, ..., layout=layout) ...           # parallel/pipeline.py
+    allreduce_tied_embedding_grads(chunks, layout)             # before the optimizer step
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatron_llama.parallel import comm, state
+from megatron_llama.parallel import comm
+from megatron_llama.parallel.state import ParallelLayout
 
 
 def is_first_chunk(pipeline_rank: int, chunk: int) -> bool:
@@ -159,8 +160,9 @@ def tied_embedding_weight(modules: list[nn.Module]) -> nn.Parameter | None:
                  if getattr(param, "is_tied_embedding", False)), None)
 
 
-def allreduce_tied_embedding_grads(modules: list[nn.Module]) -> None:
-    """Sum the tied embedding's gradient over the first and last stage (after the schedule, before the step).
+def allreduce_tied_embedding_grads(modules: list[nn.Module], layout: ParallelLayout) -> None:
+    """Sum the tied embedding's gradient over the first and last stage of `layout` (after the schedule, before
+    the step).
 
     Acts on `main_grad` where the parameter has one (mixed-precision optimizer), else on `.grad`.
     Every rank may call it; only the two ends of each pipeline communicate.
@@ -173,11 +175,11 @@ def allreduce_tied_embedding_grads(modules: list[nn.Module]) -> None:
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         grad = weight.grad
-    comm.all_reduce(grad, state.get_embedding_group())
+    comm.all_reduce(grad, layout.embedding_group)
 
 
 @torch.no_grad()
-def sync_tied_embedding_weights(modules: list[nn.Module]) -> None:
+def sync_tied_embedding_weights(modules: list[nn.Module], layout: ParallelLayout) -> None:
     """Give the last stage's copy the first stage's values (e.g. after loading weights saved without the copy).
 
     The copy is zeroed and the two are summed over the embedding group, which leaves the first stage's values.
@@ -187,4 +189,4 @@ def sync_tied_embedding_weights(modules: list[nn.Module]) -> None:
         return
     if weight.is_tied_embedding_copy:
         weight.zero_()
-    comm.all_reduce(weight.data, state.get_embedding_group())
+    comm.all_reduce(weight.data, layout.embedding_group)

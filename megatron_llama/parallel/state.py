@@ -17,8 +17,8 @@ Worked example: 16 GPUs, tp=2, pp=4, so dp=2:
 Rank 6 is tp_rank 0, dp_rank 1, pp_rank 1: 0 + 1*2 + 1*4 = 6.
 
 `ParallelLayout` holds one rank's view of this: the sizes, its coordinates, its groups and their
-global ranks; it checks itself when built. Building one with groups (every rank calls it, on a
-default process group started by torchrun and `torch.distributed.init_process_group`):
+global ranks; it checks itself when built. Building one with groups (every rank calls it, on the
+default process group of a torchrun launch, started by world.start_default_group):
 
     layout = initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=4,
                                        sequence_parallel=True)   # builds the groups, installs the layout
@@ -29,11 +29,13 @@ default process group started by torchrun and `torch.distributed.init_process_gr
         with use_layout(dataclasses.replace(layout, sequence_parallel=False)):   # same groups, SP off
             ...
 
-The installed layout, `current_layout()`, is the only state of this module. Until one is
-installed it is `ParallelLayout.single_process()`: every size 1, every rank 0, every group None,
-so one plain process runs the model with no collective issued. The parallel layers read it when
-they are built (mappings and schedules when they run), through Megatron-LM's getter names
-(`get_tensor_model_parallel_rank()`, ...), each a one-line read of the installed layout.
+The layout is handed down: the parallel layers, the model and its chunks take it when they are built
+(`layout=`), the schedules, seeding and gradient sums when they run, and the mappings receive its
+tensor group. Nothing reads hidden module state, except for one default: the installed layout,
+`current_layout()`, the only state of this module. A layer built without `layout=` takes it (so a
+test can build a model inside `use_layout(...)`). Until one is installed it is
+`ParallelLayout.single_process()`: every size 1, every rank 0, every group None, so one plain
+process runs the model with no collective issued.
 
 Sequence parallelism (Korthikanti et al. 2022) is a field of the layout: it splits the activations
 between layers along the sequence across the tensor group, so it needs tensor size > 1.
@@ -46,6 +48,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+from megatron_llama.parallel import world
 
 
 def global_rank(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int:
@@ -230,13 +234,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     `timeout`: how long a collective of these groups waits before failing (None: torch's default for the backend;
     a subgroup does not inherit the default group's)."""
     global _current
-    if not dist.is_initialized():
+    if not world.is_distributed():
         raise RuntimeError("initialize_model_parallel needs torch.distributed.init_process_group() first "
                            "(launch with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)")
     if _current.tensor_group is not None:
         raise RuntimeError("model parallel groups already exist; call destroy_model_parallel() before building "
                            "another layout")
-    world_size, rank = dist.get_world_size(), dist.get_rank()
+    world_size, rank = world.world_size(), world.world_rank()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     created: dict[tuple[int, ...], dist.ProcessGroup] = {}  # equal rank lists share a group (tensor and model at pp 1)
     mine: dict[str, dist.ProcessGroup] = {}
@@ -254,7 +258,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
 def destroy_model_parallel() -> None:
     """Destroy the installed layout's groups and install the single-process layout, so another can be built."""
     global _current
-    if dist.is_initialized():
+    if world.is_distributed():
         groups = [getattr(_current, f"{kind}_group") for kind in GROUP_KINDS]
         for group in {id(group): group for group in groups if group is not None}.values():  # one may serve two kinds
             dist.destroy_process_group(group)
@@ -271,68 +275,3 @@ def parallel_layout(tensor_model_parallel_size: int = 1, pipeline_model_parallel
     finally:
         destroy_model_parallel()
 
-
-# ---- Megatron-LM's getter names, each a read of the installed layout ----
-
-def get_sequence_parallel() -> bool:
-    return _current.sequence_parallel
-
-
-def get_tensor_model_parallel_group() -> dist.ProcessGroup | None:
-    return _current.tensor_group
-
-
-def get_tensor_model_parallel_world_size() -> int:
-    return _current.tensor_size
-
-
-def get_tensor_model_parallel_rank() -> int:
-    return _current.tensor_rank
-
-
-def get_data_parallel_group() -> dist.ProcessGroup | None:
-    return _current.data_group
-
-
-def get_data_parallel_world_size() -> int:
-    return _current.data_size
-
-
-def get_data_parallel_rank() -> int:
-    return _current.data_rank
-
-
-def get_pipeline_model_parallel_group() -> dist.ProcessGroup | None:
-    return _current.pipeline_group
-
-
-def get_pipeline_model_parallel_world_size() -> int:
-    return _current.pipeline_size
-
-
-def get_pipeline_model_parallel_rank() -> int:
-    return _current.pipeline_rank
-
-
-def get_pipeline_model_parallel_next_rank() -> int:
-    return _current.next_pipeline_rank
-
-
-def get_pipeline_model_parallel_prev_rank() -> int:
-    return _current.prev_pipeline_rank
-
-
-def is_pipeline_first_stage() -> bool:
-    return _current.is_first_stage
-
-
-def is_pipeline_last_stage() -> bool:
-    return _current.is_last_stage
-
-
-def get_model_parallel_group() -> dist.ProcessGroup | None:
-    return _current.model_group
-
-
-def get_embedding_group() -> dist.ProcessGroup | None:
-    return _current.embedding_group
