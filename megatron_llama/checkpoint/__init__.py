@@ -60,9 +60,9 @@ from megatron_llama.checkpoint.files import (CheckpointError, iteration_dir, rea
                                              tracker_path)
 from megatron_llama.checkpoint.loading import load_checkpoint, load_weights
 from megatron_llama.checkpoint.reading import open_checkpoint, read_model_checkpoint
-from megatron_llama.checkpoint.resharding import merge_shards, split_state_dict
+from megatron_llama.checkpoint.resharding import split_state_dict
 from megatron_llama.checkpoint.saving import write_model_checkpoint
 
 __all__ = ["CheckpointError", "Checkpointer", "dpo_reference_folder", "find_resume_checkpoint", "iteration_dir",
-           "load_checkpoint", "load_weights", "merge_shards", "open_checkpoint", "read_model_checkpoint",
-           "read_tracker", "set_aside_unpublished", "split_state_dict", "tracker_path", "write_model_checkpoint"]
+           "load_checkpoint", "load_weights", "open_checkpoint", "read_model_checkpoint", "read_tracker",
+           "set_aside_unpublished", "split_state_dict", "tracker_path", "write_model_checkpoint"]
