@@ -18,8 +18,8 @@ MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attent
 def checkpointer_for(checkpoint: CheckpointConfig, seed: int, log=print) -> Checkpointer:
     """A Checkpointer over a freshly built model (weights drawn from `seed`) and its optimizer."""
     model = build_model(MODEL, seed=seed)
-    optimizer, _ = build_optimizer(model, DataParallelBuffers(model), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                                   weight_decay=0.0, clip_grad=0.0)
+    optimizer, _ = build_optimizer(model, DataParallelBuffers(model), ParallelLayout.single_process(), lr=1e-3,
+                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_grad=0.0)
     config = RunConfig(model=MODEL, checkpoint=checkpoint)
     return Checkpointer(config, ParallelLayout.single_process(), model, optimizer,
                         LearningRateSchedule(max_lr=1e-3, min_lr=0.0, warmup_iters=0, decay_iters=10), log)
