@@ -10,9 +10,9 @@ Several processes (one per GPU, or CPU processes on gloo) are launched by torchr
     torchrun --nproc_per_node 2 -m megatron_llama.pretrain --tensor-model-parallel-size 2 \\
         --sequence-parallel ...        # same flags; data-parallel size = processes / (tp x pp)
 
-Order of start-up: arguments are checked and mapped onto the typed configuration (arguments.py: no I/O) -> the
-tokenizer is opened (it gives the vocabulary size) and the --load checkpoint found and checked against the run
-(nothing started yet) -> the default process group from
+Order of start-up: the command line is parsed (arguments.py: no I/O) -> the tokenizer is opened (it gives the
+vocabulary size) -> the frozen configuration resolved and checked (config_resolve.py) -> the --load checkpoint
+found and checked against the run (nothing started yet) -> the default process group from
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK; cuda.set_device(LOCAL_RANK) first; nccl on GPU,
 gloo on CPU) -> the tensor/data/pipeline groups (parallel.state; every group's collectives fail after
 --distributed-timeout-minutes) -> seeds (parallel.random) -> model
@@ -53,12 +53,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_llama.arguments import ArgumentsError, parse_args
 from megatron_llama.async_save import AsyncCheckpointSaver
 from megatron_llama.checkpoint_files import set_aside_unpublished, tracker_path
 from megatron_llama.checkpointing import (CheckpointError, check_resumable, load_checkpoint, load_weights,
                                           open_checkpoint, save_checkpoint, snapshot_checkpoint)
 from megatron_llama.config import RunConfig
+from megatron_llama.config_checks import ArgumentsError
+from megatron_llama.config_resolve import config_from_args
 from megatron_llama.data.blended_dataset import build_train_valid_test_datasets, parse_data_path
 from megatron_llama.data.chat_template import get_chat_template
 from megatron_llama.data.dataset_tokenizer import check_dataset_tokenizer
@@ -66,7 +67,6 @@ from megatron_llama.data.errors import DataError
 from megatron_llama.data.packing import EodDocuments
 from megatron_llama.data.preference_dataset import PreferenceDataset
 from megatron_llama.data.sft_dataset import build_sft_datasets, is_jsonl
-from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash
 from megatron_llama.data_loader import MockGPTDataset
 from megatron_llama.dpo import DPOObjective, precompute_reference_logps
 from megatron_llama.metrics import MetricsLogger
@@ -87,25 +87,6 @@ from megatron_llama.profiling import StepProfiler, trace_folder
 from megatron_llama.training import TrainingDiverged, TrainingSetup, TrainingProgress, train
 
 EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_ARGUMENTS_OR_CHECKPOINT, EXIT_BAD_DATA = 0, 1, 2, 3  # the module docstring
-
-
-def open_tokenizer(config: RunConfig):
-    """The run's tokenizer (None without --tokenizer-type); the model's vocabulary size becomes the tokenizer's.
-    ArgumentsError when the tokenizer cannot be read or --vocab-size disagrees with it."""
-    data = config.data
-    if data.tokenizer_type is None:
-        return None
-    try:
-        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
-    except TokenizerError as error:
-        raise ArgumentsError(f"--tokenizer-model {data.tokenizer_model}: {error}") from None
-    given = config.model.vocab_size
-    if given is not None and given != tokenizer.vocab_size:
-        raise ArgumentsError(f"--vocab-size {given} disagrees with the tokenizer {data.tokenizer_model} "
-                             f"({tokenizer.vocab_size} entries); drop --vocab-size")
-    config.model = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-    config.data = dataclasses.replace(config.data, tokenizer_hash=tokenizer_hash(tokenizer))
-    return tokenizer
 
 
 def _rank() -> int:
@@ -345,7 +326,8 @@ def run(config: RunConfig, layout: ParallelLayout, notes: list[str], tokenizer, 
     train_dataset, valid_dataset, test_dataset = build_datasets(config, tokenizer, logger.print)
     dpo = None
     if config.data.dpo:
-        config.data.dpo_reference = dpo_reference_folder(config, resume_from)
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, dpo_reference=dpo_reference_folder(config, resume_from)))  # recorded in its checkpoints
         reference, _ = build_stage_model(config, device)
         if config.data.dpo_reference in (None, resume_from and os.path.abspath(resume_from)):
             reference.load_state_dict(model.state_dict())  # the policy holds those weights now: no second read
@@ -421,8 +403,7 @@ def _print_on_first_rank(message: str):
 def main(argv: list[str] | None = None) -> int:
     """Run pretraining with command-line `argv`; returns the process exit status."""
     try:
-        config, notes = parse_args(argv)
-        tokenizer = open_tokenizer(config)
+        config, notes, tokenizer = config_from_args(argv)
         resume_from = find_resume_checkpoint(config, notes)
     except (ArgumentsError, CheckpointError) as error:
         _print_on_first_rank(str(error))
