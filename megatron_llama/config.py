@@ -63,7 +63,8 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation of the weights."""
     attention_backend: str = "sdpa"
-    """Core attention kernels (model/attention.py): sdpa, xformers or eager."""
+    """Core attention kernels (model/attention.py): sdpa (torch's scaled_dot_product_attention), xformers, or eager
+    (the plain matmul-softmax reference)."""
 
     @property
     def head_dim(self) -> int:

@@ -100,11 +100,11 @@ class TrainingSetup:
     flops_per_token: int
     device: torch.device
     buffers: DataParallelBuffers  # the fp32 main grads and their bucketed data-parallel sync
-    log_interval: int = 100
-    eval_interval: int | None = None
-    eval_iters: int = 0
-    save_interval: int | None = None
-    exit_interval: int | None = None
+    log_interval: int  # the intervals: the run's LoggingConfig and CheckpointConfig, which hold their defaults
+    eval_interval: int | None
+    eval_iters: int
+    save_interval: int | None
+    exit_interval: int | None
     world_size: int = 1
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
