@@ -9,7 +9,7 @@
 # "rejected"} where the answers are the final assistant turn (examples/dpo_sample.jsonl shows both). Both
 # conversations are rendered with the chat template (--chat-template, Open-Llama's by default); the loss covers the
 # answers only (megatron_llama/data/preference_dataset.py). The weights of LOAD are the policy that trains and,
-# frozen, the reference it is measured against (megatron_llama/dpo.py); --finetune starts at iteration 0 with a fresh
+# frozen, the reference it is measured against (megatron_llama/objectives/dpo.py); --finetune starts at iteration 0 with a fresh
 # optimizer. MICRO_BATCH and GLOBAL_BATCH count pairs (each is two sequences). The result goes to OUT.
 # `bash examples/dpo.sh --dpo-precompute-reference` computes the reference's log-probabilities once and frees its copy
 # of the model (the memory a 7B run on few GPUs needs); `--valid-data-path held_out.jsonl --eval-iters N` evaluates.

@@ -1,5 +1,5 @@
 """The run's typed configuration: the model and its named presets, the parallel layout, training, data,
-checkpointing and logging.
+checkpointing and logging. The one place where a setting's default and description are written.
 
 `ModelConfig` holds every number that shapes the network; `PRESETS` maps a preset name
 (`--model-preset` on the command line) to the values of a published model. Open-Llama's
@@ -7,39 +7,64 @@ sizes follow its configs (shared input-output embedding, stable embedding LayerN
 Llama-2 and Llama-3 follow Meta's released configs.
 
 `RunConfig` gathers one dataclass per concern (`ParallelConfig`, `TrainingConfig`, `DataConfig`,
-`CheckpointConfig`, `LoggingConfig`), each field named after its Megatron-LM flag and documented where it is
-declared. arguments.py fills it from the command line; checkpoints store `to_dict()` as config.json
-(docs/formats.md) and tools rebuild from `RunConfig.from_dict` without argparse:
+`CheckpointConfig`, `LoggingConfig`), each field named after its Megatron-LM flag and documented by the string
+below it (`field_docstrings`). Every dataclass is frozen: a changed value is a new configuration
+(`dataclasses.replace`). arguments.py generates the command line from the fields (default, type, docstring as
+help, section as group), config_resolve.py turns the parsed flags into a resolved RunConfig; checkpoints store
+`to_dict()` as config.json (docs/formats.md) and tools rebuild from `RunConfig.from_dict` without argparse:
 
     config = RunConfig.from_dict(json.load(open("ckpt/iter_0000100/config.json")))
     model = LlamaModel(config.model)
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 from dataclasses import dataclass
 
 import torch
 
+from megatron_llama.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from megatron_llama.parallel.stages import StageSplit, split_layers
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
+    """Every number that shapes the network (--model-preset gives them all; each model flag overrides one)."""
+
     num_layers: int = 2
+    """Transformer blocks."""
     hidden_size: int = 64
+    """Width of the residual stream (h)."""
     ffn_hidden_size: int = 176
+    """Width of the SwiGLU MLP; not given and no preset: 8h/3 rounded up to a multiple of 256 (4096 -> 11008)."""
     num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: one key/value head per query head (no GQA)
-    vocab_size: int | None = 32000  # the tokenizer's; None until the run's setup reads the tokenizer (pretrain.py)
+    """Query heads of every attention layer."""
+    num_query_groups: int | None = None
+    """Key/value heads (grouped-query attention, turned on by this flag alone); None: one per query head."""
+    vocab_size: int | None = 32000
+    """Entries of the tokenizer's vocabulary: the tokenizer's when the run has one (this flag must then agree),
+    else this flag, else the preset's."""
     make_vocab_size_divisible_by: int = 128
+    """The embedding's rows are the vocabulary rounded up to a multiple of this x the tensor-parallel size."""
     max_position_embeddings: int = 2048
+    """Longest sequence the rotary positions are meant for; not given: the preset's, else --seq-length."""
     rotary_base: float = 10000.0
+    """Base of the rotary embedding's frequencies (theta)."""
     norm_epsilon: float = 1e-5
+    """Epsilon of every RMSNorm."""
     untie_embeddings_and_output_weights: bool = True
-    use_stable_embedding: bool = False  # Open-Llama: LayerNorm right after the token embedding
+    """A separate output head; False: the head shares the input embedding's weight (Open-Llama)."""
+    use_stable_embedding: bool = False
+    """Open-Llama: LayerNorm right after the token embedding."""
     init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation of the weights."""
     attention_backend: str = "sdpa"
+    """Core attention kernels (model/attention.py): sdpa (torch's scaled_dot_product_attention), xformers, or eager
+    (the plain matmul-softmax reference)."""
 
     @property
     def head_dim(self) -> int:
@@ -137,13 +162,14 @@ def model_config_from_preset(name: str, **overrides) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------------- the run's configuration
-# One dataclass per concern; arguments.py maps Megatron-LM's flag names onto them (each field is named after its
-# flag), checkpoints store RunConfig.to_dict() as config.json, and tools rebuild a model from it without argparse.
+# One dataclass per concern, each field named after its Megatron-LM flag and documented by the string below it (the
+# flag's --help); arguments.py generates the command line from them, config_resolve.py fills in the derived values,
+# checkpoints store RunConfig.to_dict() as config.json, and tools rebuild a model from it without argparse.
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """How the run is split over processes: world = tensor x pipeline x data (parallel/state.py's formula)."""
 
@@ -154,7 +180,8 @@ class ParallelConfig:
     data_parallel_size: int = 1
     """Replicas of the model: the launched world size / (tensor x pipeline); derived, recorded for resumes."""
     sequence_parallel: bool = False
-    """Norms and residuals on sequence shards across tensor ranks (Korthikanti et al. 2022)."""
+    """Norms and residuals on sequence shards across tensor ranks (Korthikanti et al. 2022); needs --seq-length
+    divisible by --tensor-model-parallel-size."""
     num_layers_per_virtual_pipeline_stage: int | None = None
     """Blocks per model chunk; each pipeline rank then holds several chunks (interleaved 1F1B). None: one chunk."""
     decoder_first_pipeline_num_layers: int | None = None
@@ -177,14 +204,15 @@ class ParallelConfig:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.data_parallel_size
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     """Batches, optimizer, learning-rate schedule, precision and activation recompute of a run."""
 
     micro_batch_size: int = 1
     """Sequences per forward/backward pass on one data-parallel rank."""
     global_batch_size: int = 1
-    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches; not given: micro-batch size x
+    data-parallel size."""
     train_iters: int = 0
     """Optimizer steps of the whole run."""
     seq_length: int = 2048
@@ -226,13 +254,16 @@ class TrainingConfig:
     seed: int = 1234
     """Seed of the weights' initialisation, the data order and dropout-free randomness."""
     device: str = "cpu"
-    """cpu or cuda (resolved from --device auto when the arguments are parsed)."""
+    """cpu or cuda (--device auto: cuda when torch sees a GPU, resolved by config_resolve.py)."""
     compile_blocks: bool = False
-    """torch.compile the blocks' elementwise regions (model/compile.py); --compile-blocks, on by default on CUDA."""
+    """torch.compile the blocks' elementwise regions: norms, rotary, SwiGLU, residual adds (model/compile.py); not
+    given: on on CUDA, off on CPU."""
     cross_entropy_loss_fusion: bool = False
-    """Output head + vocab-parallel cross entropy over chunks of tokens (parallel/fused_cross_entropy.py)."""
+    """Output head + vocab-parallel cross entropy over chunks of tokens, no fp32 logits
+    (parallel/fused_cross_entropy.py); not given: on on CUDA, off on CPU."""
     gradient_accumulation_fusion: bool = False
-    """Weight-gradient GEMMs accumulate straight into the fp32 main grads (parallel/layers.py)."""
+    """Weight-gradient GEMMs accumulate straight into the fp32 main grads (parallel/layers.py); not given: on on
+    CUDA, off on CPU."""
     recompute_granularity: str | None = None
     """full: recompute whole blocks in backward; selective: only the attention core; None: keep activations."""
     recompute_method: str | None = None
@@ -245,7 +276,7 @@ class TrainingConfig:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the tokens come from and which tokenizer made them."""
 
@@ -265,7 +296,7 @@ class DataConfig:
     sft: bool = False
     """Instruction tuning on {prompt, response} / {messages} jsonl records (or tools/preprocess_sft.py's files);
     the loss covers the assistant turns only."""
-    chat_template: str = "openllama"
+    chat_template: str = DEFAULT_CHAT_TEMPLATE
     """SFT: the chat template that renders the records (data/chat_template.py: openllama, llama2, chatml)."""
     sft_packing: bool = False
     """SFT: several records per sequence, each attending only to itself, positions restarting at each."""
@@ -300,7 +331,7 @@ class DataConfig:
     tokenizer; a resume with another tokenizer is refused. None: no tokenizer, or a checkpoint older than the field."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Where checkpoints are written and read, and when."""
 
@@ -315,7 +346,7 @@ class CheckpointConfig:
     save_interval: int | None = None
     """Save every N iterations (and at the end)."""
     exit_interval: int | None = None
-    """Save and exit when the iteration is a multiple of N."""
+    """Save (with --save) and exit when the iteration is a multiple of N."""
     exit_signal_handler: bool = False
     """On SIGTERM, save after the current iteration and exit."""
     async_save: bool = False
@@ -323,7 +354,7 @@ class CheckpointConfig:
     (checkpoint/async_save.py); the next save and the end of training wait for the previous one."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     """What is logged and evaluated, and where it goes."""
 
@@ -338,7 +369,8 @@ class LoggingConfig:
     eval_iters: int = 100
     """Global batches per evaluation; 0: no evaluation."""
     profile: bool = False
-    """Record a torch.profiler trace of iterations profile_step_start .. profile_step_end - 1 (profiling.py)."""
+    """Record a torch.profiler trace of iterations profile_step_start .. profile_step_end - 1 (profiling.py) into
+    tensorboard_dir, else beside the metrics file."""
     profile_step_start: int = 10
     """First profiled iteration."""
     profile_step_end: int = 12
@@ -353,7 +385,18 @@ SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": Traini
             "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
-@dataclass
+@functools.cache
+def field_docstrings(section: type) -> dict[str, str]:
+    """Field name -> its attribute docstring (the string right below the declaration), whitespace collapsed to
+    single spaces: the --help text of the field's flag (arguments.py). Read once per section from the source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(section))).body[0].body
+    return {statement.target.id: " ".join(following.value.value.split())
+            for statement, following in zip(body, body[1:])
+            if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)}
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run was started with; checkpoints hold it as JSON (`to_dict` / `from_dict`)."""
 

@@ -1,11 +1,24 @@
-"""The rules of a run's configuration: derived values completed, bad combinations refused (ArgumentsError).
+"""The rules over a run's whole configuration: bad combinations refused (ArgumentsError), before any model,
+dataset or process group is built.
 
-    complete_and_check(config, notes)     # after arguments.parse_args has mapped the flags onto a RunConfig
+    check_config(config)     # config_resolve.resolve calls it on the RunConfig it has just filled in
 
-Each rule names the flags involved and says what to change; the rules themselves are listed in arguments.py's
-docstring, where a user reading the flags looks for them. Derived values filled in here: the global batch (one
-micro-batch per data-parallel rank when not given), --recompute-num-layers (1 with a recompute method),
---lr-decay-iters (default --train-iters), and the metrics path (beside --save, else --tensorboard-dir).
+Each rule names the flags involved and the numbers, and says what to change:
+  * Parallel layout: the model must split over the tensor ranks (ModelConfig.check), --sequence-parallel needs
+    --seq-length divisible by tp, the blocks must split over the pipeline stages (parallel/stages.split_layers)
+    and the micro-batches per step must suit the schedule (parallel/pipeline.check_micro_batch_count); the global
+    batch must be a multiple of micro-batch x data-parallel size. --overlap-param-gather needs
+    --use-distributed-optimizer. (The world size must be a multiple of tp x pp: config_resolve.py, which derives
+    the data-parallel size from it.)
+  * Recompute: --recompute-method and --recompute-num-layers go with --recompute-granularity full, which needs a
+    method.
+  * Learning rates (--lr, --min-lr, --lr-warmup-init) must be finite, not negative, and within float32's range
+    (the optimizer's states and master params are float32); warm-up shorter than the decay.
+  * Data: exactly one source of training data (--data-path, --train-data-path, or --mock-data); --sft and --dpo
+    read one jsonl file (or preprocessed PREFIX) per split with the run's tokenizer; document flags apply to
+    pretraining only.
+  * Checkpoints: interval and background saving need --save; --finetune and --ckpt-step need --load, which must
+    exist; --profile's iterations and ranks must lie in the run.
 """
 from __future__ import annotations
 
@@ -16,6 +29,7 @@ import torch
 
 from megatron_llama.config import DataConfig, RunConfig
 from megatron_llama.data.blended_dataset import parse_data_path
+from megatron_llama.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from megatron_llama.data.gpt_dataset import parse_split
 from megatron_llama.data.indexed_dataset import dataset_exists
 from megatron_llama.parallel.pipeline import check_micro_batch_count
@@ -25,15 +39,15 @@ class ArgumentsError(ValueError):
     """A bad flag or combination of flags; the message says what to change."""
 
 
-def complete_and_check(config: RunConfig, notes: list[str]) -> None:
-    """Fill in the derived values of `config` and check every combination (ArgumentsError names the flags)."""
+def check_config(config: RunConfig) -> None:
+    """Check every combination of `config`'s values (ArgumentsError names the flags)."""
     _check_model(config)
     _check_batches(config)
     _check_pipeline(config)
     _check_data_parallel_and_recompute(config)
     _check_schedule(config)
     _check_data(config)
-    _check_checkpointing(config, notes)
+    _check_checkpointing(config)
     _check_profiling(config)
 
 
@@ -73,8 +87,6 @@ def _check_batches(config: RunConfig):
     training, dp = config.training, config.parallel.data_parallel_size
     check_positive(training, "micro_batch_size", "global_batch_size", "train_iters")
     per_step = training.micro_batch_size * dp
-    if training.global_batch_size is None:
-        training.global_batch_size = per_step
     if training.global_batch_size % per_step:
         raise ArgumentsError(f"global batch {training.global_batch_size} is not divisible by micro-batch "
                              f"{training.micro_batch_size} x data-parallel {dp} = {per_step}; "
@@ -106,8 +118,6 @@ def _check_data_parallel_and_recompute(config: RunConfig):
     elif training.recompute_method is None:
         raise ArgumentsError("--recompute-granularity full needs --recompute-method uniform (every block, in groups "
                              "of --recompute-num-layers) or block (the first --recompute-num-layers blocks)")
-    elif training.recompute_num_layers is None:
-        training.recompute_num_layers = 1
 
 
 def _check_schedule(config: RunConfig):
@@ -122,8 +132,6 @@ def _check_schedule(config: RunConfig):
     check_positive(training, "lr", "lr_decay_iters")
     check_positive(logging, "log_interval", "eval_interval")
     check_positive(config.checkpoint, "save_interval", "exit_interval")
-    if training.lr_decay_iters is None:
-        training.lr_decay_iters = training.train_iters
     if training.min_lr < 0 or training.min_lr > training.lr:
         raise ArgumentsError(f"--min-lr {training.min_lr} must lie between 0 and --lr {training.lr}")
     if training.lr_warmup_iters < 0:
@@ -160,7 +168,7 @@ def _check_data(config: RunConfig):
             raise ArgumentsError(f"{', '.join(document_flags)} apply to pretraining; with --sft use --sft-packing")
         _check_sft_data(data, given)
         return
-    if data.sft_packing or data.chat_template != "openllama":
+    if data.sft_packing or data.chat_template != DEFAULT_CHAT_TEMPLATE:
         raise ArgumentsError("--sft-packing and --chat-template apply to --sft (--chat-template also to --dpo) only; "
                              "add --sft or drop them")
     if document_flags and data.mock_data:
@@ -228,16 +236,13 @@ def _check_sft_data(data: DataConfig, given: dict):
         raise ArgumentsError("--sft tokenizes the records: give --tokenizer-type and --tokenizer-model")
 
 
-def _check_checkpointing(config: RunConfig, notes: list[str]):
-    checkpoint, logging = config.checkpoint, config.logging
+def _check_checkpointing(config: RunConfig):
+    checkpoint = config.checkpoint
     for flag, value in (("--save-interval", checkpoint.save_interval),
                         ("--exit-signal-handler", checkpoint.exit_signal_handler),
                         ("--async-save", checkpoint.async_save)):
         if value and checkpoint.save is None:
             raise ArgumentsError(f"{flag} needs --save DIR to write checkpoints to")
-    beside = checkpoint.save or logging.tensorboard_dir  # metrics go beside the checkpoints, else beside the events
-    if logging.metrics_path is None and beside:
-        logging.metrics_path = os.path.join(beside, "metrics.jsonl")
     if checkpoint.finetune and checkpoint.load is None:
         raise ArgumentsError("--finetune needs --load DIR holding the weights to start from")
     if checkpoint.ckpt_step is not None and (checkpoint.load is None or checkpoint.ckpt_step < 0):

@@ -10,9 +10,9 @@ Several processes (one per GPU, or CPU processes on gloo) are launched by torchr
     torchrun --nproc_per_node 2 -m megatron_llama.pretrain --tensor-model-parallel-size 2 \\
         --sequence-parallel ...        # same flags; data-parallel size = processes / (tp x pp)
 
-Order of start-up, the only thing this module does: arguments are checked and mapped onto the typed configuration
-(arguments.py: no I/O) -> the tokenizer is opened (it gives the vocabulary size) and the --load checkpoint found and
-checked against the run (checkpoint/; nothing started yet) -> the default process group from torchrun's environment
+Order of start-up, the only thing this module does: the command line is parsed (arguments.py: no I/O) -> the
+tokenizer is opened (it gives the vocabulary size) -> the frozen configuration resolved and checked
+(config_resolve.py) -> the --load checkpoint found and checked against the run (checkpoint/; nothing started yet) -> the default process group from torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK; cuda.set_device(LOCAL_RANK) first; nccl on GPU, gloo on CPU; parallel/world.py) ->
 the tensor/data/pipeline groups (parallel.state; every group's collectives fail after
 --distributed-timeout-minutes) -> the run: seeds, model, buffers, optimizer, schedule (assembly.py) -> resume
@@ -50,13 +50,13 @@ import sys
 
 import torch
 
-from megatron_llama.arguments import ArgumentsError, parse_args
 from megatron_llama.assembly import build_run, describe_run, run_device
 from megatron_llama.checkpoint import CheckpointError, Checkpointer, dpo_reference_folder, find_resume_checkpoint
 from megatron_llama.config import RunConfig
+from megatron_llama.config_checks import ArgumentsError
+from megatron_llama.config_resolve import config_from_args
 from megatron_llama.data.datasets import build_datasets
 from megatron_llama.data.errors import DataError
-from megatron_llama.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_hash
 from megatron_llama.metrics import MetricsLogger
 from megatron_llama.objectives.build import build_objective
 from megatron_llama.parallel import state as parallel_state, world
@@ -65,25 +65,6 @@ from megatron_llama.profiling import StepProfiler, trace_folder
 from megatron_llama.training import TrainingDiverged, TrainingProgress, train
 
 EXIT_DONE, EXIT_DIVERGED, EXIT_BAD_ARGUMENTS_OR_CHECKPOINT, EXIT_BAD_DATA = 0, 1, 2, 3  # the module docstring
-
-
-def open_tokenizer(config: RunConfig):
-    """The run's tokenizer (None without --tokenizer-type); the model's vocabulary size becomes the tokenizer's.
-    ArgumentsError when the tokenizer cannot be read or --vocab-size disagrees with it."""
-    data = config.data
-    if data.tokenizer_type is None:
-        return None
-    try:
-        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
-    except TokenizerError as error:
-        raise ArgumentsError(f"--tokenizer-model {data.tokenizer_model}: {error}") from None
-    given = config.model.vocab_size
-    if given is not None and given != tokenizer.vocab_size:
-        raise ArgumentsError(f"--vocab-size {given} disagrees with the tokenizer {data.tokenizer_model} "
-                             f"({tokenizer.vocab_size} entries); drop --vocab-size")
-    config.model = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-    config.data = dataclasses.replace(config.data, tokenizer_hash=tokenizer_hash(tokenizer))
-    return tokenizer
 
 
 def initialize_distributed(config: RunConfig) -> tuple[ParallelLayout, bool]:
@@ -165,8 +146,7 @@ def _print_on_first_rank(message: str):
 def main(argv: list[str] | None = None) -> int:
     """Run pretraining with command-line `argv`; returns the process exit status."""
     try:
-        config, notes = parse_args(argv)
-        tokenizer = open_tokenizer(config)
+        config, notes, tokenizer = config_from_args(argv)
         resume_from = find_resume_checkpoint(config, notes)
         if config.data.dpo:
             # recorded in every checkpoint's config.json, so that a resumed DPO run keeps its reference

@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 
-from megatron_llama.arguments import ArgumentsError, default_ffn_hidden_size, parse_args
+from megatron_llama.arguments import parse_args
 from megatron_llama.checkpoint import CheckpointError, find_resume_checkpoint, write_model_checkpoint
 from megatron_llama.config import ModelConfig, RunConfig
+from megatron_llama.config_checks import ArgumentsError
+from megatron_llama.config_resolve import config_from_args, default_ffn_hidden_size, open_tokenizer, resolve
 from megatron_llama.model.llama import build_model
-from megatron_llama.pretrain import open_tokenizer
 
 BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --vocab-size 128 --seq-length 16 "
         "--micro-batch-size 2 --train-iters 4 --lr 1e-3 --mock-data --device cpu").split()
@@ -29,7 +30,8 @@ def without(*flags: str) -> list[str]:
 
 
 def parse_with_notes(*extra: str, base=BASE) -> tuple[RunConfig, list[str]]:
-    return parse_args(list(base) + [word for item in extra for word in item.split()])
+    config, notes, _ = config_from_args(list(base) + [word for item in extra for word in item.split()])
+    return config, notes
 
 
 def parse(*extra: str, base=BASE) -> RunConfig:
@@ -43,17 +45,17 @@ def error_of(*extra: str, base=BASE) -> str:
 
 
 def test_preset_gives_the_model_and_explicit_flags_override_it():
-    config = parse_args("--model-preset llama2-7b --num-layers 3 --seq-length 64 --micro-batch-size 1 "
-                        "--train-iters 1 --lr 1e-4 --mock-data --device cpu".split())[0].model
+    config = config_from_args("--model-preset llama2-7b --num-layers 3 --seq-length 64 --micro-batch-size 1 "
+                              "--train-iters 1 --lr 1e-4 --mock-data --device cpu".split())[0].model
     assert (config.num_layers, config.hidden_size, config.ffn_hidden_size, config.vocab_size) == (3, 4096, 11008, 32000)
     assert config.untie_embeddings_and_output_weights and not config.use_stable_embedding
 
 
 def test_open_llama_preset_ties_the_head_unless_untie_is_given():
     common = "--seq-length 64 --micro-batch-size 1 --train-iters 1 --lr 1e-4 --mock-data --device cpu".split()
-    tied = parse_args(["--model-preset", "openllama-7b"] + common)[0].model
+    tied = config_from_args(["--model-preset", "openllama-7b"] + common)[0].model
     assert not tied.untie_embeddings_and_output_weights and tied.use_stable_embedding
-    untied = parse_args(["--model-preset", "openllama-7b", "--untie-embeddings-and-output-weights"] + common)[0]
+    untied = config_from_args(["--model-preset", "openllama-7b", "--untie-embeddings-and-output-weights"] + common)[0]
     assert untied.model.untie_embeddings_and_output_weights
 
 
@@ -150,17 +152,20 @@ def test_data_path_with_missing_files_names_the_prefix(tmp_path, hf_tokenizer):
 
 def test_parsing_opens_no_file_and_the_setup_takes_the_vocabulary_from_the_tokenizer(hf_tokenizer, monkeypatch):
     base = without("--vocab-size")
-    tokenizer = f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {hf_tokenizer}"
+    tokenizer_flags = f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {hf_tokenizer}".split()
 
     def no_open(*args, **kwargs):
         raise AssertionError("parse_args opened a file")
 
     with monkeypatch.context() as patched:
         patched.setattr("builtins.open", no_open)
-        config = parse(tokenizer, base=base)
-    assert open_tokenizer(config).vocab_size == 102 and config.model.vocab_size == 102
+        arguments = parse_args(base + tokenizer_flags)
+        resolve(parse_args(BASE), None, world_size=1)  # without a tokenizer, resolving opens no file either
+    tokenizer = open_tokenizer(arguments.tokenizer_type, arguments.tokenizer_model)
+    config, _ = resolve(arguments, tokenizer, world_size=1)
+    assert tokenizer.vocab_size == 102 and config.model.vocab_size == 102
     with pytest.raises(ArgumentsError, match="--vocab-size 128 disagrees with the tokenizer"):
-        open_tokenizer(parse(tokenizer))
+        parse(*tokenizer_flags)
 
 
 def test_cuda_device_without_a_gpu_is_an_error(monkeypatch):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from megatron_llama.arguments import parse_args
+from megatron_llama.config_resolve import config_from_args
 from megatron_llama.config import ModelConfig, RunConfig
 
 FLAGS = ("--model-preset tiny --seq-length 32 --micro-batch-size 2 --global-batch-size 8 --train-iters 5 "
@@ -15,7 +15,7 @@ FLAGS = ("--model-preset tiny --seq-length 32 --micro-batch-size 2 --global-batc
 
 
 def test_json_round_trip_gives_the_same_configuration():
-    config, _ = parse_args(FLAGS + ["--recompute-granularity", "full", "--recompute-method", "uniform"])
+    config, _, _ = config_from_args(FLAGS + ["--recompute-granularity", "full", "--recompute-method", "uniform"])
     restored = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
     assert restored.training.recompute_num_layers == 1 and restored.num_micro_batches == 4
@@ -40,9 +40,9 @@ def test_flat_argument_record_maps_onto_the_sections():
 
 
 def test_stage_split_follows_the_parallel_section():
-    config, _ = parse_args(FLAGS)
-    config.parallel.pipeline_model_parallel_size = 2
-    config.parallel.num_layers_per_virtual_pipeline_stage = 1
+    config, _, _ = config_from_args(FLAGS)
+    config = dataclasses.replace(config, parallel=dataclasses.replace(
+        config.parallel, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1))
     assert config.stage_split().ranges == (((0, 1), (2, 3)), ((1, 2), (3, 4)))
 
 

@@ -15,7 +15,9 @@ import torch.distributed as dist
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from trainer_runs import metrics, run_in_process
 from megatron_llama import pretrain
-from megatron_llama.arguments import ArgumentsError, parse_args
+from megatron_llama.arguments import parse_args
+from megatron_llama.config_checks import ArgumentsError
+from megatron_llama.config_resolve import config_from_args, resolve
 from megatron_llama.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_llama.pretrain import main
 from megatron_llama.training import rank_step_time_range
@@ -110,8 +112,8 @@ def test_dp2_step_time_range_over_ranks_and_a_trace_of_the_named_rank_beside_the
 
 
 def test_distributed_timeout_reaches_the_default_group_and_every_model_parallel_group(monkeypatch):
-    config, _ = parse_args(MOCK + ["--train-iters", "2", "--distributed-timeout-minutes", "7"])
-    config.parallel.data_parallel_size = 2  # as if launched on 2 processes
+    arguments = parse_args(MOCK + ["--train-iters", "2", "--distributed-timeout-minutes", "7"])
+    config, _ = resolve(arguments, None, world_size=2)  # as if launched on 2 processes
     timeouts = []
     real_init, real_new_group = dist.init_process_group, dist.new_group
 
@@ -143,4 +145,4 @@ def test_distributed_timeout_reaches_the_default_group_and_every_model_parallel_
 ])
 def test_bad_operations_flags_are_named(flags, message):
     with pytest.raises(ArgumentsError, match=message):
-        parse_args(MOCK + ["--train-iters", "2"] + flags.split())
+        config_from_args(MOCK + ["--train-iters", "2"] + flags.split())

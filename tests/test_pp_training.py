@@ -16,8 +16,9 @@ from transformers import LlamaForCausalLM
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from trainer_runs import assert_same_run, metrics, run_in_process
-from megatron_llama.arguments import ArgumentsError, parse_args
 from megatron_llama.checkpoint import read_model_checkpoint
+from megatron_llama.config_checks import ArgumentsError
+from megatron_llama.config_resolve import config_from_args
 from megatron_llama.model.llama import LlamaModel
 from megatron_llama.pretrain import main
 
@@ -135,5 +136,5 @@ def test_pp2_tp2_checkpoint_exported_to_hf_gives_the_same_logits(runs):
 def test_pipeline_misfits_fail_before_anything_starts_with_the_numbers(monkeypatch, world_size, extra, message):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     with pytest.raises(ArgumentsError) as caught:
-        parse_args(BASE + extra.split())
+        config_from_args(BASE + extra.split())
     assert message in str(caught.value)

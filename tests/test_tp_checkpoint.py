@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
-from megatron_llama.arguments import parse_args
 from megatron_llama.checkpoint import find_resume_checkpoint, read_model_checkpoint
+from megatron_llama.config_resolve import config_from_args
 from megatron_llama.data.mock_dataset import MockGPTDataset
 from megatron_llama.data_loader import collate
 from megatron_llama.model.llama import LlamaModel
@@ -134,9 +134,9 @@ def test_tp2_checkpoint_finetunes_in_one_process_from_its_merged_weights(root, t
 def test_resume_of_a_tp2_checkpoint_in_another_layout_is_accepted_with_or_without_finetuning(root, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # tp 1 on 2 processes: data-parallel 2 (re-split: test_elastic_checkpoint)
     flags = TRAIN + ["--load", str(root / "straight")]
-    resume, _ = parse_args(flags)
+    resume, _, _ = config_from_args(flags)
     assert find_resume_checkpoint(resume, []) is not None and resume.parallel.data_parallel_size == 2
-    finetune, _ = parse_args(flags + ["--finetune"])
+    finetune, _, _ = config_from_args(flags + ["--finetune"])
     assert find_resume_checkpoint(finetune, []) is not None and finetune.parallel.data_parallel_size == 2
 
 

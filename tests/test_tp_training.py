@@ -13,8 +13,9 @@ import torch
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from trainer_runs import assert_same_run, metrics
-from megatron_llama.arguments import ArgumentsError, parse_args
 from megatron_llama.checkpoint import read_model_checkpoint
+from megatron_llama.config_checks import ArgumentsError
+from megatron_llama.config_resolve import config_from_args
 from megatron_llama.pretrain import main
 
 ITERATIONS = 3
@@ -119,11 +120,11 @@ LAYOUT_BASE = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 96 --num-atten
 def test_bad_parallel_layout_fails_before_anything_starts_with_the_numbers(monkeypatch, world_size, extra, message):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     with pytest.raises(ArgumentsError) as caught:
-        parse_args(LAYOUT_BASE + extra.split())
+        config_from_args(LAYOUT_BASE + extra.split())
     assert message in str(caught.value)
 
 
 def test_data_parallel_size_is_the_world_over_tensor_parallel_and_sets_the_micro_batch_count(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
-    config, _ = parse_args(LAYOUT_BASE + "--tensor-model-parallel-size 2 --global-batch-size 32".split())
+    config, _, _ = config_from_args(LAYOUT_BASE + "--tensor-model-parallel-size 2 --global-batch-size 32".split())
     assert (config.parallel.world_size, config.parallel.data_parallel_size, config.num_micro_batches) == (8, 4, 4)
