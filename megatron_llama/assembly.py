@@ -91,7 +91,7 @@ def build_optimizer_and_buffers(config: RunConfig, layout: ParallelLayout,
     buffers = DataParallelBuffers(model, layout.data_group, bucket_size=parallel.ddp_bucket_size,
                                   overlap_grad_reduce=parallel.overlap_grad_reduce,
                                   use_distributed_optimizer=parallel.use_distributed_optimizer,
-                                  overlap_param_gather=parallel.overlap_param_gather, reduction="sum",
+                                  overlap_param_gather=parallel.overlap_param_gather,
                                   separate_bucket_names=["embedding.weight"] if tied_split else [])
     optimizer, description = build_optimizer(model, buffers, layout, lr=training.lr,
                                              betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps,

@@ -2,8 +2,8 @@
 
 `reference_run` trains the tiny model in one process with plain torch (backward on the global batch,
 clip_grad_norm_, AdamW): the numbers every layout must reproduce. `parallel_run` trains the same model
-on the calling gloo rank through DataParallelBuffers, finalize_model_grads and the optimizer that
-optim/builder.py picks for the buffers (distributed or replicated), with gradient accumulation over
+on the calling gloo rank with the trainer's assembly (assembly.build_run: DataParallelBuffers and the optimizer
+that optim/builder.py picks for them, distributed or replicated) and finalize_model_grads, with gradient accumulation over
 micro-batches (no_sync on all but the last), and records what the tests inspect (losses, norms,
 collectives in flight, optimizer bytes, checkpoints).
 """
@@ -15,13 +15,13 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_llama.config import ModelConfig
+from megatron_llama.assembly import build_run
+from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig, TrainingConfig
 from megatron_llama.model.llama import build_model
-from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.optim.optimizer import weight_decay_groups
 from megatron_llama.parallel import comm, state
-from megatron_llama.parallel.data_parallel import DataParallelBuffers
 from megatron_llama.parallel.grad_finalize import finalize_model_grads
+from megatron_llama.parallel.state import ParallelLayout
 
 SEED = 1234
 MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -70,7 +70,6 @@ class Layout:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
-    reduction: str = "mean"
     sequence_parallel: bool = False
     fused_cross_entropy: bool = False
 
@@ -78,30 +77,37 @@ class Layout:
 def parallel_run(layout: Layout, steps: int, **options) -> dict:
     """_run_on_this_rank inside the layout's process groups (in a gloo process), or as the single process."""
     if not torch.distributed.is_initialized():
-        return _run_on_this_rank(layout, steps, **options)
-    with state.parallel_layout(layout.tensor_parallel, sequence_parallel=layout.sequence_parallel):
-        return _run_on_this_rank(layout, steps, **options)
+        return _run_on_this_rank(layout, ParallelLayout.single_process(), steps, **options)
+    with state.parallel_layout(layout.tensor_parallel, sequence_parallel=layout.sequence_parallel) as ranks:
+        return _run_on_this_rank(layout, ranks, steps, **options)
 
 
-def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_after: int | None = None,
-                      resume: tuple[dict, list[dict]] | None = None) -> dict:
-    """Steps first_step .. steps-1 of the global batches on this rank; `resume` = (full model state, optimizer
-    shards of every saved data-parallel rank); `save_after` = step count at which to record both."""
-    dp_group = state.current_layout().data_group
-    dp, dp_rank = state.current_layout().data_size, state.current_layout().data_rank
-    model = build_model(MODEL, seed=SEED)
-    model.fuse_cross_entropy = layout.fused_cross_entropy
-    if resume is not None:
-        model.load_state_dict(resume[0])
-    buffers = DataParallelBuffers(model, dp_group, bucket_size=BUCKET_SIZE,
-                                  overlap_grad_reduce=layout.overlap_grad_reduce,
-                                  use_distributed_optimizer=layout.distributed_optimizer,
-                                  overlap_param_gather=layout.overlap_param_gather, reduction=layout.reduction)
-    optimizer, _ = build_optimizer(model, buffers, state.current_layout(),
-                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                                   clip_grad=CLIP)
+def run_config(layout: Layout, ranks: ParallelLayout) -> RunConfig:
+    """The trainer's configuration of `layout` with this file's model and optimizer settings."""
+    return RunConfig(
+        model=MODEL,
+        parallel=ParallelConfig(tensor_model_parallel_size=ranks.tensor_size, data_parallel_size=ranks.data_size,
+                                sequence_parallel=ranks.sequence_parallel, ddp_bucket_size=BUCKET_SIZE,
+                                overlap_grad_reduce=layout.overlap_grad_reduce,
+                                use_distributed_optimizer=layout.distributed_optimizer,
+                                overlap_param_gather=layout.overlap_param_gather),
+        training=TrainingConfig(micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, seq_length=SEQ, lr=LR,
+                                adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, weight_decay=WEIGHT_DECAY,
+                                clip_grad=CLIP, seed=SEED, cross_entropy_loss_fusion=layout.fused_cross_entropy))
+
+
+def _run_on_this_rank(layout: Layout, ranks: ParallelLayout, steps: int, *, first_step: int = 0,
+                      save_after: int | None = None, resume: tuple[dict, list[dict]] | None = None) -> dict:
+    """Steps first_step .. steps-1 of the global batches on this rank, the model, buffers and optimizer built by
+    the trainer's assembly (assembly.build_run); `resume` = (full model state, optimizer shards of every saved
+    data-parallel rank); `save_after` = step count at which to record both."""
+    dp_group, dp, dp_rank = ranks.data_group, ranks.data_size, ranks.data_rank
+    run = build_run(run_config(layout, ranks), ranks, torch.device("cpu"))
+    model, buffers, optimizer = run.model, run.buffers, run.optimizer
+    chunk = model.chunks[0]  # one pipeline stage: the whole model
     if resume is not None:
         model_state, saved_shards = resume
+        model.load_state_dict(model_state)
         optimizer.load_state_dict(lambda data_rank: saved_shards[data_rank], len(saved_shards), model_state)
     record = {"losses": [], "norms": [], "grad_reductions_in_flight": [], "param_gathers_in_flight": [],
               "buckets": len(buffers.buckets)}
@@ -109,16 +115,15 @@ def _run_on_this_rank(layout: Layout, steps: int, *, first_step: int = 0, save_a
         micro_batches = batch.chunk(dp)[dp_rank].split(MICRO_BATCH)  # this rank's sequences
         buffers.zero_grad()
         loss_sum = torch.zeros(())
-        # "mean" averages the ranks' gradients: each rank divides by its own tokens; "sum" by the global batch's.
-        denominator = sum(micro.shape[0] * SEQ for micro in micro_batches) * (dp if layout.reduction == "sum" else 1)
+        denominator = GLOBAL_BATCH * SEQ  # every rank divides by the global batch's tokens: the ranks' grads add up
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with contextlib.nullcontext() if last else buffers.no_sync():
-                per_token_loss = model(micro[:, :-1], micro[:, 1:])
+                per_token_loss = chunk(micro[:, :-1], micro[:, 1:])
                 (per_token_loss.sum() / denominator).backward()
             record["grad_reductions_in_flight"].append(buffers.grad_reductions_in_flight())
             loss_sum += per_token_loss.detach().sum()
-        finalize_model_grads(model, buffers, state.current_layout())
+        finalize_model_grads(model, buffers, ranks)
         record["losses"].append(float(comm.all_reduce(loss_sum, dp_group)) / (GLOBAL_BATCH * SEQ))
         outcome = optimizer.step(LR)
         record["norms"].append(outcome.grad_norm)

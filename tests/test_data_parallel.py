@@ -1,8 +1,7 @@
 """Data parallelism gives the numbers of one process: dp=2 (and tp=2 x dp=2) against dp=1 on the same global batch.
 
 One spawn of 2 gloo ranks trains three Adam steps for each variant (all-reduce or the distributed
-optimizer's reduce-scatter, with and without overlap, mean and sum reduction) with gradient
-accumulation over 2 micro-batches per rank; one spawn of 4 ranks does tp=2 x dp=2 with sequence
+optimizer's reduce-scatter, with and without overlap) with gradient accumulation over 2 micro-batches per rank; one spawn of 4 ranks does tp=2 x dp=2 with sequence
 parallelism. The single-process reference is plain torch (tests/data_parallel_training.py).
 """
 import pytest
@@ -30,8 +29,8 @@ DP2_LAYOUTS = {
     "all-reduce": Layout(),
     "all-reduce, overlap": Layout(overlap_grad_reduce=True),
     "distributed optimizer": Layout(distributed_optimizer=True),
-    "distributed optimizer, overlap grads and params, sum": Layout(distributed_optimizer=True, overlap_grad_reduce=True,
-                                                                   overlap_param_gather=True, reduction="sum"),
+    "distributed optimizer, overlap grads and params": Layout(distributed_optimizer=True, overlap_grad_reduce=True,
+                                                              overlap_param_gather=True),
 }
 TP2_DP2_LAYOUTS = {
     "tp2 sp, all-reduce, overlap": Layout(tensor_parallel=2, sequence_parallel=True, overlap_grad_reduce=True),
@@ -96,7 +95,7 @@ def test_without_overlap_nothing_is_reduced_before_finish_grad_sync(dp2, name):
 
 
 def test_overlapped_param_gathers_stay_in_flight_until_the_next_forward(dp2):
-    record = dp2[0]["distributed optimizer, overlap grads and params, sum"]
+    record = dp2[0]["distributed optimizer, overlap grads and params"]
     assert record["param_gathers_in_flight"] == [list(range(record["buckets"]))] * STEPS
     assert dp2[0]["distributed optimizer"]["param_gathers_in_flight"] == [[]] * STEPS
 

@@ -370,7 +370,8 @@ def distributed_fp16_steps(steps_of_rank: list[list[dict[str, torch.Tensor]]], c
                                        clip_grad=clip_grad, loss_scaler=DynamicLossScaler(SCALE, hysteresis=1))
         record = {"outcomes": [], "scales": []}
         for gradients in steps_of_rank[state.current_layout().data_rank]:
-            backward_known_gradients(model, optimizer, gradients)
+            # each rank's share of the global-batch loss: its gradient over the 2 ranks, which the buffers sum
+            backward_known_gradients(model, optimizer, {name: grad / 2 for name, grad in gradients.items()})
             outcome = optimizer.step(LR)
             record["outcomes"].append((outcome.grad_norm, outcome.skipped))
             record["scales"].append(optimizer.loss_scale)

@@ -32,7 +32,7 @@ def accumulated_main_grads(fused: bool, seed: int, buffers_options: dict | None 
     (`buffers_options`), every bucket's reduction must have started by the end of the last backward."""
     model = build_model(CONFIG, seed=7)
     set_gradient_accumulation_fusion(model, fused)
-    buffers = DataParallelBuffers(model, None, bucket_size=5_000, reduction="sum", **(buffers_options or {}))
+    buffers = DataParallelBuffers(model, None, bucket_size=5_000, **(buffers_options or {}))
     buffers.zero_grad()
     batches = micro_batches(seed)
     for index, batch in enumerate(batches):

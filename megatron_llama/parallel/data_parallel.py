@@ -17,9 +17,9 @@ waits for all of it. Gradient accumulation therefore communicates once per step.
 The collective of a bucket is an all-reduce, or with `use_distributed_optimizer` a reduce-scatter:
 data-parallel rank r then receives only shard r of each bucket, the part its optimizer updates
 (ZeRO stage 1 with reduce-scattered gradients; Rajbhandari et al. 2020). Buckets are padded to a
-multiple of the data-parallel size so the shards are equal. `reduction="mean"` averages over the
-data-parallel ranks (each bucket is pre-scaled by 1/dp: gloo has no averaging reduce); "sum" adds,
-for losses already divided by the global-batch token count. With the distributed optimizer and a tied
+multiple of the data-parallel size so the shards are equal. The reduction is a sum: every rank's loss is
+already divided by the global batch's count (the objectives' contract), so the ranks' gradients add up to the
+gradient of the global-batch loss. With the distributed optimizer and a tied
 embedding split over pipeline stages, give `embedding.weight` a bucket of its own
 (`separate_bucket_names`): both stages then shard it alike, so the embedding-group all-reduce after
 the reduce-scatter adds matching shards.
@@ -54,7 +54,6 @@ from torch import nn
 from megatron_llama.parallel import comm
 from megatron_llama.parallel.layers import accumulate_grad_into_main_grad
 
-REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -105,9 +104,7 @@ class DataParallelBuffers:
 
     def __init__(self, model: nn.Module, group=None, *, bucket_size: int | None = 40_000_000,
                  overlap_grad_reduce: bool = False, use_distributed_optimizer: bool = False,
-                 overlap_param_gather: bool = False, reduction: str = "mean", separate_bucket_names=()):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown gradient reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+                 overlap_param_gather: bool = False, separate_bucket_names=()):
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"--ddp-bucket-size must be a positive number of elements, got {bucket_size}")
         if overlap_param_gather and not use_distributed_optimizer:
@@ -119,7 +116,6 @@ class DataParallelBuffers:
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_param_gather = overlap_param_gather
-        self.reduction = reduction
         named_params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         if not named_params:
             raise ValueError("the model has no trainable parameters to reduce gradients of")
@@ -215,8 +211,6 @@ class DataParallelBuffers:
         bucket.grad_started = True
         if self.size == 1:
             return
-        if self.reduction == "mean":
-            bucket.grad_data.mul_(1.0 / self.size)
         if self.use_distributed_optimizer:
             start, end = bucket.shard_range(self.rank, self.size)
             # In place: this rank's shard of the bucket receives the sum of every rank's shard.
