@@ -10,7 +10,8 @@ from torch.utils.checkpoint import checkpoint
 
 from distributed import run_distributed  # tests/ is on sys.path under pytest
 from megatron_llama.parallel import fp8
-from megatron_llama.parallel.fp8 import Fp8Recipe, check_fp8_supported, fp8_linear, quantize, scale_from_amax
+from megatron_llama.parallel.fp8 import (Fp8Recipe, check_fp8_supported, fp8_linear, quantize, quantize_with_transpose,
+                                         scale_from_amax)
 
 RECIPES = [Fp8Recipe(format, scaling) for format in ("e4m3", "hybrid") for scaling in ("tensorwise", "rowwise")]
 TOKENS, IN, OUT = 128, 256, 192
@@ -83,6 +84,16 @@ def test_tensorwise_scale_comes_from_the_tensor_amax_and_rowwise_from_each_row()
     assert tensorwise.inverse_scale.shape == () and rowwise.inverse_scale.shape == (2, 1)
     assert torch.equal(tensorwise.inverse_scale, 1 / scale_from_amax(torch.tensor(100.0), torch.float8_e4m3fn))
     assert torch.equal(rowwise.inverse_scale, 1 / scale_from_amax(torch.tensor([[2.0], [100.0]]), torch.float8_e4m3fn))
+
+
+def test_the_transposed_copy_cast_in_the_same_pass_holds_the_same_bytes_and_scale():
+    x = torch.randn(48, 80, generator=torch.Generator().manual_seed(8)) * 30
+    operand, transposed = quantize_with_transpose(x, torch.float8_e5m2)
+    alone = quantize(x, torch.float8_e5m2, rowwise=False)
+    assert torch.equal(operand.data.view(torch.uint8), alone.data.view(torch.uint8))
+    assert transposed.data.is_contiguous() and transposed.data.shape == (80, 48)
+    assert torch.equal(transposed.data.view(torch.uint8), alone.transposed().data.view(torch.uint8))
+    assert torch.equal(transposed.inverse_scale, alone.inverse_scale)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: f"{recipe.format}-{recipe.scaling}")

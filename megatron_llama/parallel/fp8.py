@@ -170,25 +170,37 @@ def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(largest / amax.float().clamp(min=AMAX_FLOOR))))
 
 
-def _scale_and_cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, k] (any strides) -> (fp8 [rows, k] row-major, fp32 inverse scale). Saturates at the dtype's max."""
+def _scale_and_cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, with_transpose: bool):
+    """x [rows, k] (any strides) -> (fp8 [rows, k] row-major, fp8 [k, rows] row-major or None, fp32 inverse
+    scale). Saturates at the dtype's max. with_transpose (tensorwise only) writes the transposed copy in the same
+    pass, so the backward's transposed operands cost no second read."""
     largest = torch.finfo(dtype).max
     scale = scale_from_amax(amax, dtype)
-    data = (x.float() * scale).clamp(-largest, largest).to(dtype).contiguous()
-    return data, scale.reciprocal()
+    scaled = (x.float() * scale).clamp(-largest, largest).to(dtype)
+    transposed = scaled.t().contiguous() if with_transpose else None
+    return scaled.contiguous(), transposed, scale.reciprocal()
 
 
 _compiled_scale_and_cast = None
 
 
-def _cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """_scale_and_cast, as one fused kernel on CUDA (torch.compile'd once, on first use), eager elsewhere."""
+def _cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, with_transpose: bool):
+    """_scale_and_cast as one fused kernel on CUDA (torch.compile'd once, shapes dynamic), eager elsewhere.
+    The compiled graph is keyed on dtype, scale shape and input strides: a handful of variants per recipe."""
     global _compiled_scale_and_cast
     if not x.is_cuda:
-        return _scale_and_cast(x, amax, dtype)
+        return _scale_and_cast(x, amax, dtype, with_transpose)
     if _compiled_scale_and_cast is None:
-        _compiled_scale_and_cast = torch.compile(_scale_and_cast, dynamic=False, fullgraph=True)
-    return _compiled_scale_and_cast(x, amax, dtype)
+        _compiled_scale_and_cast = torch.compile(_scale_and_cast, dynamic=True)
+    return _compiled_scale_and_cast(x.detach(), amax.detach(), dtype, with_transpose)  # no requires_grad guard
+
+
+def _operand_amax(x: torch.Tensor, rowwise: bool, amax: torch.Tensor | None, amax_group) -> torch.Tensor:
+    if amax is None:
+        amax = operand_amax(x, rowwise)
+        if amax_group is not None and not rowwise:
+            amax = comm.all_reduce(amax, amax_group, op=torch.distributed.ReduceOp.MAX)
+    return amax
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, *, rowwise: bool, amax: torch.Tensor | None = None,
@@ -198,12 +210,14 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, *, rowwise: bool, amax: torch.
     amax: use this amax instead of x's own; amax_group: all-reduce the tensorwise amax with MAX over this
     process group first, so every member casts with the scale of the whole (gathered) tensor.
     """
-    if amax is None:
-        amax = operand_amax(x, rowwise)
-        if amax_group is not None and not rowwise:
-            amax = comm.all_reduce(amax, amax_group, op=torch.distributed.ReduceOp.MAX)
-    data, inverse_scale = _cast(x, amax, dtype)
+    data, _, inverse_scale = _cast(x, _operand_amax(x, rowwise, amax, amax_group), dtype, False)
     return Fp8Operand(data, inverse_scale)
+
+
+def quantize_with_transpose(x: torch.Tensor, dtype: torch.dtype) -> tuple[Fp8Operand, Fp8Operand]:
+    """Tensorwise: x [rows, k] -> (the operand [rows, k], the same values as [k, rows]), cast in one pass."""
+    data, transposed, inverse_scale = _cast(x, operand_amax(x, rowwise=False), dtype, True)
+    return Fp8Operand(data, inverse_scale), Fp8Operand(transposed, inverse_scale)
 
 
 def scaled_matmul(a: Fp8Operand, b: Fp8Operand, out_dtype: torch.dtype, *, emulate: bool,
@@ -239,40 +253,59 @@ def _gather_sequence(operand: Fp8Operand, local_shape: torch.Size, group) -> Fp8
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x W^T with fp8 operands; backward dgrad and wgrad as the recipe defines (module docstring)."""
+    """y = x W^T with fp8 operands; backward dgrad and wgrad as the recipe defines (module docstring).
+
+    Saved for backward, in fp8: tensorwise, x^T [in, tokens] and W^T [in, out] (the layouts wgrad and dgrad
+    take, written by the forward's casts); rowwise, x [tokens, in] and W itself (dgrad casts it per column)."""
 
     @staticmethod
     def forward(ctx, x, weight, recipe: Fp8Recipe, main_grad_fusion: bool, sequence_parallel_group,
                 allreduce_amax: bool):
         emulate = recipe.emulates_on(x.device)
         x_2d = x.reshape(-1, x.shape[-1])  # [tokens (local), in]
-        amax_group = sequence_parallel_group if allreduce_amax else None
-        x_fp8 = quantize(x_2d, recipe.forward_dtype, rowwise=recipe.rowwise, amax_group=amax_group)
         out_shape = list(x.shape[:-1]) + [weight.shape[0]]
         if sequence_parallel_group is not None:
+            amax_group = sequence_parallel_group if allreduce_amax else None
+            x_fp8 = quantize(x_2d, recipe.forward_dtype, rowwise=recipe.rowwise, amax_group=amax_group)
             x_fp8 = _gather_sequence(x_fp8, x.shape, sequence_parallel_group)  # [tokens (all ranks), in]
             out_shape[SEQUENCE_DIM] *= comm.group_size(sequence_parallel_group)
-        weight_fp8 = quantize(weight, recipe.forward_dtype, rowwise=recipe.rowwise)  # [out, in]
+            x_for_wgrad = x_fp8 if recipe.rowwise else x_fp8.transposed()
+        elif recipe.rowwise:
+            x_fp8 = x_for_wgrad = quantize(x_2d, recipe.forward_dtype, rowwise=True)
+        else:
+            x_fp8, x_for_wgrad = quantize_with_transpose(x_2d, recipe.forward_dtype)  # [tokens, in], [in, tokens]
+        if recipe.rowwise:
+            weight_fp8 = quantize(weight, recipe.forward_dtype, rowwise=True)  # [out, in]
+            weight_t = (None, None)  # dgrad casts W per input column in backward
+        else:
+            weight_fp8, weight_t_fp8 = quantize_with_transpose(weight, recipe.forward_dtype)  # [out, in], [in, out]
+            weight_t = (weight_t_fp8.data, weight_t_fp8.inverse_scale)
         y = scaled_matmul(x_fp8, weight_fp8, x.dtype, emulate=emulate, use_fast_accum=True)  # [tokens, out]
-        ctx.save_for_backward(x_fp8.data, x_fp8.inverse_scale, weight_fp8.data, weight_fp8.inverse_scale, weight)
+        ctx.save_for_backward(x_for_wgrad.data, x_for_wgrad.inverse_scale, *weight_t, weight)
         ctx.recipe, ctx.emulate, ctx.group, ctx.x_dtype = recipe, emulate, sequence_parallel_group, x.dtype
         ctx.main_grad_fusion, ctx.local_shape = main_grad_fusion, x.shape
         return y.view(out_shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x_data, x_inverse_scale, weight_data, weight_inverse_scale, weight = ctx.saved_tensors
+        x_data, x_inverse_scale, weight_t_data, weight_t_inverse_scale, weight = ctx.saved_tensors
         recipe, emulate = ctx.recipe, ctx.emulate
-        x_fp8, weight_fp8 = Fp8Operand(x_data, x_inverse_scale), Fp8Operand(weight_data, weight_inverse_scale)
+        need_grad_x, need_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x_for_wgrad = Fp8Operand(x_data, x_inverse_scale)
         grad_2d = grad.reshape(-1, grad.shape[-1])  # [tokens, out]
-        grad_fp8 = quantize(grad_2d, recipe.gradient_dtype, rowwise=recipe.rowwise)  # [tokens, out]
+        if recipe.rowwise:
+            grad_fp8 = quantize(grad_2d, recipe.gradient_dtype, rowwise=True) if need_grad_x else None
+        elif need_grad_weight:
+            grad_fp8, grad_t_fp8 = quantize_with_transpose(grad_2d, recipe.gradient_dtype)  # [tokens, out], [out, tokens]
+        else:
+            grad_fp8 = quantize(grad_2d, recipe.gradient_dtype, rowwise=False)
 
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if need_grad_x:
             if recipe.rowwise:  # W scaled per input column for this GEMM: a second cast, of W^T's rows
                 weight_t_fp8 = quantize(weight.t(), recipe.forward_dtype, rowwise=True)  # [in, out]
             else:
-                weight_t_fp8 = weight_fp8.transposed()  # [in, out]
+                weight_t_fp8 = Fp8Operand(weight_t_data, weight_t_inverse_scale)  # [in, out]
             grad_x = scaled_matmul(grad_fp8, weight_t_fp8, ctx.x_dtype, emulate=emulate)  # [tokens, in]
             if ctx.group is not None:  # the sequence-parallel f's backward: sum over ranks, keep this shard
                 batch = ctx.local_shape[0]
@@ -280,17 +313,17 @@ class _Fp8Linear(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.local_shape)
 
         grad_weight = None
-        if ctx.needs_input_grad[1]:
+        if need_grad_weight:
             main_grad = getattr(weight, "main_grad", None) if ctx.main_grad_fusion else None
             if recipe.rowwise:  # bf16 GEMM of dy^T and x dequantized exactly from its fp8 bytes
-                x_2d = x_fp8.dequantize(grad.dtype)  # [tokens, in]
+                x_2d = x_for_wgrad.dequantize(grad.dtype)  # [tokens, in]
                 if main_grad is not None:
                     _add_product_into(main_grad, grad_2d.t(), x_2d)
                 else:
                     grad_weight = (grad_2d.t() @ x_2d).to(weight.dtype)  # [out, in]
             else:
                 out_dtype = main_grad.dtype if main_grad is not None else weight.dtype
-                grad_weight = scaled_matmul(grad_fp8.transposed(), x_fp8.transposed(), out_dtype,
+                grad_weight = scaled_matmul(grad_t_fp8, x_for_wgrad, out_dtype,
                                             emulate=emulate)  # [out, tokens] x [in, tokens]^T -> [out, in]
                 if main_grad is not None:
                     main_grad.add_(grad_weight)
