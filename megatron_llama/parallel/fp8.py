@@ -22,8 +22,8 @@ so multiplying by them is exact: the fp8 cast is the only rounding, and a dequan
 representable in bf16.
 
     recipe       operand scales                                   GEMMs in fp8
-    tensorwise   one fp32 scale per tensor                         forward, dgrad, wgrad (wgrad reuses the
-                                                                   transposed bytes of x and dy: same scale)
+    tensorwise   one fp32 scale per tensor                         forward, dgrad, wgrad (each cast writes the
+                                                                   transposed copy, x^T, W^T, dy^T, in one pass)
     rowwise      one scale per row along the reduction dim:        forward (x per token, W per output row),
                  torch._scaled_mm's rowwise mode, scale_a [m, 1],  dgrad (dy per token, W per input column);
                  scale_b [1, n]                                    wgrad in bf16: dy^T times x dequantized
@@ -49,6 +49,7 @@ Where it runs: torch._scaled_mm on CUDA GPUs of compute capability 8.9 or newer 
 of 16); everywhere else, and with Fp8Recipe(emulate=True), an emulation that casts to the same fp8 dtype with the
 same scales and multiplies the fp8 values in fp32 before applying the inverse scales, as the GPU does. On CUDA the
 scale + cast (+ transpose) of an operand is one torch.compile'd function after one amax reduction. No torchao.
+Measurements and how the layers call it: docs/fp8.md.
 """
 from __future__ import annotations
 
@@ -296,7 +297,8 @@ class _Fp8Linear(torch.autograd.Function):
         if recipe.rowwise:
             grad_fp8 = quantize(grad_2d, recipe.gradient_dtype, rowwise=True) if need_grad_x else None
         elif need_grad_weight:
-            grad_fp8, grad_t_fp8 = quantize_with_transpose(grad_2d, recipe.gradient_dtype)  # [tokens, out], [out, tokens]
+            # [tokens, out] and [out, tokens]
+            grad_fp8, grad_t_fp8 = quantize_with_transpose(grad_2d, recipe.gradient_dtype)
         else:
             grad_fp8 = quantize(grad_2d, recipe.gradient_dtype, rowwise=False)
 
