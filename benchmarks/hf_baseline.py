@@ -18,6 +18,8 @@ p.add_argument("--mode", default="amp", choices=["amp", "bf16"])
 p.add_argument("--compile", action="store_true")
 p.add_argument("--ckpt", action="store_true")
 p.add_argument("--liger", action="store_true", help="Liger Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross entropy)")
+p.add_argument("--float8", default="none", choices=["none", "tensorwise", "rowwise"],
+               help="torchao float8 training of the blocks' linears (needs torchao; use with --mode bf16 --compile)")
 a = p.parse_args()
 
 dev = "cuda"
@@ -52,6 +54,10 @@ if a.mode == "bf16":
     model = model.to(torch.bfloat16)
 if a.ckpt:
     model.gradient_checkpointing_enable()
+if a.float8 != "none":
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(a.float8),
+                               module_filter_fn=lambda m, fqn: fqn != "lm_head")
 model.train()
 n_params = sum(p.numel() for p in model.parameters())
 n_matmul = n_params - model.model.embed_tokens.weight.numel() - sum(p.numel() for n_, p in model.named_parameters() if "norm" in n_)
@@ -74,7 +80,7 @@ t = time.perf_counter()
 for _ in range(a.steps): loss = step()
 torch.cuda.synchronize(); dt = (time.perf_counter() - t) / a.steps
 tps = a.accum * a.mbs * a.seq / dt
-res = dict(impl="hf-transformers-" + transformers.__version__, mode=a.mode, compile=a.compile, ckpt=a.ckpt, liger=a.liger, layers=a.layers, seq=a.seq, mbs=a.mbs, accum=a.accum,
+res = dict(impl="hf-transformers-" + transformers.__version__, mode=a.mode, compile=a.compile, ckpt=a.ckpt, liger=a.liger, float8=a.float8, layers=a.layers, seq=a.seq, mbs=a.mbs, accum=a.accum,
            params=n_params, step_s=round(dt, 4), tokens_per_s=round(tps), mfu_989=round(tps * flops_tok / 989e12, 4),
            tflops=round(tps * flops_tok / 1e12, 1), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1), loss=float(loss))
 print("RESULT", json.dumps(res))
