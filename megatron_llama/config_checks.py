@@ -47,7 +47,7 @@ def check_config(config: RunConfig) -> None:
     """Check every combination of `config`'s values (ArgumentsError names the flags)."""
     _check_model(config)
     _check_batches(config)
-    _check_fp8(config)
+    check_fp8(config)
     _check_pipeline(config)
     _check_data_parallel_and_recompute(config)
     _check_schedule(config)
@@ -98,7 +98,7 @@ def _check_batches(config: RunConfig):
                              f"use a multiple of {per_step}")
 
 
-def _check_fp8(config: RunConfig):
+def check_fp8(config: RunConfig):
     """--fp8-format: a GPU with FP8 GEMMs (or the CPU's emulation), not fp16, and every dimension of this rank's
     FP8 GEMMs a multiple of 16 (parallel/fp8.check_fp8_supported). Under sequence parallelism the column-parallel
     GEMMs still take every token of the micro-batch: the shards are gathered before they multiply."""
