@@ -10,10 +10,14 @@ entropy (parallel/fused_cross_entropy.py), gradient-accumulation fusion (paralle
 --no-compile-blocks, --unfused-cross-entropy and --no-gradient-accumulation-fusion turn them off. Before timing,
 on CUDA, a check runs one sequence through the model with each fusion alone, all, and none, and through an fp32
 copy (no TF32): the fused loss's and grads' errors against fp32 may not exceed ERROR_GROWTH_TOLERANCE x the
-eager bf16 model's. --profile adds a breakdown of one step's GPU time by kernel kind.
+eager bf16 model's. --fp8-format e4m3|hybrid and --fp8-recipe tensorwise|rowwise run the blocks' GEMMs in fp8
+(parallel/fp8.py, as the trainer's flags do); the check then holds the fusions to that rule with the blocks in bf16
+and reports the fp8 model's loss and grad errors against fp32 on their own line (fp8 rounding, not a fusion, sets
+them), failing only if they are not finite. --profile adds a breakdown of one step's GPU time by kernel kind.
 
     python benchmarks/bench_train_step.py --layers 8 --seq 2048 --mbs 4 --accum 4      # ours
     python benchmarks/hf_baseline.py --layers 8 --seq 2048 --mbs 4 --accum 4      # Hugging Face
+    python benchmarks/bench_train_step.py --layers 8 --seq 2048 --mbs 4 --accum 4 --fp8-format hybrid  # fp8
 
 Defaults are the standard shape: 8 layers of Llama-2-7B dimensions (hidden 4096, ffn 11008, 32 heads,
 vocab 32000), seq 2048, micro-batch 4, 4 micro-batches per step, bf16, sdpa attention.
@@ -34,11 +38,13 @@ from model_shape import add_model_shape_arguments, model_config
 
 from megatron_llama.assembly import build_run
 from megatron_llama.config import RunConfig, TrainingConfig
+from megatron_llama.config_checks import check_fp8
 from megatron_llama.metrics import model_flops_utilization, peak_memory_gib
 from megatron_llama.model.compile import compile_blocks, default_on_cuda
 from megatron_llama.model.llama import build_model
 from megatron_llama.objectives.language_model import token_mean_loss
-from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
+from megatron_llama.parallel.fp8 import FP8_FORMATS, FP8_RECIPES, Fp8Recipe
+from megatron_llama.parallel.layers import set_fp8_recipe, set_gradient_accumulation_fusion
 from megatron_llama.parallel.state import ParallelLayout
 from megatron_llama.training import train_step
 
@@ -61,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="materialise the logits, then vocab_parallel_cross_entropy (the reference path)")
     parser.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction,
                         help="weight-gradient GEMMs accumulate into the fp32 main grads (default: on CUDA only)")
+    parser.add_argument("--fp8-format", choices=FP8_FORMATS, help="the blocks' GEMMs in fp8 (default: none)")
+    parser.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="tensorwise", help="scaling of the fp8 GEMMs")
     parser.add_argument("--profile", action="store_true", help="GPU time of one step by kernel kind")
     return parser.parse_args(argv)
 
@@ -117,15 +125,20 @@ def loss_and_grads(model, optimizer, batch) -> tuple[float, torch.Tensor]:
     return float(loss), grads
 
 
-def check_fused_against_eager(model, optimizer, config, batch, fusions: tuple[bool, bool, bool]) -> None:
+def check_fused_against_eager(model, optimizer, config, batch, fusions: tuple[bool, bool, bool],
+                              fp8_recipe: Fp8Recipe | None) -> None:
     """Loss and grads of one micro-batch, each fusion alone, all of them, and none, against an fp32 copy of the
-    model (no TF32): the fused model's error may not exceed ERROR_GROWTH_TOLERANCE x the eager model's."""
+    model (no TF32): the fused model's error may not exceed ERROR_GROWTH_TOLERANCE x the eager model's. With
+    `fp8_recipe` those run with the blocks' GEMMs in bf16; then the fp8 model with every fusion is reported on its
+    own: its error against fp32 is fp8 rounding's, so it is printed beside the eager bf16 model's, not held to the
+    rule (it must be finite)."""
     reference = build_model(config, seed=0, device=batch[0].device, dtype=torch.float32)
     reference.load_state_dict(model.state_dict())
     torch.backends.cuda.matmul.allow_tf32 = False
     ref_loss, ref_grads = loss_and_grads(reference, None, batch)
     torch.backends.cuda.matmul.allow_tf32 = True
     del reference
+    set_fp8_recipe(model.layers, None)
     names = ("compiled blocks", "fused cross entropy", "grad-accumulation fusion")
     variants = {"eager": (False, False, False), "all fusions": fusions}
     variants.update({name: tuple(i == index for i in range(3)) for index, name in enumerate(names) if fusions[index]})
@@ -142,6 +155,18 @@ def check_fused_against_eager(model, optimizer, config, batch, fusions: tuple[bo
         raise SystemExit(f"CHECK FAILED: fused errors {errors['all fusions']} exceed {ERROR_GROWTH_TOLERANCE} x "
                          f"the eager model's {errors['eager']}")
     print(f"CHECK passed: fused errors within {ERROR_GROWTH_TOLERANCE} x the eager bf16 model's", flush=True)
+    set_fp8_recipe(model.layers, fp8_recipe)
+    if fp8_recipe is None:
+        return
+    loss, grads = loss_and_grads(model, optimizer, batch)
+    loss_error, grad_error = abs(loss - ref_loss) / ref_loss, float((grads - ref_grads).norm() / ref_grads.norm())
+    loss_ratio, grad_ratio = (error / max(eager, 1e-12) for error, eager in zip((loss_error, grad_error),
+                                                                                errors["eager"]))
+    print(f"CHECK fp8 {fp8_recipe.format} {fp8_recipe.scaling}, all fusions: loss {loss:.6f} (fp32 {ref_loss:.6f}, "
+          f"relative error {loss_error:.1e}, {loss_ratio:.1f}x the eager bf16 model's); grads relative L2 error "
+          f"{grad_error:.2e} ({grad_ratio:.1f}x)", flush=True)
+    if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(grads).all()):
+        raise SystemExit(f"CHECK FAILED: the fp8 model's loss {loss} or grads are not finite")
 
 
 def main(argv=None):
@@ -162,7 +187,9 @@ def main(argv=None):
                                 seq_length=args.seq, lr=1e-4, adam_beta2=0.95, weight_decay=0.1, clip_grad=1.0,
                                 precision="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type, seed=0,
                                 compile_blocks=fusions[0], cross_entropy_loss_fusion=fusions[1],
-                                gradient_accumulation_fusion=fusions[2]))
+                                gradient_accumulation_fusion=fusions[2], fp8_format=args.fp8_format,
+                                fp8_recipe=args.fp8_recipe))
+    check_fp8(config)  # --fp8-format: an FP8 GPU (or the CPU's emulation) and GEMM dimensions it can take
     layout = ParallelLayout.single_process()  # dp=1: the fp32 main grads, nothing communicated
     run = build_run(config, layout, device)  # the trainer's own assembly
     model, optimizer, buffers = run.model, run.optimizer, run.buffers
@@ -181,9 +208,10 @@ def main(argv=None):
         loss, _ = train_step(model, optimizer, batches, lr=1e-4, buffers=buffers, loss_fn=loss_fn, layout=layout)
         return loss
 
-    if device.type == "cuda" and any(fusions):
+    if device.type == "cuda" and (any(fusions) or args.fp8_format):
         text = torch.randint(0, args.vocab, (1, args.seq + 1), device=device, generator=generator)
-        check_fused_against_eager(model.chunks[0], optimizer, config.model, (text[:, :-1], text[:, 1:]), fusions)
+        check_fused_against_eager(model.chunks[0], optimizer, config.model, (text[:, :-1], text[:, 1:]), fusions,
+                                  config.training.fp8)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -201,6 +229,7 @@ def main(argv=None):
         profile_step(step)
     result = dict(impl="megatron_llama", mode=str(dtype).replace("torch.", ""), attention=args.attention_backend,
                   compile_blocks=fusions[0], fused_cross_entropy=fusions[1], grad_accumulation_fusion=fusions[2],
+                  fp8=f"{args.fp8_format} {args.fp8_recipe}" if args.fp8_format else None,
                   optimizer=description.removeprefix("optimizer: "), layers=args.layers, seq=args.seq,
                   mbs=args.mbs, accum=args.accum, params=sum(param.numel() for param in model.parameters()),
                   step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s),

@@ -47,18 +47,20 @@ from megatron_llama.objectives.dpo import DPO_LOSSES
 from megatron_llama.model import recompute
 from megatron_llama.model.attention import ATTENTION_BACKENDS
 from megatron_llama.optim.lr_schedule import DECAY_STYLES
+from megatron_llama.parallel.fp8 import FP8_FORMATS, FP8_RECIPES
 
 # The values a field accepts, named by the module that owns them.
 CHOICES = {"attention_backend": ATTENTION_BACKENDS, "lr_decay_style": DECAY_STYLES,
            "recompute_granularity": recompute.GRANULARITIES, "recompute_method": recompute.METHODS,
-           "chat_template": tuple(CHAT_TEMPLATES), "tokenizer_type": TOKENIZER_TYPES, "dpo_loss": DPO_LOSSES}
+           "chat_template": tuple(CHAT_TEMPLATES), "tokenizer_type": TOKENIZER_TYPES, "dpo_loss": DPO_LOSSES,
+           "fp8_format": FP8_FORMATS, "fp8_recipe": FP8_RECIPES}
 METAVARS = {"dpo_reference": "ITER_DIR"}
 # Flags every command line gives (their fields' defaults serve configurations built in code).
 REQUIRED = ("seq_length", "micro_batch_size", "train_iters", "lr")
 # Flags left None when not given, so that config_resolve.py can derive the value (their docstrings say from what).
 # A bool among them is a --flag / --no-flag pair.
 DERIVED_WHEN_NOT_GIVEN = ("global_batch_size", "compile_blocks", "cross_entropy_loss_fusion",
-                          "gradient_accumulation_fusion")
+                          "gradient_accumulation_fusion", "fp8_recipe")
 
 # The flags that are not one field's own: section (argparse group) -> flag -> argparse keywords. config_resolve.py
 # maps them onto the fields.

@@ -8,7 +8,8 @@ other: the one assembly used by the entry point (pretrain.py), the benchmarks an
 Order: seeds (parallel/random.py) -> this rank's model chunks, built sharded (model/stage_model.py; the stage split
 of parallel/stages.py) -> activation recompute wrapping the block forwards (model/recompute.py) -> the compiled
 elementwise regions (model/compile.py), the fused output head + cross entropy (parallel/fused_cross_entropy.py)
-and gradient-accumulation fusion (parallel/layers.py), as the configuration says (on CUDA by default) -> the
+and gradient-accumulation fusion (parallel/layers.py), as the configuration says (on CUDA by default), and the
+blocks' FP8 GEMMs with --fp8-format (parallel/fp8.py; not the output head or the embedding) -> the
 data-parallel buffers, the one owner of the fp32 main grads (parallel/data_parallel.py) -> the optimizer over them
 (optim/builder.py: replicated or distributed) -> the learning-rate schedule. The buffers and optimizer come last
 because they take the parameters as they finally are.
@@ -30,7 +31,7 @@ from megatron_llama.optim.builder import build_optimizer
 from megatron_llama.optim.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.parallel.data_parallel import DataParallelBuffers
-from megatron_llama.parallel.layers import set_gradient_accumulation_fusion
+from megatron_llama.parallel.layers import set_fp8_recipe, set_gradient_accumulation_fusion
 from megatron_llama.parallel.pipeline import schedule_name
 from megatron_llama.parallel.random import set_random_seeds
 from megatron_llama.parallel.stages import StageSplit
@@ -68,6 +69,7 @@ def build_stage_model(config: RunConfig, layout: ParallelLayout, device: torch.d
         compile_blocks(chunk, training.compile_blocks)
         chunk.fuse_cross_entropy = training.cross_entropy_loss_fusion
         set_gradient_accumulation_fusion(chunk, training.gradient_accumulation_fusion)
+        set_fp8_recipe(chunk.layers, training.fp8)  # the blocks only: the output head stays in the model's dtype
     return StageModel(chunks), split
 
 
@@ -137,6 +139,16 @@ def describe_run(run: Run, config: RunConfig, layout: ParallelLayout) -> list[st
                  f"({sum(param.numel() for param in run.model.parameters()):,} on this rank), {model.num_layers} "
                  f"layers, hidden {model.hidden_size}, vocabulary {model.vocab_size} padded to "
                  f"{model.padded_vocab_size(layout.tensor_size)}, {training.precision} weights on {run.device}, "
-                 f"attention {model.attention_backend}")
+                 f"attention {model.attention_backend}"
+                 f"{describe_fp8(training, run.device)}")
     lines.append(run.optimizer_description)
     return lines
+
+
+def describe_fp8(training: TrainingConfig, device: torch.device) -> str:
+    """The log's words for the blocks' FP8 GEMMs ("" without --fp8-format)."""
+    recipe = training.fp8
+    if recipe is None:
+        return ""
+    where = "emulated in fp32" if recipe.emulates_on(device) else "torch._scaled_mm"
+    return f", blocks' GEMMs in fp8 ({recipe.format} {recipe.scaling}, {where})"

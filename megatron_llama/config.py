@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_llama.data.chat_template import DEFAULT_CHAT_TEMPLATE
+from megatron_llama.parallel.fp8 import Fp8Recipe
 from megatron_llama.parallel.stages import StageSplit, split_layers
 
 
@@ -264,6 +265,13 @@ class TrainingConfig:
     gradient_accumulation_fusion: bool = False
     """Weight-gradient GEMMs accumulate straight into the fp32 main grads (parallel/layers.py); not given: on on
     CUDA, off on CPU."""
+    fp8_format: str | None = None
+    """FP8 GEMMs for the blocks' linear layers (parallel/fp8.py; torch only, no extra package): e4m3 (every operand
+    float8_e4m3fn) or hybrid (gradients float8_e5m2); the output head, embedding, norms and attention stay in the
+    model's precision. Needs a GPU of compute capability 8.9 or newer (emulated on the CPU); None: no fp8."""
+    fp8_recipe: str = "tensorwise"
+    """Scaling of the FP8 GEMMs (with --fp8-format): tensorwise (one scale per tensor, all three GEMMs in fp8) or
+    rowwise (one scale per row, weight gradient in bf16); not given: tensorwise."""
     recompute_granularity: str | None = None
     """full: recompute whole blocks in backward; selective: only the attention core; None: keep activations."""
     recompute_method: str | None = None
@@ -274,6 +282,11 @@ class TrainingConfig:
     @property
     def params_dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    @property
+    def fp8(self) -> Fp8Recipe | None:
+        """The blocks' FP8 GEMM recipe of --fp8-format and --fp8-recipe; None without --fp8-format."""
+        return Fp8Recipe(format=self.fp8_format, scaling=self.fp8_recipe) if self.fp8_format is not None else None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ Each rule names the flags involved and the numbers, and says what to change:
     batch must be a multiple of micro-batch x data-parallel size. --overlap-param-gather needs
     --use-distributed-optimizer. (The world size must be a multiple of tp x pp: config_resolve.py, which derives
     the data-parallel size from it.)
+  * FP8: --fp8-format needs a GPU of compute capability 8.9 or newer (the CPU emulates), not --fp16, and every
+    dimension of the blocks' FP8 GEMMs on a rank (hidden size, qkv, attention output and ffn widths / tp, tokens per
+    micro-batch) a multiple of 16; --fp8-recipe needs --fp8-format (config_resolve.py).
   * Recompute: --recompute-method and --recompute-num-layers go with --recompute-granularity full, which needs a
     method.
   * Learning rates (--lr, --min-lr, --lr-warmup-init) must be finite, not negative, and within float32's range
@@ -32,6 +35,7 @@ from megatron_llama.data.blended_dataset import parse_data_path
 from megatron_llama.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from megatron_llama.data.gpt_dataset import parse_split
 from megatron_llama.data.indexed_dataset import dataset_exists
+from megatron_llama.parallel.fp8 import check_fp8_supported
 from megatron_llama.parallel.pipeline import check_micro_batch_count
 
 
@@ -43,6 +47,7 @@ def check_config(config: RunConfig) -> None:
     """Check every combination of `config`'s values (ArgumentsError names the flags)."""
     _check_model(config)
     _check_batches(config)
+    check_fp8(config)
     _check_pipeline(config)
     _check_data_parallel_and_recompute(config)
     _check_schedule(config)
@@ -91,6 +96,27 @@ def _check_batches(config: RunConfig):
         raise ArgumentsError(f"global batch {training.global_batch_size} is not divisible by micro-batch "
                              f"{training.micro_batch_size} x data-parallel {dp} = {per_step}; "
                              f"use a multiple of {per_step}")
+
+
+def check_fp8(config: RunConfig):
+    """--fp8-format: a GPU with FP8 GEMMs (or the CPU's emulation), not fp16, and every dimension of this rank's
+    FP8 GEMMs a multiple of 16 (parallel/fp8.check_fp8_supported). Under sequence parallelism the column-parallel
+    GEMMs still take every token of the micro-batch: the shards are gathered before they multiply."""
+    model, training, tp = config.model, config.training, config.parallel.tensor_model_parallel_size
+    if training.fp8_format is None:
+        return
+    gemm_dims = {
+        "--hidden-size": model.hidden_size,
+        "qkv width (--num-attention-heads + 2 x --num-query-groups) x head dim / tp":
+            (model.num_attention_heads + 2 * model.kv_heads) * model.head_dim // tp,
+        "attention output width --hidden-size / tp": model.num_attention_heads * model.head_dim // tp,
+        "--ffn-hidden-size / tp": model.ffn_hidden_size // tp,
+        "tokens per micro-batch (--micro-batch-size x --seq-length)": training.micro_batch_size * training.seq_length,
+    }
+    try:
+        check_fp8_supported(torch.device(training.device), gemm_dims, params_dtype=training.params_dtype)
+    except ValueError as error:
+        raise ArgumentsError(str(error)) from None
 
 
 def _check_pipeline(config: RunConfig):

@@ -19,7 +19,8 @@ What `resolve` derives, here and nowhere else:
   training   the device of --device auto (cuda when torch sees a GPU); precision from --bf16/--fp16 (fp32 on a
              CPU, with a note); --compile-blocks, --cross-entropy-loss-fusion, --gradient-accumulation-fusion: on on
              CUDA, off on CPU unless given; global batch: micro-batch x data-parallel size; --lr-decay-iters:
-             --train-iters; --recompute-num-layers: 1 with --recompute-granularity full.
+             --train-iters; --recompute-num-layers: 1 with --recompute-granularity full; --fp8-recipe:
+             tensorwise (a note says that a CPU emulates the fp8 GEMMs).
   data       the tokenizer's sha256 (data/tokenizer.tokenizer_hash).
   logging    the metrics file: metrics.jsonl in --save, else in --tensorboard-dir.
 Then config_checks.check_config runs the rules over the whole configuration.
@@ -159,6 +160,12 @@ def _parallel(arguments: argparse.Namespace, world_size: int, notes: list[str]) 
 def _check_precision_flags(arguments: argparse.Namespace):
     if arguments.bf16 and arguments.fp16:
         raise ArgumentsError("--bf16 and --fp16 were both given; choose one")
+    if arguments.fp8_format is not None and arguments.fp16:
+        raise ArgumentsError("--fp8-format cannot be combined with --fp16: the fp8 GEMMs take and return bf16 "
+                             "(use --bf16 with --fp8-format, or drop --fp8-format)")
+    if arguments.fp8_recipe is not None and arguments.fp8_format is None:
+        raise ArgumentsError(f"--fp8-recipe {arguments.fp8_recipe} applies to fp8 training only; add --fp8-format "
+                             f"(e4m3 or hybrid) or drop --fp8-recipe")
     if arguments.loss_scale is not None and not arguments.fp16:
         raise ArgumentsError("--loss-scale applies only to --fp16 training; drop it or add --fp16")
     check_positive(arguments, "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window",
@@ -195,4 +202,9 @@ def _training(arguments: argparse.Namespace, data_parallel_size: int, notes: lis
         derived["lr_decay_iters"] = arguments.train_iters
     if arguments.recompute_granularity == "full" and arguments.recompute_num_layers is None:
         derived["recompute_num_layers"] = 1
+    if arguments.fp8_recipe is None:
+        derived["fp8_recipe"] = TrainingConfig.fp8_recipe
+    if arguments.fp8_format is not None and device == "cpu":
+        notes.append(f"--fp8-format {arguments.fp8_format}: the CPU has no FP8 GEMMs, so they are emulated (operands "
+                     f"cast to fp8 with the GPU's scales, products in fp32)")
     return _section(TrainingConfig, arguments, device=device, precision=precision, **derived)

@@ -29,6 +29,13 @@ post-accumulate-grad hook then adds. It still hands autograd an uninitialised pl
 flag `grad_added_to_main_grad` tells the hook the sum is already done. A weight used twice in one graph (a tied
 embedding) is never fused: the placeholder would be summed with a real gradient.
 
+FP8 GEMMs (--fp8-format; `set_fp8_recipe`): a Column/RowParallelLinear whose `fp8_recipe` is set multiplies
+through parallel/fp8.fp8_linear instead of F.linear, keeping gradient-accumulation fusion. Column-parallel with
+sequence parallelism hands fp8_linear the tensor group, which casts the sequence shard once (its tensorwise amax
+agreed over the group) and all-gathers the fp8 bytes; without it the f operator comes first, as in bf16.
+Row-parallel casts its local input, then reduces (or reduce-scatters) in the model's dtype as before. Each rank
+scales its own weight shard. Biases are added in the model's dtype after the GEMM.
+
 Layout-independent initialisation (`initialize_parameters`): a weight with `init_std` is
 drawn in blocks of INIT_BLOCK_ROWS rows of its full (unpartitioned) shape, each block from
 a generator seeded by (seed, parameter name, block index); the rank keeps its slice along
@@ -47,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_llama.parallel import comm, state
+from megatron_llama.parallel.fp8 import Fp8Recipe, fp8_linear
 from megatron_llama.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
                                               reduce_from_tensor_parallel_region,
                                               reduce_scatter_to_sequence_parallel_region)
@@ -79,14 +87,23 @@ def enter_column_parallel_region(x: torch.Tensor, layout: ParallelLayout) -> tor
 
 
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, layout: ParallelLayout,
-                           bias: torch.Tensor | None = None, *,
-                           gradient_accumulation_fusion: bool = False) -> torch.Tensor:
+                           bias: torch.Tensor | None = None, *, gradient_accumulation_fusion: bool = False,
+                           fp8_recipe: Fp8Recipe | None = None) -> torch.Tensor:
     """x A^T + b for a weight A whose rows are split across the tensor ranks of `layout`.
 
     x: [b, s, in] (or the sequence shard [b, s / tp, in] with sequence parallelism) -> [b, s, out / tp].
     A tied output head calls this with the embedding's weight.
-    gradient_accumulation_fusion (no bias): dL/dA goes straight into A.main_grad (module docstring).
+    gradient_accumulation_fusion (no bias, or fp8): dL/dA goes straight into A.main_grad (module docstring).
+    fp8_recipe: the GEMMs in fp8 (module docstring).
     """
+    if fp8_recipe is not None:
+        if layout.sequence_parallel:  # fp8_linear casts the shard and gathers the fp8 bytes itself
+            y = fp8_linear(x, weight, fp8_recipe, main_grad_fusion=gradient_accumulation_fusion,
+                           sequence_parallel_group=layout.tensor_group)  # [b, s / tp, in] -> [b, s, out / tp]
+        else:
+            y = fp8_linear(copy_to_tensor_parallel_region(x, layout.tensor_group), weight, fp8_recipe,
+                           main_grad_fusion=gradient_accumulation_fusion)  # [b, s, out / tp]
+        return y + bias if bias is not None else y
     x = enter_column_parallel_region(x, layout)  # [b, s, in]
     if gradient_accumulation_fusion and bias is None:
         return linear_into_main_grad(x, weight)  # [b, s, out / tp]
@@ -102,6 +119,7 @@ class ColumnParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.layout = layout if layout is not None else state.current_layout()
         self.gradient_accumulation_fusion = False
+        self.fp8_recipe: Fp8Recipe | None = None  # set_fp8_recipe
         local_out = _local_size(output_size, "ColumnParallelLinear output size", self.layout)
         self.weight = _mark(nn.Parameter(torch.empty(local_out, input_size)), 0, (output_size, input_size), init_std)
         self.bias = _mark(nn.Parameter(torch.zeros(local_out)), 0, (output_size,), None) if bias else None
@@ -113,7 +131,8 @@ class ColumnParallelLinear(nn.Module):
         if weight_consumer is not None:
             return weight_consumer(enter_column_parallel_region(x, self.layout), self.weight)
         return column_parallel_linear(x, self.weight, self.layout, self.bias,
-                                      gradient_accumulation_fusion=self.gradient_accumulation_fusion)
+                                      gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+                                      fp8_recipe=self.fp8_recipe)
 
 
 class RowParallelLinear(nn.Module):
@@ -126,14 +145,20 @@ class RowParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.layout = layout if layout is not None else state.current_layout()
         self.gradient_accumulation_fusion = False
+        self.fp8_recipe: Fp8Recipe | None = None  # set_fp8_recipe
         local_in = _local_size(input_size, "RowParallelLinear input size", self.layout)
         self.weight = _mark(nn.Parameter(torch.empty(output_size, local_in)), 1, (output_size, input_size), init_std)
         # The bias is added after the reduction, so it is replicated (a sequence-parallel partial-gradient parameter).
         self.bias = _mark(nn.Parameter(torch.zeros(output_size)), None, (output_size,), None) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = linear_into_main_grad if self.gradient_accumulation_fusion else F.linear
-        partial = linear(x, self.weight)  # [b, s, in / tp] -> [b, s, out], a partial sum over tensor ranks
+        # [b, s, in / tp] -> [b, s, out], a partial sum over tensor ranks
+        if self.fp8_recipe is not None:
+            partial = fp8_linear(x, self.weight, self.fp8_recipe, main_grad_fusion=self.gradient_accumulation_fusion)
+        elif self.gradient_accumulation_fusion:
+            partial = linear_into_main_grad(x, self.weight)
+        else:
+            partial = F.linear(x, self.weight)
         group = self.layout.tensor_group
         if self.layout.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, group)  # [b, s, out] -> [b, s / tp, out]
@@ -215,6 +240,14 @@ def set_gradient_accumulation_fusion(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             module.gradient_accumulation_fusion = enabled
+
+
+def set_fp8_recipe(model: nn.Module, recipe: Fp8Recipe | None) -> None:
+    """Run every Column/RowParallelLinear of `model` with FP8 GEMMs of `recipe` (None: the model's dtype, as when
+    built). The caller picks the part of the model: the trainer passes the blocks, never the output head."""
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.fp8_recipe = recipe
 
 
 def is_tensor_parallel_replicated(param: nn.Parameter) -> bool:
