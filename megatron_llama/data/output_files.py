@@ -50,5 +50,5 @@ def remove_outputs(builders: Iterable[IndexedDatasetBuilder], prefixes: Iterable
         if not dataset_exists(prefix):
             doomed += published
         for path in doomed:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # never written
                 os.remove(path)
