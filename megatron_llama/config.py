@@ -278,6 +278,21 @@ class TrainingConfig:
     """With full recompute: uniform (every block, in groups) or block (the first recompute_num_layers blocks)."""
     recompute_num_layers: int | None = None
     """Blocks per recompute group (uniform) or blocks recomputed (block)."""
+    check_for_spiky_loss: bool = True
+    """Watch for a loss above --spiky-loss-factor x the median of the reference iterations (divergence.py); a
+    flagged iteration warns, --spikes-before-stop of them among the last --spike-reference-iters stop the run (exit
+    1, nothing of it saved). --no-check-for-spiky-loss turns it off."""
+    check_for_large_grads: bool = True
+    """Watch for a gradient norm above --large-grad-factor x the median of the reference iterations, as
+    --check-for-spiky-loss does for the loss. --no-check-for-large-grads turns it off."""
+    spiky_loss_factor: float = 2.0
+    """A loss above this many times the reference median is a spike (a healthy run stays within 1.1x)."""
+    large_grad_factor: float = 10.0
+    """A gradient norm above this many times the reference median is a spike (a healthy run stays within 3x)."""
+    spike_reference_iters: int = 20
+    """The reference: the last N iterations that were neither spikes nor skipped fp16 steps."""
+    spikes_before_stop: int = 3
+    """Spikes among the last --spike-reference-iters iterations that stop the run as diverged."""
 
     @property
     def params_dtype(self) -> torch.dtype:

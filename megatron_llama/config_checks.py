@@ -22,6 +22,10 @@ Each rule names the flags involved and the numbers, and says what to change:
     pretraining only.
   * Checkpoints: interval and background saving need --save; --finetune and --ckpt-step need --load, which must
     exist; --profile's iterations and ranks must lie in the run.
+  * Divergence watch (divergence.py): --spiky-loss-factor and --large-grad-factor above 1, --spike-reference-iters
+    and --spikes-before-stop positive.
+  * Outputs: every path the run writes (--save, --metrics-path, --tensorboard-dir, --data-cache-path) must be a
+    writable folder (the metrics path: a writable file), or creatable: its nearest existing parent a writable folder.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ def check_config(config: RunConfig) -> None:
     _check_data(config)
     _check_checkpointing(config)
     _check_profiling(config)
+    _check_divergence_watch(config)
+    _check_output_paths(config)
 
 
 def flag_name(name: str) -> str:
@@ -297,3 +303,43 @@ def _check_profiling(config: RunConfig):
     if logging.tensorboard_dir is None and logging.metrics_path is None:
         raise ArgumentsError("--profile writes its trace into --tensorboard-dir, or beside the metrics file: give "
                              "--tensorboard-dir, --save or --metrics-path")
+
+
+def _check_divergence_watch(config: RunConfig):
+    training = config.training
+    check_positive(training, "spike_reference_iters", "spikes_before_stop")
+    for name in ("spiky_loss_factor", "large_grad_factor"):
+        if not getattr(training, name) > 1:
+            raise ArgumentsError(f"{flag_name(name)} must be above 1 (a spike is that many times the running median), "
+                                 f"got {getattr(training, name)}")
+
+
+def _check_output_paths(config: RunConfig):
+    """Every path the run will write is writable, or can be created, before anything starts."""
+    outputs = [("--save", config.checkpoint.save, True), ("--tensorboard-dir", config.logging.tensorboard_dir, True),
+               ("--data-cache-path", config.data.data_cache_path, True),
+               ("--metrics-path", config.logging.metrics_path, False)]
+    for flag, path, is_folder in outputs:
+        if path is not None:
+            problem = unwritable_reason(path, is_folder)
+            if problem is not None:
+                raise ArgumentsError(f"{flag} {path}: {problem}; give a path this process can write")
+
+
+def unwritable_reason(path: str, is_folder: bool) -> str | None:
+    """Why this process cannot write the folder (or file) `path`, or None when it exists writable or can be created."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if is_folder != os.path.isdir(path):
+            return "is a folder, not a file" if os.path.isdir(path) else "is a file, not a folder"
+        if not os.access(path, os.W_OK | (os.X_OK if is_folder else 0)):
+            return "is not writable"
+        return None
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return None

@@ -29,8 +29,9 @@ also inside an already started default process group (it then builds only the mo
 
 Exit status, by class (the error is one line on stderr, naming the flag, file or iteration and what to do):
     0   training finished, or exited on request (--exit-interval, SIGTERM with --exit-signal-handler)
-    1   training diverged: a NaN/Inf loss, gradient norm or updated parameter; nothing of it was published
-    2   bad arguments, or a checkpoint that is missing, incomplete, corrupt (checksum), does not fit the run, or
+    1   training diverged: a NaN/Inf loss, gradient norm or updated parameter, or loss / gradient-norm spikes
+        (divergence.py); nothing of it was published
+    2   bad arguments (an output path that cannot be written included), or a checkpoint that is missing, incomplete, corrupt (checksum), does not fit the run, or
         could not be saved (every rank stops; nothing of it is published)
     3   bad data: token files, SFT records, preference pairs or an index cache that cannot be used
         (data.errors.DataError)

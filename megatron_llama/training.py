@@ -7,7 +7,8 @@ loss (already divided by the global count, so accumulation gives the gradient of
 the training record and evaluates. The loop knows no objective by name.
 
 Stops: after --train-iters; at --exit-interval or on SIGTERM with --exit-signal-handler (both save
-first when --save is set); on a NaN/Inf loss or gradient norm, with TrainingDiverged naming the
+first when --save is set); on a NaN/Inf loss or gradient norm, or a finite divergence (loss or gradient
+norm spikes against their running reference: divergence.DivergenceWatch), with TrainingDiverged naming the
 iteration and nothing saved, so the last checkpoint stays as it was. (With fp16, an overflowing
 step is skipped and the loss scale halved instead; only an overflow at the minimum loss scale
 stops the run.)
@@ -62,6 +63,7 @@ from megatron_llama.assembly import Run
 from megatron_llama.config import RunConfig
 from megatron_llama.data.datasets import Datasets
 from megatron_llama.data_loader import PretrainingSampler, as_micro_batch, micro_batches
+from megatron_llama.divergence import DivergenceWatch
 from megatron_llama.metrics import MetricsLogger, memory_statistics, model_flops_utilization, peak_memory_gib
 from megatron_llama.model.stage_model import llama_forward_step, model_chunks, schedule_shapes
 from megatron_llama.objectives.base import Objective
@@ -76,7 +78,7 @@ from megatron_llama.profiling import ComputeTimer, StepProfiler
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/Inf; the message names the iteration."""
+    """The loss or gradient norm became NaN/Inf or spiked (divergence.py); the message names the iteration."""
 
 
 @dataclass
@@ -224,11 +226,15 @@ def train(run: Run, objective: Objective, config: RunConfig, layout: ParallelLay
     saving = checkpointer is not None and checkpointer.enabled
     last_saved = progress.iteration if progress.iteration > 0 else None  # a resumed iteration is already on disk
     last_evaluated = None
+    watch = DivergenceWatch(training)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def save():
         run.buffers.finish_param_sync()  # the distributed optimizer's updated parameters may still be gathering
+        spiked = watch.spiked_before_save(progress.iteration)
+        if spiked is not None:
+            raise TrainingDiverged(f"{spiked}; {_stopped_without_saving(last_saved)}")
         check_parameters_finite(model, progress.iteration, device, last_saved)
         checkpointer.save(progress.iteration, progress.consumed_train_samples)
 
@@ -244,6 +250,12 @@ def train(run: Run, objective: Objective, config: RunConfig, layout: ParallelLay
         if _diverged(loss, outcome, optimizer):
             raise TrainingDiverged(f"iteration {iteration}: loss {loss} / gradient norm {outcome.grad_norm} is not "
                                    f"finite; {_stopped_without_saving(last_saved)}")
+        if not outcome.skipped:
+            spike = watch.observe(iteration, loss, outcome.grad_norm)
+            if spike is not None and spike.stop:
+                raise TrainingDiverged(f"{spike.message}; {_stopped_without_saving(last_saved)}")
+            if spike is not None:
+                logger.print(f"warning: {spike.message}")
         progress.iteration = iteration
         progress.consumed_train_samples += training.global_batch_size
         progress.skipped_iterations += int(outcome.skipped)

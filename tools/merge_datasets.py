@@ -6,7 +6,8 @@
 
 --input takes dataset prefixes (the path without .bin/.idx) or directories, whose .idx files are merged in
 sorted name order. Every input must hold the same token dtype. The output is written under temporary
-names and renamed when complete, so a failed or interrupted merge leaves no output behind.
+names and renamed when complete, so a failed or interrupted merge leaves no output behind; a failed write (disk
+full, no permission) stops with one line naming the file and the system's reason, and removes every partial file.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from megatron_llama.data.indexed_dataset import (  # noqa: E402
     dataset_exists,
     index_file_path,
 )
+from megatron_llama.data.output_files import OutputWriteError, remove_outputs, writing  # noqa: E402
 
 
 def expand_prefixes(inputs: list[str]) -> list[str]:
@@ -69,16 +71,22 @@ def merge(prefixes: list[str], output_prefix: str) -> tuple[int, int]:
     first = IndexedDataset(prefixes[0])
     dtype = first.dtype
     first.close()
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    builder = IndexedDatasetBuilder(data_file_path(output_prefix), dtype)
-    if record is not None:
-        write_tokenizer_record(output_prefix, record["tokenizer_type"], record["tokenizer_model"],
-                               record["tokenizer_hash"])
-    with builder:
-        for prefix in prefixes:
-            builder.merge_file_(prefix)
-        documents = builder.num_documents
-        builder.finalize(index_file_path(output_prefix))
+    builders = []
+    try:
+        with writing(data_file_path(output_prefix)):
+            os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+            builders.append(IndexedDatasetBuilder(data_file_path(output_prefix), dtype))
+            if record is not None:
+                write_tokenizer_record(output_prefix, record["tokenizer_type"], record["tokenizer_model"],
+                                       record["tokenizer_hash"])
+            for prefix in prefixes:
+                builders[0].merge_file_(prefix)
+        documents = builders[0].num_documents
+        with writing(f"{output_prefix}.bin/.idx"):
+            builders[0].finalize(index_file_path(output_prefix))
+    except BaseException:  # a bad input, a failed write, Ctrl-C: nothing of the merge is left
+        remove_outputs(builders, [output_prefix])
+        raise
     merged = IndexedDataset(output_prefix)
     return documents, merged.num_tokens
 
@@ -89,7 +97,10 @@ def main(argv=None) -> int:
     try:
         documents, tokens = merge(args.prefixes, args.output_prefix)
     except (IndexedDatasetError, DataError) as error:
-        print(f"error: {error}\nno output written", file=sys.stderr)
+        print(f"error: {error}; no output written", file=sys.stderr)
+        return 1
+    except OutputWriteError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     print(
         f"merged {len(args.prefixes)} datasets into {args.output_prefix}: {documents:,} documents, {tokens:,} tokens "

@@ -26,7 +26,8 @@ the rest of the file.
 Empty documents are never written; they are counted. Files are written under temporary names and renamed
 when complete (.bin, then .idx), so an interrupted run (Ctrl-C, kill -9) never leaves an .idx beside a
 partial .bin. Before them, `{prefix}.tokenizer.json` records the tokenizer (data/dataset_tokenizer.py): the trainer
-refuses to read the ids with another one.
+refuses to read the ids with another one. A failed write (disk full, no permission) stops the run with one line
+naming the file and the system's reason, exit status 1, and removes every partial and temporary file.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ from megatron_llama.data.indexed_dataset import (  # noqa: E402
     index_file_path,
 )
 from megatron_llama.data.dataset_tokenizer import write_tokenizer_record  # noqa: E402
+from megatron_llama.data.output_files import OutputWriteError, remove_outputs, writing  # noqa: E402
 from megatron_llama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer, tokenizer_hash  # noqa: E402
 
 LOCATIONS_SHOWN = 5
@@ -298,7 +300,8 @@ def write_results(results, builders: dict, summary: Summary, args: argparse.Name
                 if tokens is None:
                     summary.empty[name] += 1
                     continue
-                builder.add_document(tokens)
+                with writing(builder.bin_path):
+                    builder.add_document(tokens)
                 summary.documents[name] += 1
                 summary.tokens[name] += len(tokens)
         summary.lines += len(result.documents[0]) + len(result.bad_lines) + result.blank_lines
@@ -309,8 +312,7 @@ def run(args: argparse.Namespace) -> int:
     spec, tokenizer = args.spec, args.tokenizer
     names = spec.output_names
     dtype = best_dtype(tokenizer.vocab_size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-    builders = {name: IndexedDatasetBuilder(data_file_path(output_prefix(args.output_prefix, name)), dtype) for name in names}
+    builders = {}
     summary = Summary(names)
     pool = None
     print(
@@ -324,6 +326,10 @@ def run(args: argparse.Namespace) -> int:
 
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
+        with writing(args.output_prefix):
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+            for name in names:
+                builders[name] = IndexedDatasetBuilder(data_file_path(output_prefix(args.output_prefix, name)), dtype)
         chunks = read_chunks(args.input_files, args.chunk_size)
         if args.workers == 1:
             set_up_tokenizing(tokenizer, spec, args.append_eod)
@@ -341,8 +347,9 @@ def run(args: argparse.Namespace) -> int:
         identity = tokenizer_hash(tokenizer)
         for name in names:
             prefix = output_prefix(args.output_prefix, name)
-            write_tokenizer_record(prefix, args.tokenizer_type, args.tokenizer_model, identity)  # before the data
-            builders[name].finalize(index_file_path(prefix))
+            with writing(f"{prefix}.bin/.idx"):
+                write_tokenizer_record(prefix, args.tokenizer_type, args.tokenizer_model, identity)  # before the data
+                builders[name].finalize(index_file_path(prefix))
     except (BadLineError, DamagedFileError, Interrupted, KeyboardInterrupt) as error:
         for builder in builders.values():
             builder.abort()
@@ -352,6 +359,10 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(f"interrupted ({error or 'Ctrl-C'}); no output written", file=sys.stderr)
         return 130
+    except OutputWriteError as error:  # disk full, no permission, file size limit: nothing of the run is left
+        remove_outputs(builders.values(), [output_prefix(args.output_prefix, name) for name in names])
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except BaseException:
         for builder in builders.values():
             builder.abort()

@@ -14,7 +14,8 @@ with another one.
 
 The main process reads the lines in order, worker processes (--workers) parse, render and tokenize chunks of them,
 and the main process writes the results in input order. A bad record stops the run with an error naming the file
-and line, and no output is left (files are written under temporary names and renamed when complete).
+and line, and no output is left (files are written under temporary names and renamed when complete); so does a
+failed write (disk full, no permission), with one line naming the file and the system's reason.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from megatron_llama.data.chat_template import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPL
 from megatron_llama.data.corpus import iter_raw_lines  # noqa: E402
 from megatron_llama.data.dataset_tokenizer import write_tokenizer_record  # noqa: E402
 from megatron_llama.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, index_file_path  # noqa: E402
+from megatron_llama.data.output_files import OutputWriteError, remove_outputs, writing  # noqa: E402
 from megatron_llama.data.sft_dataset import LOSS_MASK_SUFFIX  # noqa: E402
 from megatron_llama.data.sft_records import SFTDataError, encode_conversation, parse_record  # noqa: E402
 from megatron_llama.data.tokenizer import TOKENIZER_TYPES, build_tokenizer, tokenizer_hash  # noqa: E402
@@ -67,35 +69,56 @@ def _chunks(paths: list[str]):
 def preprocess(paths: list[str], output_prefix: str, tokenizer_type: str, tokenizer_model: str,
                chat_template: str = DEFAULT_CHAT_TEMPLATE, workers: int = 1) -> int:
     """Write the token and mask files of every record of `paths` (in order); returns the number of records.
-    SFTDataError (naming file and line) on the first bad record, leaving no output."""
+    SFTDataError (naming file and line) on the first bad record, OutputWriteError when a write fails; either leaves
+    no output."""
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    arguments = (tokenizer_type, tokenizer_model, chat_template)
+    builders = []
+    try:
+        return _write(paths, output_prefix, tokenizer, (tokenizer_type, tokenizer_model, chat_template), workers,
+                      builders)
+    except BaseException:  # a bad record, a failed write, Ctrl-C: nothing of the run is left
+        remove_outputs(builders, [output_prefix, output_prefix + LOSS_MASK_SUFFIX])
+        raise
+
+
+def _write(paths: list[str], output_prefix: str, tokenizer, arguments: tuple, workers: int,
+           builders: list[IndexedDatasetBuilder]) -> int:
+    """preprocess's writing; the builders it opens are added to `builders`."""
+    tokenizer_type, tokenizer_model, _ = arguments
+    with writing(output_prefix + ".bin"):
+        os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+        builders.append(IndexedDatasetBuilder(output_prefix + ".bin", best_dtype(tokenizer.vocab_size)))
+    with writing(output_prefix + LOSS_MASK_SUFFIX + ".bin"):
+        builders.append(IndexedDatasetBuilder(output_prefix + LOSS_MASK_SUFFIX + ".bin", np.uint8))
+    tokens, masks = builders
     count = 0
-    with IndexedDatasetBuilder(output_prefix + ".bin", best_dtype(tokenizer.vocab_size)) as tokens, \
-            IndexedDatasetBuilder(output_prefix + LOSS_MASK_SUFFIX + ".bin", np.uint8) as masks:
-        if workers > 1:
-            pool = multiprocessing.Pool(workers, _start_worker, arguments)
-            results = pool.imap(_encode_chunk, _chunks(paths), chunksize=1)
-        else:
-            pool = None
-            _start_worker(*arguments)
-            results = map(_encode_chunk, _chunks(paths))
-        try:
-            for result in itertools.chain.from_iterable(results):
-                if isinstance(result, str):
-                    raise SFTDataError(result)
-                ids, mask, lengths = result
+    if workers > 1:
+        pool = multiprocessing.Pool(workers, _start_worker, arguments)
+        results = pool.imap(_encode_chunk, _chunks(paths), chunksize=1)
+    else:
+        pool = None
+        _start_worker(*arguments)
+        results = map(_encode_chunk, _chunks(paths))
+    try:
+        for result in itertools.chain.from_iterable(results):
+            if isinstance(result, str):
+                raise SFTDataError(result)
+            ids, mask, lengths = result
+            with writing(tokens.bin_path):
                 tokens.add_document(ids, lengths.tolist())
+            with writing(masks.bin_path):
                 masks.add_document(mask, lengths.tolist())
-                count += 1
-        finally:
-            if pool is not None:
-                pool.terminate()
-        if count == 0:
-            raise SFTDataError(f"{', '.join(paths)} hold no records; give jsonl files with one record per line")
+            count += 1
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if count == 0:
+        raise SFTDataError(f"{', '.join(paths)} hold no records; give jsonl files with one record per line")
+    with writing(f"{output_prefix}.bin/.idx"):
         write_tokenizer_record(output_prefix, tokenizer_type, tokenizer_model, tokenizer_hash(tokenizer))
+    with writing(f"{output_prefix}{LOSS_MASK_SUFFIX}.bin/.idx"):
         masks.finalize(index_file_path(output_prefix + LOSS_MASK_SUFFIX))
+    with writing(f"{output_prefix}.bin/.idx"):
         tokens.finalize(index_file_path(output_prefix))
     return count
 
@@ -116,7 +139,7 @@ def main(argv=None) -> int:
     try:
         count = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
                            args.chat_template, max(args.workers, 1))
-    except (SFTDataError, OSError) as error:
+    except (SFTDataError, OutputWriteError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"{count:,} records -> {args.output_prefix}.bin/.idx and {args.output_prefix}{LOSS_MASK_SUFFIX}.bin/.idx")
