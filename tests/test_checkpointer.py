@@ -1,9 +1,13 @@
-"""The Checkpointer on its own, in one process: its save policy, a resume of nothing, and a save it resumes from."""
+"""The Checkpointer on its own, in one process: its save policy, a resume of nothing, a save it resumes from (every
+random stream included), and a non-finite state it refuses to publish."""
 import dataclasses
+import random
 
+import numpy
+import pytest
 import torch
 
-from megatron_llama.checkpoint import Checkpointer, find_resume_checkpoint, read_tracker
+from megatron_llama.checkpoint import CheckpointError, Checkpointer, find_resume_checkpoint, read_tracker
 from megatron_llama.config import CheckpointConfig, ModelConfig, RunConfig
 from megatron_llama.model.llama import build_model
 from megatron_llama.optim.builder import build_optimizer
@@ -65,3 +69,43 @@ def test_an_async_save_is_published_by_close(tmp_path):
     resume = dataclasses.replace(checkpoint, load=str(tmp_path))
     resume_from = find_resume_checkpoint(RunConfig(model=MODEL, checkpoint=resume), [])
     assert checkpointer_for(resume, seed=2).resume(resume_from) == (2, 16)
+
+
+def next_draws() -> tuple:
+    """The next values of every random stream a rank draws from (CUDA's too where present)."""
+    draws = (torch.rand(5).tolist(), numpy.random.rand(5).tolist(), numpy.random.randn(1).tolist(),
+             [random.random() for _ in range(5)], random.gauss(0.0, 1.0))
+    if torch.cuda.is_available():
+        draws += (torch.rand(5, device="cuda").tolist(),)
+    return draws
+
+
+def test_resume_restores_every_random_stream_to_where_the_save_left_it(tmp_path):
+    torch.manual_seed(11), numpy.random.seed(12), random.seed(13)
+    numpy.random.randn(3), random.gauss(0.0, 1.0)  # leave a cached Gaussian in both, part of their state
+    saving = checkpointer_for(CheckpointConfig(save=str(tmp_path)), seed=1)
+    saving.save(3, 24)
+    saving.close()
+    uninterrupted = next_draws()
+    torch.manual_seed(99), numpy.random.seed(98), random.seed(97)  # a new process starts from other states
+    resume = CheckpointConfig(save=str(tmp_path), load=str(tmp_path))
+    resuming = checkpointer_for(resume, seed=2)
+    assert resuming.resume(find_resume_checkpoint(RunConfig(model=MODEL, checkpoint=resume), [])) == (3, 24)
+    resuming.close()
+    assert next_draws() == uninterrupted
+
+
+def test_a_non_finite_optimizer_state_is_never_published(tmp_path):
+    checkpointer = checkpointer_for(CheckpointConfig(save=str(tmp_path)), seed=1)
+    checkpointer.save(1, 8)
+    master = checkpointer.optimizer.master_params["layers.0.mlp.up.weight"]
+    second_moment = torch.zeros_like(master)
+    second_moment.view(-1)[0] = float("inf")  # the weights stay finite; Adam's state does not
+    checkpointer.optimizer.optimizer.state[master] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(master),
+                                                      "exp_avg_sq": second_moment}
+    with pytest.raises(CheckpointError) as error:
+        checkpointer.save(2, 16)
+    assert "could not write the files of iteration 2" in str(error.value)
+    assert "optim_dp_000.pt" in str(error.value) and "holds 1 NaN/Inf values" in str(error.value)
+    assert "the previous checkpoint stays the latest" in str(error.value)
+    assert read_tracker(str(tmp_path)) == 1

@@ -12,6 +12,8 @@ Hugging Face tokenizer tokenizes them (BOS first), so greedy completions (--temp
 transformers' generate(do_sample=False) on the export. prompts.jsonl holds one record per line, {"prompt": text}
 or {"messages": [{"role", "content"}, ...]} (rendered by --chat-template); out.jsonl gets the records with
 "completion" (and "finish_reason", token counts) added. Without --output-file completions go to stdout.
+A checkpoint whose files fail their checksums or hold NaN/Inf is refused: one line naming the tensor and the
+newest intact earlier iteration (--iteration N), exit status 1.
 """
 from __future__ import annotations
 

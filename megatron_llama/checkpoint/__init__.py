@@ -18,8 +18,14 @@ On-disk layout (one folder per saved iteration, one shard file per rank; file na
 
 Crash safety: every file is written under a temporary name, flushed to disk and renamed; the tracker file is
 replaced only after every file of the iteration is complete, so a reader following the tracker never sees a
-half-written checkpoint. A restart with --load equal to --save sets the folders of unpublished iterations aside
-(files.set_aside_unpublished) and goes on.
+half-written checkpoint. A restart with --load equal to --save resumes the published iteration (without a tracker:
+the newest one whose checksums verify), sets aside the newer folders that fail verification and goes on
+(restart_in_place.py); a folder whose checksums verify is never renamed or deleted.
+
+One writer: the trainer writing into --save holds {save}/writer.lock (writer_lock.py); a second one is refused.
+
+Finiteness: every tensor read is checked finite (a NaN in a checkpoint is never resumed, converted or generated
+from) and a save refuses to publish a state holding NaN/Inf (finiteness.py).
 
 Checksums: each rank computes the sha256 of the files it writes while writing them and leaves the records in its
 shard folder (checksums_dp_{dp:03d}.json); once every rank is done, rank 0 moves them all into meta.json, then
@@ -34,7 +40,10 @@ Checkpoints written before config.json hold args.json instead (every flag by nam
 load as they are: reading.open_checkpoint converts that record (RunConfig.from_flat_arguments).
 
 Modules, each one job:
-    files.py         names, atomic checksummed writes, verified reads, the tracker, unpublished folders set aside
+    files.py         names, atomic checksummed writes, verified reads, the tracker
+    finiteness.py    the first tensor of a state holding NaN/Inf
+    writer_lock.py   one trainer per save directory
+    restart_in_place.py  the iteration a restart in place resumes; interrupted saves set aside
     resharding.py    shards merged into whole tensors and split for another parallel layout (tensor/pipeline)
     reading.py       finding and opening a checkpoint, verified reads, the whole model of any layout
     saving.py        a rank's snapshot, its files, every rank's agreement, publishing; model-only checkpoints
@@ -56,11 +65,11 @@ Converters and tools:
                            tensor_parallel_size=1, pipeline_parallel_size=1)
 """
 from megatron_llama.checkpoint.checkpointer import Checkpointer, dpo_reference_folder, find_resume_checkpoint
-from megatron_llama.checkpoint.files import (CheckpointError, iteration_dir, read_tracker, set_aside_unpublished,
-                                             tracker_path)
+from megatron_llama.checkpoint.files import CheckpointError, iteration_dir, read_tracker, tracker_path
 from megatron_llama.checkpoint.loading import load_checkpoint, load_weights
 from megatron_llama.checkpoint.reading import open_checkpoint, read_model_checkpoint
 from megatron_llama.checkpoint.resharding import split_state_dict
+from megatron_llama.checkpoint.restart_in_place import set_aside_unpublished
 from megatron_llama.checkpoint.saving import write_model_checkpoint
 
 __all__ = ["CheckpointError", "Checkpointer", "dpo_reference_folder", "find_resume_checkpoint", "iteration_dir",

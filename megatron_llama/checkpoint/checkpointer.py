@@ -13,7 +13,8 @@ Once the model, optimizer and learning-rate schedule exist, the Checkpointer own
     if checkpointer.is_due(iteration):                        # --save-interval
         checkpointer.save(iteration, consumed_train_samples)  # sync, or --async-save on a background thread
     ...
-    checkpointer.close()                                      # the last background save is published
+    checkpointer.close()                                      # the last background save is published, --save
+                                                              # released (writer_lock.py)
 
 Every save ends with every rank's agreement (parallel/comm.all_ranks_true) on a gloo group of its own, built here:
 the training thread's collectives never share it, which --async-save needs because the agreement then runs on the
@@ -28,10 +29,12 @@ import time
 from typing import Callable
 
 from megatron_llama.checkpoint.async_save import AsyncCheckpointSaver
-from megatron_llama.checkpoint.files import CheckpointError, set_aside_unpublished, tracker_path
+from megatron_llama.checkpoint.files import CheckpointError, tracker_path
 from megatron_llama.checkpoint.loading import check_resumable, load_checkpoint
 from megatron_llama.checkpoint.reading import open_checkpoint
+from megatron_llama.checkpoint.restart_in_place import in_place_resume_iteration, set_aside_unpublished
 from megatron_llama.checkpoint.saving import save_checkpoint, snapshot_checkpoint
+from megatron_llama.checkpoint.writer_lock import claim_save_directory, release_save_directory
 from megatron_llama.config import RunConfig
 from megatron_llama.optim.lr_schedule import LearningRateSchedule
 from megatron_llama.parallel import comm
@@ -41,18 +44,37 @@ from megatron_llama.parallel.world import new_gloo_group, world_rank, world_size
 
 def find_resume_checkpoint(config: RunConfig, notes: list[str]) -> str | None:
     """The iteration folder of --load this run starts from (checked against the run: loading.check_resumable,
-    whose warnings join `notes`), or None. A --load folder that is also the --save folder means "resume in place":
-    the first rank sets aside the folders of unpublished iterations (an interrupted save; it prints what it moved),
-    and without a published checkpoint the run starts at iteration 0."""
+    whose warnings and notices join `notes`), or None. The first rank first claims --save for this run
+    (writer_lock.py: a second trainer on the same --save is refused). A --load folder that is also the --save folder
+    means "resume in place" (restart_in_place.py): the published iteration, or without a tracker the newest one
+    whose checksums verify; the first rank sets aside the newer folders that fail verification (an interrupted
+    save; it prints what it moved), and with nothing to resume the run starts at iteration 0."""
     load, save, step = config.checkpoint.load, config.checkpoint.save, config.checkpoint.ckpt_step
+    claimed = save is not None and world_rank() == 0
+    if claimed:
+        notice = claim_save_directory(save)
+        if notice is not None:
+            notes.append(notice)
+    try:
+        return _checked_resume_folder(config, load, save, step, notes)
+    except CheckpointError:
+        if claimed:
+            release_save_directory(save)
+        raise
+
+
+def _checked_resume_folder(config: RunConfig, load: str | None, save: str | None, step: int | None,
+                           notes: list[str]) -> str | None:
     if load is None:
         return None
     if save is not None and os.path.abspath(save) == os.path.abspath(load):
+        step, note = in_place_resume_iteration(load, step)
+        if note is not None:
+            notes.append(note)
         if world_rank() == 0:
             for line in set_aside_unpublished(load, keep=step):
                 print(line, flush=True)
-        if step is None and not os.path.isfile(tracker_path(load)):
-            notes.append(f"no checkpoint published in {load} yet: starting from iteration 0")
+        if step is None:
             return None
     try:
         folder, saved, meta = open_checkpoint(load, step)
@@ -142,6 +164,11 @@ class Checkpointer:
                  f"(training stalled {time.perf_counter() - started:.2f} s)")
 
     def close(self) -> None:
-        """Return once a background save in flight is written and published (raise what made it fail)."""
-        if self._async_saver is not None:
-            self._async_saver.wait()
+        """Return once a background save in flight is written and published (raise what made it fail), then give
+        up the writer lock of --save."""
+        try:
+            if self._async_saver is not None:
+                self._async_saver.wait()
+        finally:
+            if self.enabled:
+                release_save_directory(self.config.checkpoint.save)

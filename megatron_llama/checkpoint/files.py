@@ -1,9 +1,10 @@
-"""A checkpoint's files on disk: names, atomic checksummed writes, verified reads, the tracker, leftovers set aside.
+"""A checkpoint's files on disk: names, atomic checksummed writes, verified reads, the tracker.
 
     {save}/iter_{iteration:07d}/                      one folder per saved iteration (its content: the package
                                                       docstring, megatron_llama/checkpoint/__init__.py)
     {save}/latest_checkpointed_iteration.txt          the published iteration, written last
     {save}/unpublished_iter_{iteration:07d}/          an interrupted save, set aside by a restart in place
+    {save}/writer.lock                                held by the one trainer writing into {save} (writer_lock.py)
 
 Writing: every file goes to a temporary name, is flushed, fsynced and renamed, so its final name only ever holds a
 complete file. The sha256 and size of the bytes are computed while they are written (a record,
@@ -13,8 +14,8 @@ Reading: `load_tensor_file(path, record=...)` first compares the file with its r
 truncated or corrupted file is named and never unpickled; torch.load(weights_only=True) reads tensors and plain
 Python values only, so a checkpoint can never run code.
 
-Interrupted saves: the tracker only ever names a complete iteration, so folders of newer iterations are leftovers
-of a save that was killed. `set_aside_unpublished(save)` renames them so that a restart in place can go on.
+The tracker is an index of the newest published iteration, not the only record of what is on disk: a restart in
+place (restart_in_place.py) goes by the folders' own checksums when it is missing.
 """
 from __future__ import annotations
 
@@ -199,33 +200,13 @@ def read_tracker(checkpoint_dir: str) -> int:
                 f"finished); pass --ckpt-step N to load one of them anyway, or restart with --save equal to --load "
                 f"to set them aside and start afresh") if found else "; it holds no checkpoint at all"
         raise CheckpointError(f"no {TRACKER_FILENAME} in {checkpoint_dir}{hint}")
-    text = open(path).read().strip()
+    text = open(path, errors="replace").read().strip()
     try:
-        return int(text)
+        iteration = int(text)
     except ValueError:
-        raise CheckpointError(f"{path} should hold an iteration number but holds {text!r}") from None
-
-
-# ------------------------------------------------------------------------------------ interrupted saves
-
-def set_aside_unpublished(checkpoint_dir: str, keep: int | None = None) -> list[str]:
-    """Rename the folders of iterations newer than the published one (every one when none is published), except
-    `keep` and older, to unpublished_iter_...: what a save left when it was killed before publishing. Returns a
-    log line per folder. Call on one rank only, before the run writes anything."""
-    published = read_tracker(checkpoint_dir) if os.path.isfile(tracker_path(checkpoint_dir)) else -1
-    newest_kept = max(published, -1 if keep is None else keep)
-    lines = []
-    for iteration in saved_iterations(checkpoint_dir):
-        if iteration <= newest_kept:
-            continue
-        folder = iteration_dir(checkpoint_dir, iteration)
-        target = os.path.join(checkpoint_dir, UNPUBLISHED_PREFIX + os.path.basename(folder))
-        attempt = 1
-        while os.path.exists(target):
-            attempt += 1
-            target = os.path.join(checkpoint_dir, f"{UNPUBLISHED_PREFIX}{os.path.basename(folder)}_{attempt}")
-        os.rename(folder, target)
-        what = f"the published iteration is {published}" if published >= 0 else "no iteration was published"
-        lines.append(f"set aside {folder} as {target}: its save was interrupted before it was published ({what}); "
-                     f"delete it once you no longer need it")
-    return lines
+        iteration = -1
+    if iteration < 0:
+        raise CheckpointError(f"{path} should hold an iteration number but holds {text!r} (a number >= 0); "
+                              f"write the iteration to resume from into it (or pass --ckpt-step N); nothing was "
+                              f"changed")
+    return iteration

@@ -24,6 +24,7 @@ from megatron_llama.checkpoint.reading import (open_iteration_folder, parallel_s
 from megatron_llama.checkpoint.resharding import resplit, same_model_split
 from megatron_llama.checkpoint.rng_state import restore_rng_state
 from megatron_llama.config import RunConfig
+from megatron_llama.config_checks import flag_name
 from megatron_llama.optim.base import NamedOptimizerState
 from megatron_llama.optim.named_state import named_optimizer_state
 from megatron_llama.parallel.state import ParallelLayout
@@ -68,7 +69,7 @@ def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: b
     always; for a full resume (not --finetune, not a model-only checkpoint) also the same tokenizer and sequence
     length, since the run goes on where the checkpoint stopped (the layout and optimizer kind may change:
     load_checkpoint re-splits). Returns warnings for the log: loading only the weights of a model trained with
-    another tokenizer."""
+    another tokenizer; a full resume with other schedule or optimizer settings (each named, old -> new)."""
     differences = [f"{name}: checkpoint {getattr(saved.model, name)!r}, this run {getattr(run.model, name)!r}"
                    for name in MODEL_SHAPE_FIELDS if getattr(saved.model, name) != getattr(run.model, name)]
     if differences:
@@ -92,7 +93,24 @@ def check_resumable(folder: str, saved: RunConfig, run: RunConfig, model_only: b
                               f"run has --seq-length {run.training.seq_length}; resuming would change the data order "
                               f"and samples; use --seq-length {saved.training.seq_length}, or pass --finetune to "
                               f"start a new training from its weights")
-    return []
+    return changed_schedule_and_optimizer_settings(folder, saved, run)
+
+
+SCHEDULE_AND_OPTIMIZER_FIELDS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_init",
+                                 "lr_decay_iters", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps")
+
+
+def changed_schedule_and_optimizer_settings(folder: str, saved: RunConfig, run: RunConfig) -> list[str]:
+    """A notice for the log naming each learning-rate schedule or optimizer setting of `run` that differs from the
+    checkpoint's (`saved`, its config.json), as checkpoint value -> this run's value; [] when none does."""
+    changes = [f"{flag_name(name)} {getattr(saved.training, name)!r} -> {getattr(run.training, name)!r}"
+               for name in SCHEDULE_AND_OPTIMIZER_FIELDS
+               if getattr(saved.training, name) != getattr(run.training, name)]
+    if not changes:
+        return []
+    return [f"NOTICE: resuming {folder} with other schedule/optimizer settings than it was saved with (checkpoint "
+            f"-> this run): {', '.join(changes)}; this run's values apply from here on and are recorded in its "
+            f"checkpoints"]
 
 
 def _load_model_state(folder: str, saved: RunConfig, meta: dict, model: torch.nn.Module, config: RunConfig,

@@ -6,8 +6,9 @@ newest intact earlier iteration to offer when one is damaged, and the whole mode
     model_config, state_dict, run_config = read_model_checkpoint(load_dir, iteration=None)
 
 Opening checks that every file of the iteration is present with the size meta.json records; reading a file checks
-its sha256 before it is unpickled. A truncated or corrupt file raises CheckpointError naming it together with the
-newest intact earlier iteration, which `--ckpt-step N` loads. Checkpoints written before meta.json held "files"
+its sha256 before it is unpickled, then every tensor in it is checked finite. A truncated, corrupt or non-finite
+file raises CheckpointError naming it (and the tensor) together with the newest intact earlier iteration (complete,
+verified and finite), which `--ckpt-step N` loads. Checkpoints written before meta.json held "files"
 load unverified; those written before config.json hold args.json instead (every flag by name, the model under
 "model"), converted by RunConfig.from_flat_arguments.
 
@@ -21,6 +22,7 @@ from megatron_llama.checkpoint.files import (CONFIG_FILENAME, FILE_RECORDS, LEGA
                                              MODEL_FILENAME, CheckpointError, check_file_size, iteration_dir,
                                              load_tensor_file, optimizer_filename, read_json, read_tracker,
                                              rng_filename, saved_iterations, shard_dir, tracker_path, verify_file)
+from megatron_llama.checkpoint.finiteness import first_non_finite
 from megatron_llama.checkpoint.resharding import merge_shards
 from megatron_llama.config import ModelConfig, ParallelConfig, RunConfig
 
@@ -99,19 +101,38 @@ def tensor_files(folder: str, config: RunConfig, meta: dict) -> list[str]:
             if os.path.basename(path) != META_FILENAME]
 
 
-def newest_intact_iteration(checkpoint_dir: str, before: int) -> int | None:
-    """The newest iteration below `before` whose every file is present and matches its recorded sha256."""
-    for iteration in reversed([n for n in saved_iterations(checkpoint_dir) if n < before]):
+def verification_problem(folder: str) -> str | None:
+    """None when the iteration folder `folder` is complete and every file matches its recorded size and sha256
+    (checkpoints written before checksums: every file present), else what is wrong with it."""
+    try:
+        config, meta = open_iteration_folder(folder, "")
+        for path in tensor_files(folder, config, meta):
+            record = file_record(folder, meta, path)
+            if record is not None:
+                verify_file(path, record)
+    except CheckpointError as error:
+        return str(error).strip()
+    return None
+
+
+def _non_finite_problem(folder: str) -> str | None:
+    """What in the verified iteration folder `folder` holds NaN/Inf, or None."""
+    config, meta = open_iteration_folder(folder, "")
+    for path in tensor_files(folder, config, meta):
+        problem = first_non_finite(load_tensor_file(path, mmap=True), _HOLDS[_file_kind(path)])
+        if problem is not None:
+            return f"{path}: {problem}"
+    return None
+
+
+def newest_intact_iteration(checkpoint_dir: str, before: int | None = None) -> int | None:
+    """The newest iteration (below `before`, when given) whose every file is present, matches its recorded sha256
+    and holds only finite values."""
+    candidates = [n for n in saved_iterations(checkpoint_dir) if before is None or n < before]
+    for iteration in reversed(candidates):
         folder = iteration_dir(checkpoint_dir, iteration)
-        try:
-            config, meta = open_iteration_folder(folder, "")
-            for path in tensor_files(folder, config, meta):
-                record = file_record(folder, meta, path)
-                if record is not None:
-                    verify_file(path, record)
-        except CheckpointError:
-            continue
-        return iteration
+        if verification_problem(folder) is None and _non_finite_problem(folder) is None:
+            return iteration
     return None
 
 
@@ -119,7 +140,8 @@ def with_earlier_checkpoint(error: CheckpointError, checkpoint_dir: str, iterati
     """`error` about iteration `iteration`, completed with the newest intact earlier iteration to load instead."""
     earlier = newest_intact_iteration(checkpoint_dir, iteration)
     hint = (f"the newest intact earlier checkpoint is iteration {earlier}: load it with --ckpt-step {earlier}"
-            if earlier is not None else f"{checkpoint_dir} holds no intact checkpoint before iteration {iteration}")
+            if earlier is not None else
+            f"{checkpoint_dir} holds no intact checkpoint before iteration {iteration} (for --ckpt-step N)")
     return CheckpointError(f"{error}; {hint}")
 
 
@@ -141,12 +163,26 @@ def open_checkpoint(checkpoint_dir: str, iteration: int | None = None) -> tuple[
     return folder, config, meta
 
 
+_HOLDS = {"model": "weight", "optim": "optimizer state", "rng": "random state"}
+
+
+def _file_kind(path: str) -> str:
+    """model, optim or rng: what a shard file holds, by its name (files.py)."""
+    return os.path.basename(path).split("_")[0].split(".")[0]
+
+
 def read_checkpoint_file(folder: str, meta: dict, path: str, mmap: bool = False):
-    """A tensor file of the checkpoint in `folder`, checked against meta.json's record before it is unpickled."""
+    """A tensor file of the checkpoint in `folder`, checked against meta.json's record before it is unpickled and
+    refused when a tensor in it holds NaN/Inf (a poisoned checkpoint is never loaded)."""
+    iteration = int(meta["iteration"])
     try:
-        return load_tensor_file(path, mmap, file_record(folder, meta, path))
+        state = load_tensor_file(path, mmap, file_record(folder, meta, path))
+        problem = first_non_finite(state, _HOLDS[_file_kind(path)])
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem}: the checkpoint of iteration {iteration} is not finite")
     except CheckpointError as error:
-        raise with_earlier_checkpoint(error, os.path.dirname(folder), int(meta["iteration"])) from None
+        raise with_earlier_checkpoint(error, os.path.dirname(folder), iteration) from None
+    return state
 
 
 def read_model_shards(folder: str, config: RunConfig, meta: dict) -> dict[tuple[int, int], dict]:

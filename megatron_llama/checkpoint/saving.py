@@ -33,6 +33,7 @@ from megatron_llama.checkpoint.files import (CONFIG_FILENAME, FILE_RECORDS, META
                                              CheckpointError, atomic_torch_save, atomic_write_json, iteration_dir,
                                              optimizer_filename, read_json, receipt_filename, rng_filename,
                                              shard_dir, write_tracker)
+from megatron_llama.checkpoint.finiteness import first_non_finite
 from megatron_llama.checkpoint.reading import parallel_sizes
 from megatron_llama.checkpoint.resharding import split_state_dict
 from megatron_llama.checkpoint.rng_state import capture_rng_state
@@ -98,6 +99,9 @@ def write_snapshot(save_dir: str, snapshot: CheckpointSnapshot, config: RunConfi
         os.makedirs(directory, exist_ok=True)
         records = {}
         for filename, value in snapshot.files.items():
+            problem = first_non_finite(value, filename)
+            if problem is not None:
+                raise CheckpointError(f"{problem} (rank {layout.rank}): a non-finite state is never published")
             path = os.path.join(directory, filename)
             records[os.path.relpath(path, folder)] = atomic_torch_save(value, path)
         atomic_write_json(os.path.join(directory, receipt_filename(layout.data_rank)), records)
