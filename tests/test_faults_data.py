@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pytest
 import zstandard
+from test_dpo import PAIRS as DPO_PAIRS
+from test_dpo_layouts import dpo_flags
 from test_preprocess_data import documents, output_files, run, write_jsonl, write_zst
 from test_tokenizer import REPO, load_tool, tiny_sentencepiece_model  # noqa: F401 (fixture)
 
@@ -232,6 +234,15 @@ def test_trainer_exits_with_the_bad_data_status_and_one_line(tmp_path, capsys, t
                     else (f"{prefix}.bin holds token ids from 1 to 5000", "800 entries"))
     assert status == EXIT_BAD_DATA != 1
     assert_one_line_error(stderr, *expected)
+
+
+def test_dpo_run_on_pairs_whose_chosen_always_equals_rejected_exits_with_the_bad_data_status(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [dict(pair, rejected=pair["chosen"]) for pair in DPO_PAIRS])
+    status = main(dpo_flags(tmp_path, str(tmp_path / "run")))
+    assert status == EXIT_BAD_DATA
+    assert_one_line_error(capsys.readouterr().err, f"{pairs}: in all {len(DPO_PAIRS)} pairs the chosen and rejected")
+    assert not (tmp_path / "run" / "latest_checkpointed_iteration.txt").exists()
 
 
 # ---- SFT records that do not fit ---------------------------------------------------------------------------
