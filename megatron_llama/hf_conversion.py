@@ -25,6 +25,7 @@ file or tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +36,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_llama.config import ModelConfig
@@ -341,17 +342,25 @@ def save_hf_weights(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
               for name, t in tensors.items()}
     shards = _shard(copies, parse_size(max_shard_size))
     if len(shards) == 1:
-        save_file(shards[0], folder / SAFETENSORS_SINGLE, metadata={"format": "pt"})
+        _save_safetensors(shards[0], folder / SAFETENSORS_SINGLE)
         return [SAFETENSORS_SINGLE]
     file_names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     weight_map = {}
     for file_name, shard in zip(file_names, shards):
-        save_file(shard, folder / file_name, metadata={"format": "pt"})
+        _save_safetensors(shard, folder / file_name)
         weight_map.update({name: file_name for name in shard})
     total_size = sum(t.numel() * t.element_size() for t in copies.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return file_names + [SAFETENSORS_INDEX]
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, its write failures (disk full, quota) raised as OSError like every other write's."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as error:
+        raise OSError(f"{path}: {error}") from None
 
 
 def load_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -435,7 +444,8 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
 
     dtype None keeps the checkpoint's dtype. Written into a new temporary folder beside it (a hidden name chosen
     here, removed on failure) renamed at the end, so `folder` never holds half an export; it must not exist yet or
-    be empty. Weights holding NaN/Inf are refused (check_finite).
+    be empty. Weights holding NaN/Inf are refused (check_finite). A failed write (a full disk) raises OSError and
+    leaves nothing behind.
     """
     check_exportable(config)
     folder = Path(folder)
@@ -449,8 +459,7 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
     token_ids = {}
     if tokenizer is not None:
         token_ids = {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eod, "pad_token_id": tokenizer.pad}
-    partial = _new_partial_folder(folder)
-    try:
+    with complete_or_absent(folder) as partial:
         save_hf_weights(partial, hf_tensors, dtype, max_shard_size)
         _write_json(partial / "config.json", hf_config_dict(config, dtype, **token_ids))
         generation = {key: value for key, value in token_ids.items() if value is not None}
@@ -460,12 +469,6 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
             tokenizer_config = json.loads((partial / "tokenizer_config.json").read_text())
             tokenizer_config["chat_template"] = get_chat_template(chat_template).jinja()
             _write_json(partial / "tokenizer_config.json", tokenizer_config)
-        if folder.exists():
-            folder.rmdir()
-        os.replace(partial, folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # ours alone: created above under a name nobody else uses
-        raise
 
 
 def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
@@ -477,17 +480,28 @@ def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
                                   f"earlier iteration (--ckpt-step N)")
 
 
-def _new_partial_folder(folder: Path) -> Path:
-    """A new, empty folder beside `folder` with a name this call chose (never one that exists: a user's files are
-    never touched); the export is written into it and renamed to `folder` when complete."""
+@contextlib.contextmanager
+def complete_or_absent(folder: str | os.PathLike):
+    """Yields a new, empty folder beside `folder` (a hidden name chosen here, never one that exists: a user's files
+    are never touched) to write into; renamed to `folder` (absent or empty) when the block completes, removed when
+    it raises, so `folder` never holds half an output."""
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     while True:
         partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             partial.mkdir()
-            return partial
+            break
         except FileExistsError:
             continue
+    try:
+        yield partial
+        if folder.exists():
+            folder.rmdir()
+        os.replace(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # ours alone: created above under a name nobody else uses
+        raise
 
 
 def _write_json(path: Path, value: dict) -> None:
