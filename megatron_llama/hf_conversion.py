@@ -15,21 +15,28 @@ Open-Llama's stable embedding (a LayerNorm after the token embedding) has no Hug
 equivalent: exporting such a model raises ConversionError instead of writing a different model; so does a
 weight holding NaN/Inf (a diverged checkpoint), named in the message.
 
+Importing refuses, by field name, a config.json field that changes the math in a way our Llama does not implement
+(sliding_window below the context, attention_bias, mlp_bias, head_dim other than hidden/heads, rope scaling,
+hidden_act other than silu, ...: _unsupported_fields). A config that says tie_word_embeddings but whose weights hold
+a different lm_head.weight converts untied, keeping the head, with a warning (transformers does the same).
 Reading a Hugging Face folder, a config.json that is not JSON or lacks a size, a safetensors file that is cut
 short or damaged, and a tensor whose shape config.json does not explain each give a ConversionError naming the
 file or tensor.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_llama.config import ModelConfig
@@ -115,19 +122,11 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json",
     if wrong:
         raise ConversionError(f"{source}: {', '.join(wrong)} should be positive whole numbers")
     hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    if hf_config.get("head_dim") not in (None, hidden // heads):
-        raise ConversionError(f"{source}: head_dim {hf_config['head_dim']} differs from hidden_size / "
-                              f"num_attention_heads = {hidden // heads}; our model requires them equal")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf_config.get(flag):
-            raise ConversionError(f"{source}: {flag} is true; our Llama has no biases")
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{source}: hidden_act {hf_config['hidden_act']!r}; our MLP is SwiGLU (silu)")
+    unsupported = _unsupported_fields(hf_config)
+    if unsupported:
+        raise ConversionError(f"{source}: {'; '.join(unsupported)}: our Llama does not compute that, so the converted "
+                              f"model would give other logits")
     rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConversionError(f"{source}: rope type {rope_type!r} (rope scaling) is not supported; "
-                              "only plain rotary embeddings ('default') convert")
     kv_heads = hf_config.get("num_key_value_heads") or heads
     rotary_base = _positive_number(source, "rope_theta", rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
     config = ModelConfig(
@@ -151,6 +150,40 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json",
         raise ConversionError(f"{source}: {error} (in Hugging Face keys: --num-query-groups is num_key_value_heads, "
                               f"--ffn-hidden-size is intermediate_size)") from None
     return config
+
+
+def _unsupported_fields(hf_config: dict) -> list[str]:
+    """What in a Llama config.json changes the forward pass in a way our Llama does not implement, each named by its
+    field (e.g. a Mistral checkpoint relabelled 'llama' keeps its sliding window); empty when nothing does."""
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    context = hf_config.get("max_position_embeddings", 2048)
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+    rotary_fraction = (rope if isinstance(rope, dict) else {}).get("partial_rotary_factor",
+                                                                  hf_config.get("partial_rotary_factor"))
+    window = hf_config.get("sliding_window")
+    checks = {  # field: (value, whether our model cannot compute it, what it does)
+        "head_dim": (hf_config.get("head_dim"), hf_config.get("head_dim") not in (None, hidden // heads),
+                     f"differs from hidden_size / num_attention_heads = {hidden // heads}"),
+        "attention_bias": (hf_config.get("attention_bias"), bool(hf_config.get("attention_bias")),
+                           "adds biases to the attention projections"),
+        "mlp_bias": (hf_config.get("mlp_bias"), bool(hf_config.get("mlp_bias")), "adds biases to the MLP"),
+        "hidden_act": (hf_config.get("hidden_act"), hf_config.get("hidden_act", "silu") not in ("silu", "swish"),
+                       "is not silu (our MLP is SwiGLU)"),
+        "rope type": (rope_type, rope_type != "default",
+                      "scales the rotary embeddings (rope scaling is not supported yet; only 'default' converts)"),
+        "partial_rotary_factor": (rotary_fraction, rotary_fraction not in (None, 1, 1.0),
+                                  "rotates only part of each head"),
+        "sliding_window": (window, isinstance(window, int) and hf_config.get("use_sliding_window") is not False
+                           and window < context,
+                           f"limits attention to the last {window} tokens, fewer than max_position_embeddings "
+                           f"{context}"),
+        "attn_logit_softcapping": (hf_config.get("attn_logit_softcapping"),
+                                   hf_config.get("attn_logit_softcapping") is not None, "caps the attention scores"),
+        "final_logit_softcapping": (hf_config.get("final_logit_softcapping"),
+                                    hf_config.get("final_logit_softcapping") is not None, "caps the logits"),
+    }
+    return [f"{name} {value!r} {effect}" for name, (value, unsupported, effect) in checks.items() if unsupported]
 
 
 def _positive_number(source: str, key: str, value) -> float:
@@ -266,7 +299,7 @@ def from_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor],
     if config.untie_embeddings_and_output_weights:
         ours["output.weight"] = _pad_vocab_rows(take("lm_head.weight"), padded_vocab)
     else:
-        hf.pop("lm_head.weight", None)  # some tied exports store the shared matrix twice
+        hf.pop("lm_head.weight", None)  # a tied export may store the shared matrix twice (tie_distinct_head: equal)
     if hf:
         raise ConversionError(f"the Hugging Face weights hold tensors config.json does not explain: {sorted(hf)[:5]}")
     return ours
@@ -309,17 +342,25 @@ def save_hf_weights(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
               for name, t in tensors.items()}
     shards = _shard(copies, parse_size(max_shard_size))
     if len(shards) == 1:
-        save_file(shards[0], folder / SAFETENSORS_SINGLE, metadata={"format": "pt"})
+        _save_safetensors(shards[0], folder / SAFETENSORS_SINGLE)
         return [SAFETENSORS_SINGLE]
     file_names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     weight_map = {}
     for file_name, shard in zip(file_names, shards):
-        save_file(shard, folder / file_name, metadata={"format": "pt"})
+        _save_safetensors(shard, folder / file_name)
         weight_map.update({name: file_name for name in shard})
     total_size = sum(t.numel() * t.element_size() for t in copies.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return file_names + [SAFETENSORS_INDEX]
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, its write failures (disk full, quota) raised as OSError like every other write's."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as error:
+        raise OSError(f"{path}: {error}") from None
 
 
 def load_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -369,11 +410,28 @@ def read_hf_config(folder: str | os.PathLike, make_vocab_size_divisible_by: int 
     return model_config_from_hf(hf_config, str(config_path), make_vocab_size_divisible_by), hf_config
 
 
+def untie_distinct_head(config: ModelConfig, hf: dict[str, torch.Tensor], source: str) -> ModelConfig:
+    """`config` untied when it says tie_word_embeddings but the weights hold an lm_head.weight that differs from
+    model.embed_tokens.weight (a UserWarning says so), as transformers then keeps the head; else `config`."""
+    head, embedding = hf.get("lm_head.weight"), hf.get("model.embed_tokens.weight")
+    if config.untie_embeddings_and_output_weights or head is None or embedding is None:
+        return config
+    if head.shape == embedding.shape and torch.equal(head.to(embedding.dtype), embedding):
+        return config
+    warnings.warn(f"{source}: tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight; "
+                  f"converting untied with both kept, as transformers loads it (set tie_word_embeddings to false to "
+                  f"say so)")
+    return dataclasses.replace(config, untie_embeddings_and_output_weights=True)
+
+
 def load_hf_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                        make_vocab_size_divisible_by: int = 128) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """(ModelConfig, our state dict, the Hugging Face config dict) of a local Hugging Face Llama folder."""
+    """(ModelConfig, our state dict, the Hugging Face config dict) of a local Hugging Face Llama folder; a tied
+    config whose weights hold a distinct output head converts untied (untie_distinct_head)."""
     config, hf_config = read_hf_config(folder, make_vocab_size_divisible_by)
-    state_dict = from_hf_state_dict(config, load_hf_weights(folder), dtype)
+    hf_tensors = load_hf_weights(folder)
+    config = untie_distinct_head(config, hf_tensors, str(Path(folder) / "config.json"))
+    state_dict = from_hf_state_dict(config, hf_tensors, dtype)
     return config, state_dict, hf_config
 
 
@@ -386,7 +444,8 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
 
     dtype None keeps the checkpoint's dtype. Written into a new temporary folder beside it (a hidden name chosen
     here, removed on failure) renamed at the end, so `folder` never holds half an export; it must not exist yet or
-    be empty. Weights holding NaN/Inf are refused (check_finite).
+    be empty. Weights holding NaN/Inf are refused (check_finite). A failed write (a full disk) raises OSError and
+    leaves nothing behind.
     """
     check_exportable(config)
     folder = Path(folder)
@@ -400,8 +459,7 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
     token_ids = {}
     if tokenizer is not None:
         token_ids = {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eod, "pad_token_id": tokenizer.pad}
-    partial = _new_partial_folder(folder)
-    try:
+    with complete_or_absent(folder) as partial:
         save_hf_weights(partial, hf_tensors, dtype, max_shard_size)
         _write_json(partial / "config.json", hf_config_dict(config, dtype, **token_ids))
         generation = {key: value for key, value in token_ids.items() if value is not None}
@@ -411,12 +469,6 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: ModelConfig, state_dic
             tokenizer_config = json.loads((partial / "tokenizer_config.json").read_text())
             tokenizer_config["chat_template"] = get_chat_template(chat_template).jinja()
             _write_json(partial / "tokenizer_config.json", tokenizer_config)
-        if folder.exists():
-            folder.rmdir()
-        os.replace(partial, folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # ours alone: created above under a name nobody else uses
-        raise
 
 
 def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
@@ -428,17 +480,28 @@ def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
                                   f"earlier iteration (--ckpt-step N)")
 
 
-def _new_partial_folder(folder: Path) -> Path:
-    """A new, empty folder beside `folder` with a name this call chose (never one that exists: a user's files are
-    never touched); the export is written into it and renamed to `folder` when complete."""
+@contextlib.contextmanager
+def complete_or_absent(folder: str | os.PathLike):
+    """Yields a new, empty folder beside `folder` (a hidden name chosen here, never one that exists: a user's files
+    are never touched) to write into; renamed to `folder` (absent or empty) when the block completes, removed when
+    it raises, so `folder` never holds half an output."""
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     while True:
         partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             partial.mkdir()
-            return partial
+            break
         except FileExistsError:
             continue
+    try:
+        yield partial
+        if folder.exists():
+            folder.rmdir()
+        os.replace(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # ours alone: created above under a name nobody else uses
+        raise
 
 
 def _write_json(path: Path, value: dict) -> None:

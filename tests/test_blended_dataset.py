@@ -6,7 +6,8 @@ import pytest
 from test_gpt_dataset import document_of, write_corpus
 
 from megatron_llama.data import helpers
-from megatron_llama.data.blended_dataset import BlendedDataset, build_train_valid_test_datasets, parse_data_path
+from megatron_llama.data.blended_dataset import (BlendedDataset, build_train_valid_test_datasets, member_sample_counts,
+                                                 parse_data_path)
 from megatron_llama.data.gpt_dataset import GPTDataset
 
 CORPUS_B_BASE = 100_000  # corpus B's tokens start here, so a token tells which corpus it came from
@@ -57,6 +58,25 @@ def test_blend_holds_its_weights_within_one_sample_at_every_prefix(corpora, tmp_
     realised_b = np.cumsum(from_b)
     targets_b = 0.7 * np.arange(1, len(train) + 1)
     assert np.abs(realised_b - targets_b).max() < 1.0
+
+
+@pytest.mark.parametrize("weights, size, targets, built", [
+    ([0.3, 0.7], 300, [90, 210], [91, 212]),
+    ([0.5, 0.25, 0.25], 1001, [501, 251, 251], [504, 253, 253]),
+    ([0.999, 0.001], 2000, [1998, 2], [2008, 3]),
+])
+def test_member_sample_counts_are_megatron_lms(weights, size, targets, built):
+    """BlendedMegatronDatasetBuilder: each member targets ceil(size * w) samples and is built with
+    ceil(ceil(size * w) * 1.005); the blend holds the sum of the targets."""
+    assert member_sample_counts(weights, size) == (targets, built)
+
+
+def test_blend_builds_its_members_with_megatron_lms_sample_counts(corpora, tmp_path):
+    first, second = corpora
+    train, _, _ = build(["0.5", first, "0.25", second, "0.25", first], tmp_path, num_samples=(1001, 0, 0))
+    assert [member.description["num_samples"] for member in train.datasets] == [504, 253, 253]
+    assert len(train) == 1003
+    assert np.bincount(np.asarray(train.dataset_index), minlength=3).tolist() == [501, 251, 251]
 
 
 def test_blend_members_never_run_dry_even_for_a_tiny_weight(corpora, tmp_path):

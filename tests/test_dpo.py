@@ -68,6 +68,22 @@ def test_pairs_too_long_are_left_out_and_counted(tmp_path, tokenizer):
     assert "1 longer than --seq-length + 1 tokens left out" in dataset.describe()
 
 
+def test_pairs_whose_chosen_equals_rejected_are_counted_and_reported(tmp_path, tokenizer):
+    same = {"prompt": "w7", "chosen": "w8 w9", "rejected": [{"role": "assistant", "content": "w8 w9"}]}
+    dataset = PreferenceDataset(write_jsonl(tmp_path / "p.jsonl", PAIRS[:2] + [same, same]), tokenizer,
+                                get_chat_template("openllama"), SEQ_LENGTH, num_samples=4, seed=0)
+    assert len(dataset.pairs) == 4 and dataset.identical == 2
+    assert f"in 2 of them (the first at {tmp_path / 'p.jsonl'} line 3) chosen equals rejected" in dataset.describe()
+
+
+def test_a_file_whose_every_pair_has_chosen_equal_to_rejected_is_refused(tmp_path, tokenizer):
+    same = [dict(pair, rejected=pair["chosen"]) for pair in PAIRS]
+    with pytest.raises(PreferenceDataError, match="p.jsonl: in all 4 pairs the chosen and rejected answers are the "
+                                                  "same"):
+        PreferenceDataset(write_jsonl(tmp_path / "p.jsonl", same), tokenizer, get_chat_template("openllama"),
+                          SEQ_LENGTH, num_samples=4, seed=0)
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 2: malformed JSON"),
     (json.dumps({"prompt": "w3", "chosen": "w4"}), "line 2: \"rejected\" must be a non-empty string"),

@@ -2,13 +2,16 @@
 
 Truncated or corrupt .jsonl.zst inputs (preprocessing, tokenizer training), lone surrogate escapes, a dataset
 rebuilt under a cached index, a stale cache found anyway, token ids beyond the vocabulary, a dataset of 0
-documents, SFT records too long for --seq-length, the trainer's exit status on bad data, and kill -9 at random
-moments of preprocessing.
+documents, SFT records too long for --seq-length, the trainer's exit status on bad data, kill -9 at random
+moments of preprocessing, DPO pairs whose answers are all the same, and a full disk under the Hugging Face
+converters (writes limited by RLIMIT_FSIZE in the child, failing with EFBIG).
 """
 import json
 import os
 import random
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +19,8 @@ import time
 import numpy as np
 import pytest
 import zstandard
+from test_dpo import PAIRS as DPO_PAIRS
+from test_dpo_layouts import dpo_flags
 from test_preprocess_data import documents, output_files, run, write_jsonl, write_zst
 from test_tokenizer import REPO, load_tool, tiny_sentencepiece_model  # noqa: F401 (fixture)
 
@@ -234,6 +239,15 @@ def test_trainer_exits_with_the_bad_data_status_and_one_line(tmp_path, capsys, t
     assert_one_line_error(stderr, *expected)
 
 
+def test_dpo_run_on_pairs_whose_chosen_always_equals_rejected_exits_with_the_bad_data_status(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [dict(pair, rejected=pair["chosen"]) for pair in DPO_PAIRS])
+    status = main(dpo_flags(tmp_path, str(tmp_path / "run")))
+    assert status == EXIT_BAD_DATA
+    assert_one_line_error(capsys.readouterr().err, f"{pairs}: in all {len(DPO_PAIRS)} pairs the chosen and rejected")
+    assert not (tmp_path / "run" / "latest_checkpointed_iteration.txt").exists()
+
+
 # ---- SFT records that do not fit ---------------------------------------------------------------------------
 
 
@@ -298,3 +312,42 @@ def test_kill_9_at_random_moments_never_leaves_a_loadable_half_file_and_a_rerun_
                 IndexedDataset(output)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert [tokens.tolist() for tokens in documents(output)] == expected, seed
+
+
+# ---- a full disk under the Hugging Face converters ---------------------------------------------------------
+
+FILE_SIZE_LIMIT = 64 * 1024  # bytes: config files fit, the tiny model's weights (~0.5 MB) do not
+
+
+def limit_file_size():
+    """In the child: writes beyond FILE_SIZE_LIMIT bytes fail with EFBIG ("File too large"), as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+
+
+def run_tool_on_a_full_disk(tool: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", f"{tool}.py"), *argv], cwd=REPO,
+                          preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("tool", ["convert_to_hf", "convert_from_hf"])
+def test_converter_on_a_full_disk_says_so_in_one_line_and_leaves_no_partial_files(tmp_path, tool):
+    from megatron_llama.checkpoint import write_model_checkpoint
+    from megatron_llama.hf_conversion import save_hf_checkpoint
+    from megatron_llama.model.llama import build_model
+    from test_hf_conversion import BASE
+
+    source = tmp_path / "source"
+    if tool == "convert_to_hf":
+        write_model_checkpoint(str(source), 1, BASE, build_model(BASE, seed=1).state_dict())
+    else:
+        save_hf_checkpoint(source, BASE, build_model(BASE, seed=1).state_dict())
+    output = tmp_path / "out" / "model"
+    output.parent.mkdir()
+    done = run_tool_on_a_full_disk(tool, "--load", str(source), "--save", str(output))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+    assert done.stderr.startswith(f"{tool}: error: could not write --save {output} (") and "File too large" in done.stderr
+    assert os.listdir(output.parent) == []  # no folder, no .tmp or partial files
+    load_tool(tool).main(["--load", str(source), "--save", str(output)])  # with room on the disk, the same command
+    assert os.listdir(output.parent) == ["model"]

@@ -133,6 +133,11 @@ def test_export_into_a_folder_with_files_is_refused(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"model_type": "mistral"}, "only 'llama'"),
     ({"head_dim": 32}, "head_dim 32"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' scales the rotary embeddings"),
+    ({"sliding_window": 64, "max_position_embeddings": 128}, "sliding_window 64 limits attention to the last 64"),
+    ({"mlp_bias": True}, "mlp_bias True adds biases to the MLP"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 rotates only part of each head"),
     ({"rope_theta": "10000"}, "rope_theta '10000' should be a positive number"),
     ({"rms_norm_eps": -1e-6}, "rms_norm_eps -1e-06 should be a positive number"),
 ])
@@ -141,6 +146,49 @@ def test_hf_configs_our_model_cannot_express_are_refused(change, message):
                      num_hidden_layers=2, num_attention_heads=4)
     with pytest.raises(ConversionError, match=message):
         model_config_from_hf({**hf_config, **change})
+
+
+@pytest.mark.parametrize("change", [{"sliding_window": 4096, "max_position_embeddings": 4096},
+                                    {"sliding_window": 64, "use_sliding_window": False}, {"sliding_window": None},
+                                    {"rope_scaling": {"rope_type": "default"}}, {"hidden_act": "swish"}],
+                         ids=["window_covers_the_context", "window_switched_off", "no_window", "default_rope",
+                              "swish_is_silu"])
+def test_hf_config_fields_that_leave_the_math_unchanged_are_accepted(change):
+    hf_config = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=176,
+                     num_hidden_layers=2, num_attention_heads=4)
+    assert model_config_from_hf({**hf_config, **change}).hidden_size == 64
+
+
+def tied_config_folder(tmp_path, head_equals_embedding: bool) -> Path:
+    """A Hugging Face folder whose config.json says tie_word_embeddings but whose weights hold lm_head.weight."""
+    hf_config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=5000.0,
+                            tie_word_embeddings=False)
+    torch.manual_seed(2)
+    hf_model = sharpen_(LlamaForCausalLM(hf_config))
+    if head_equals_embedding:
+        with torch.no_grad():
+            hf_model.lm_head.weight.copy_(hf_model.model.embed_tokens.weight)
+    hf_model.save_pretrained(tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), tie_word_embeddings=True)))
+    return tmp_path / "hf"
+
+
+def test_a_tied_config_whose_file_holds_a_different_head_converts_untied_with_transformers_logits(tmp_path):
+    folder = tied_config_folder(tmp_path, head_equals_embedding=False)
+    with pytest.warns(UserWarning, match="tie_word_embeddings is true but lm_head.weight differs"):
+        config, state_dict, _ = load_hf_checkpoint(folder)
+    assert config.untie_embeddings_and_output_weights and "output.weight" in state_dict
+    model = LlamaModel(config)
+    model.load_state_dict(state_dict)
+    x = tokens(seq=16, vocab=VOCAB)
+    assert_parity(our_logits(model, x), hf_logits(folder, x))
+
+
+def test_a_tied_config_whose_file_repeats_the_embedding_as_the_head_stays_tied(tmp_path):
+    config, state_dict, _ = load_hf_checkpoint(tied_config_folder(tmp_path, head_equals_embedding=True))
+    assert not config.untie_embeddings_and_output_weights and "output.weight" not in state_dict
 
 
 def test_import_of_weights_that_do_not_match_config_names_the_tensor(tmp_path):

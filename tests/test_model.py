@@ -226,3 +226,49 @@ def test_bf16_model_computes_rotary_angles_in_fp32_and_rounds_only_the_tables():
     assert cos.dtype == torch.bfloat16
     torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=2**-8)
     torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=2**-8)
+
+
+def reference_logits(model: LlamaModel, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The Llama forward written out from the paper's formulas over the model's weights, in float64, with rotary
+    embeddings as complex rotation of the pairs (i, i + d/2) by position * base^(-2i/d): no code of model/ runs."""
+    config, weights = model.config, {name: value.double() for name, value in model.state_dict().items()}
+    heads, groups, d = config.num_attention_heads, config.kv_heads, config.head_dim
+    b, s = input_ids.shape
+
+    def norm(x, weight):
+        return x / x.pow(2).mean(-1, keepdim=True).add(config.norm_epsilon).sqrt() * weight
+
+    def rotate(x):  # [b, s, n, d]
+        pairs = torch.complex(x[..., :d // 2], x[..., d // 2:])
+        angles = position_ids.double()[..., None] * config.rotary_base ** (-torch.arange(0, d, 2).double() / d)
+        turned = pairs * torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+        return torch.cat([turned.real, turned.imag], dim=-1)
+
+    hidden = weights["embedding.weight"][input_ids]
+    for i in range(config.num_layers):
+        layer = {name[len(f"layers.{i}."):]: value for name, value in weights.items() if name.startswith(f"layers.{i}.")}
+        qkv = (norm(hidden, layer["input_norm.weight"]) @ layer["attention.qkv.weight"].T).view(b, s, groups, -1, d)
+        q, k, v = rotate(qkv[:, :, :, :-2].reshape(b, s, heads, d)), rotate(qkv[:, :, :, -2]), qkv[:, :, :, -1]
+        k, v = (t.repeat_interleave(heads // groups, dim=2) for t in (k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        attended = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, s, -1)
+        hidden = hidden + attended @ layer["attention.dense.weight"].T
+        normed = norm(hidden, layer["post_attention_norm.weight"])
+        gate, up = normed @ layer["mlp.gate.weight"].T, normed @ layer["mlp.up.weight"].T
+        hidden = hidden + (torch.nn.functional.silu(gate) * up) @ layer["mlp.down.weight"].T
+    return norm(hidden, weights["final_norm.weight"]) @ weights["output.weight"].T
+
+
+@pytest.mark.parametrize("positions", ["plain", "restarting"])
+def test_logits_equal_a_reference_forward_with_rotary_as_complex_rotation(positions):
+    """Catches a wrong rotary application inside the model (wrong halves paired, keys left unrotated, positions
+    ignored or shifted), which the rotary function's own tests cannot see."""
+    model = sharpen_(build_model(TINY, seed=11))
+    x = tokens(seq=16)
+    position_ids = torch.arange(16).expand(2, 16)
+    if positions == "restarting":  # --reset-position-ids without --reset-attention-mask: one row, positions restart
+        position_ids = torch.cat([torch.arange(6), torch.arange(10)]).expand(2, 16)
+    with torch.no_grad():
+        ours = model(x) if positions == "plain" else model(x, position_ids=position_ids)
+        torch.testing.assert_close(ours.double(), reference_logits(model, x, position_ids), rtol=0, atol=1e-4)

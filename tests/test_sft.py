@@ -141,6 +141,12 @@ def test_file_whose_every_record_is_too_long_says_to_raise_seq_length(tmp_path, 
     (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "assistant"),
     (json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "needs a user message before it"),
     (json.dumps({"messages": [{"role": "robot", "content": "a"}]}), "role"),
+    (json.dumps({"prompt": "q", "response": ""}), "non-empty string \"response\""),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}),
+     "assistant message 1 has an empty \"content\""),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                              {"role": "user", "content": "q2"}, {"role": "assistant", "content": ""}]}),
+     "assistant message 3 has an empty \"content\""),
 ])
 def test_bad_record_error_names_file_and_line(tmp_path, tokenizer, bad_line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, "", bad_line])
@@ -277,6 +283,16 @@ def test_preprocess_sft_names_the_file_and_line_of_a_bad_record_and_leaves_no_ou
     done = run_preprocess_sft("--input", path, "--output-prefix", str(prefix), "--tokenizer-type",
                               "SentencePieceTokenizer", "--tokenizer-model", tokenizer_path)
     assert done.returncode == 1 and f"{path} line 2: needs a string \"prompt\"" in done.stderr
+    assert os.listdir(prefix.parent) == []
+
+
+def test_preprocess_sft_refuses_an_empty_assistant_turn_naming_the_file_and_line(tmp_path, tokenizer_path):
+    empty_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, empty_answer])
+    prefix = tmp_path / "out" / "sft"
+    done = run_preprocess_sft("--input", path, "--output-prefix", str(prefix), "--tokenizer-type",
+                              "SentencePieceTokenizer", "--tokenizer-model", tokenizer_path)
+    assert done.returncode == 1 and f"{path} line 2: assistant message 1 has an empty \"content\"" in done.stderr
     assert os.listdir(prefix.parent) == []
 
 

@@ -10,7 +10,13 @@ intermediate size (checked before any weight is read). Writes a model-only check
 fp32 weights, the vocabulary zero-padded to the tensor-parallel multiple) that
 `python -m megatron_llama.pretrain --load checkpoints/from_hf` starts from with a fresh optimizer
 (launched with the same --tensor-model-parallel-size). When the folder holds a tokenizer.json, the checkpoint's args
-name it (HuggingFaceTokenizer), so a later convert_to_hf.py export carries it along.
+name it (HuggingFaceTokenizer), so a later convert_to_hf.py export carries it along. A config.json that says
+tie_word_embeddings while its weights hold a different lm_head.weight converts untied, keeping the head (a warning
+and the last line say so), as transformers loads it.
+
+The checkpoint is written into a hidden folder beside --save and renamed to it when complete, so a failed write (a
+full disk) leaves nothing at --save and no partial files: one line names --save and the OSError, exit status 1.
+--save must be a new or empty directory.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import sys
 
 from megatron_llama.checkpoint import CheckpointError, tracker_path, write_model_checkpoint
 from megatron_llama.config import DataConfig, RunConfig
-from megatron_llama.hf_conversion import ConversionError, load_hf_checkpoint, read_hf_config
+from megatron_llama.hf_conversion import ConversionError, complete_or_absent, load_hf_checkpoint, read_hf_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,12 +40,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def write_failure(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `error` itself, or the one torch.save's zip writer was handling when it
+    raised its own RuntimeError on closing; None when there is none (a bug, not the disk)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__
+    return error
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         if os.path.exists(tracker_path(args.save)):
             raise CheckpointError(f"--save {args.save} already holds a checkpoint ({tracker_path(args.save)}); "
                                   "choose a new directory")
+        if os.path.isdir(args.save) and os.listdir(args.save):
+            raise ConversionError(f"--save {args.save} already holds files; choose a new or empty directory")
         config, _ = read_hf_config(args.load, args.make_vocab_size_divisible_by)
         try:
             config.check(args.target_tensor_parallel_size, "--target-tensor-parallel-size")
@@ -50,13 +66,22 @@ def main(argv: list[str] | None = None) -> None:
         data = DataConfig()
         if os.path.isfile(os.path.join(args.load, "tokenizer.json")):
             data = DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.abspath(args.load))
-        write_model_checkpoint(args.save, 0, config, state_dict, RunConfig(data=data),
-                               tensor_parallel_size=args.target_tensor_parallel_size,
-                               pipeline_parallel_size=args.target_pipeline_parallel_size)
+        try:
+            with complete_or_absent(args.save) as partial:
+                write_model_checkpoint(str(partial), 0, config, state_dict, RunConfig(data=data),
+                                       tensor_parallel_size=args.target_tensor_parallel_size,
+                                       pipeline_parallel_size=args.target_pipeline_parallel_size)
+        except (OSError, RuntimeError) as error:
+            failed_write = write_failure(error)
+            if failed_write is None:
+                raise
+            raise ConversionError(f"could not write --save {args.save} ({failed_write}); nothing was left there: "
+                                  f"free disk space or choose another directory") from None
     except (CheckpointError, ConversionError) as error:
         sys.exit(f"convert_from_hf: error: {error}")
     print(f"convert_from_hf: wrote {args.save} (iteration 0, tp {args.target_tensor_parallel_size}, "
-          f"pp {args.target_pipeline_parallel_size}, {config.num_layers} layers, vocab {config.vocab_size})")
+          f"pp {args.target_pipeline_parallel_size}, {config.num_layers} layers, vocab {config.vocab_size}, "
+          f"{'untied' if config.untie_embeddings_and_output_weights else 'tied'} output head)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ tokenizer.apply_chat_template renders. The folder loads with
 transformers.LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained. Models with
 Open-Llama's stable embedding are refused: Hugging Face Llama has no LayerNorm after the embedding. So are
 weights holding NaN/Inf (a diverged checkpoint), files that fail their checksum, and a tokenizer whose files
-differ from the ones the checkpoint was trained with (its recorded sha256). Errors are one line, exit status 1.
+differ from the ones the checkpoint was trained with (its recorded sha256). A write that fails (a full disk) leaves
+no partial folder. Errors are one line, exit status 1.
 """
 from __future__ import annotations
 
@@ -82,8 +83,12 @@ def main(argv: list[str] | None = None) -> None:
         check_exportable(config)  # before the tokenizer is loaded: fail fast and say why
         tokenizer = load_tokenizer(args, run_config.data, config.vocab_size)
         dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-        save_hf_checkpoint(args.save, config, state_dict, dtype=dtype, max_shard_size=args.max_shard_size,
-                           tokenizer=tokenizer, chat_template=args.chat_template)
+        try:
+            save_hf_checkpoint(args.save, config, state_dict, dtype=dtype, max_shard_size=args.max_shard_size,
+                               tokenizer=tokenizer, chat_template=args.chat_template)
+        except OSError as error:
+            raise ConversionError(f"could not write --save {args.save} ({error}); nothing was left there: free disk "
+                                  f"space or choose another folder") from None
     except (CheckpointError, ConversionError, TokenizerError) as error:
         sys.exit(f"convert_to_hf: error: {error}")
     print(f"convert_to_hf: wrote {args.save} ({config.num_layers} layers, hidden {config.hidden_size}, "

@@ -8,8 +8,10 @@ data, used whole.
 
 BlendedDataset serves sample i from dataset dataset_index[i] (its dataset_sample_index[i]-th sample), where
 the two arrays come from helpers.build_blending_indices: every prefix of the stream holds each dataset
-within one sample of its weight. Each member GPTDataset is asked for ceil(weight * size * 1.005) + 1
-samples, a margin that the blend never exceeds. The blending arrays are cached beside the GPT indices.
+within one sample of its weight. The sizes follow Megatron-LM's BlendedMegatronDatasetBuilder, so a member builds
+the epochs (and shuffles) Megatron's would: member i targets ceil(size * weight_i) samples and is built with
+ceil(ceil(size * weight_i) * 1.005) (member_sample_counts); the blend holds the sum of the targets (at least the
+size asked). The blending arrays are cached beside the GPT indices.
 
 Bad data raises DataError naming the prefix: a missing file, a dataset of 0 documents, a train split that gets
 no documents, token ids beyond the model's vocabulary (given `vocab_size`).
@@ -34,7 +36,14 @@ from megatron_llama.data.gpt_dataset import (
 from megatron_llama.data.index_cache import cached_index_arrays, default_cache_path
 from megatron_llama.data.indexed_dataset import IndexedDataset, dataset_exists, data_file_path, index_file_path
 
-SAMPLE_MARGIN = 1.005  # extra share asked of each member so the blend never runs a member dry
+MEMBER_SURPLUS = 0.005  # Megatron-LM's mid_level_dataset_surplus: extra samples built so no member runs dry
+
+
+def member_sample_counts(weights: list[float], size: int) -> tuple[list[int], list[int]]:
+    """(samples each member gives the blend, samples each member is built with) for a blend of `size` samples, in
+    Megatron-LM's float operations: target ceil(size * w), built ceil(target * (1 + surplus))."""
+    targets = [int(math.ceil(size * weight)) for weight in weights]
+    return targets, [int(math.ceil(target * (1 + MEMBER_SURPLUS))) for target in targets]
 
 
 def parse_data_path(data_path, flag: str = "--data-path") -> tuple[list[str], list[float]]:
@@ -130,14 +139,15 @@ def _build_split(indexed_datasets: list[IndexedDataset], weights: list[float], s
         return None
     members = []
     empty_prefixes = []
-    for indexed, weight in zip(indexed_datasets, weights):
+    targets, built_sizes = member_sample_counts(weights, num_samples)
+    for indexed, built_size in zip(indexed_datasets, built_sizes):
         prefix = indexed.prefix
         num_documents = len(indexed.document_indices) - 1
         start, end = split_document_ranges(num_documents, split_fractions)[split_index]
         if start == end:
             empty_prefixes.append(f"{prefix} ({num_documents} documents)")
             continue
-        member_samples = num_samples if len(weights) == 1 else math.ceil(weight * num_samples * SAMPLE_MARGIN) + 1
+        member_samples = num_samples if len(weights) == 1 else built_size
         members.append(GPTDataset(prefix, (start, end), seq_length=seq_length, num_samples=member_samples, seed=seed,
                                   cache_path=cache_path, split_name=split_name, indexed_dataset=indexed,
                                   vocab_size=vocab_size))
@@ -152,7 +162,7 @@ def _build_split(indexed_datasets: list[IndexedDataset], weights: list[float], s
     if len(members) == 1:
         return members[0]
     blend_cache = cache_path or default_cache_path(indexed_datasets[0].prefix)
-    return BlendedDataset(members, weights, num_samples, cache_path=blend_cache, split_name=split_name,
+    return BlendedDataset(members, weights, sum(targets), cache_path=blend_cache, split_name=split_name,
                           member_keys=[member.cache_key for member in members])
 
 

@@ -23,7 +23,9 @@ boundary is counted with the answer. A sample is the pair, padded to seq_length 
 so the pair stays together in one micro-batch on one data-parallel rank (data_loader.collate flattens it to two
 rows in order). A pair whose longer conversation exceeds seq_length + 1 tokens is left out, never cut (a cut
 answer loses its end marker); left-out pairs are counted and logged, and a file whose every pair is too long is
-an error. A malformed record raises PreferenceDataError naming the file and line.
+an error. A pair whose chosen and rejected conversations render to the same tokens teaches nothing (its loss
+stays at ln 2 with no gradient): such pairs are kept, counted and logged (`identical`), and a file whose every kept
+pair is one is an error. A malformed record raises PreferenceDataError naming the file and line.
 
     python -m megatron_llama.pretrain --dpo --train-data-path prefs.jsonl --load sft_ckpt --finetune \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tokenizer.model --dpo-beta 0.1 ...
@@ -107,12 +109,15 @@ class PreferenceDataset:
     """`num_samples` pairs {"text": [2, seq_length + 1], "loss_mask": [2, seq_length + 1]} cycling over a file.
 
     Pairs longer than seq_length + 1 tokens are left out: `too_long` counts them, `longest` is the longest.
+    Pairs whose chosen and rejected tokens are equal are kept and counted in `identical` (`first_identical`: the
+    line of the first).
     """
 
     def __init__(self, path: str, tokenizer, template: ChatTemplate, seq_length: int, num_samples: int, seed: int):
         self.path, self.num_samples, self.seed = path, num_samples, seed
         self.pairs = []  # (text, mask) per pair
-        self.too_long = self.longest = 0
+        self.too_long = self.longest = self.identical = 0
+        self.first_identical: str | None = None
         pad_id = tokenizer.pad if tokenizer.pad is not None else tokenizer.eod
         for line_number, raw_line in iter_raw_lines(path):
             if not raw_line.strip():
@@ -132,7 +137,14 @@ class PreferenceDataset:
                 self.too_long += 1
                 self.longest = max(self.longest, length)
                 continue
+            if encoded[0][0] == encoded[1][0]:
+                self.identical += 1
+                self.first_identical = self.first_identical or where
             self.pairs.append(pad_pair(encoded, seq_length + 1, pad_id))
+        if self.pairs and self.identical == len(self.pairs):
+            raise PreferenceDataError(f"{path}: in all {self.identical} pairs the chosen and rejected answers are the "
+                                      f"same, so DPO has nothing to learn (its loss stays at ln 2 = 0.6931); give "
+                                      f"pairs whose answers differ")
         if not self.pairs:
             if self.too_long:
                 raise PreferenceDataError(f"{path}: all {self.too_long} pairs are longer than --seq-length + 1 = "
@@ -143,11 +155,14 @@ class PreferenceDataset:
         self.reference_logps: np.ndarray | None = None  # [pairs, 2] float32 (chosen, rejected), when precomputed
 
     def describe(self) -> str:
-        """One log line: the pairs kept, and those left out for their length."""
+        """One log line: the pairs kept, those left out for their length, and those whose answers are the same."""
         line = f"DPO data {self.path}: {len(self.pairs):,} preference pairs"
         if self.too_long:
             line += (f"; {self.too_long:,} longer than --seq-length + 1 tokens left out (the longest has "
                      f"{self.longest:,} tokens: --seq-length {self.longest - 1} would keep them)")
+        if self.identical:
+            line += (f"; WARNING: in {self.identical:,} of them (the first at {self.first_identical}) chosen equals "
+                     f"rejected, which teaches nothing")
         return line
 
     def __len__(self) -> int:

@@ -5,6 +5,9 @@ A line is one record, either
     {"prompt": "What does len() return?", "response": "The number of items in a container."}
     {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
 
+An empty answer (a "response" or an assistant "content" of "") is refused in either form: it would teach the model to
+answer with its end marker alone.
+
 A prompt/response record is the conversation [user: prompt, assistant: response]. The conversation is rendered with
 the run's chat template (data/chat_template.py, `--chat-template`, Open-Llama's by default):
 
@@ -78,6 +81,11 @@ def _messages(record, where: str) -> list[dict]:
             raise SFTDataError(f"{where}: no message has role \"assistant\", so there is nothing to learn")
         if roles.index("assistant") == 0 or roles[:roles.index("assistant")] == ["system"]:
             raise SFTDataError(f"{where}: the first assistant message needs a user message before it")
+        empty = [number for number, message in enumerate(messages)
+                 if message["role"] == "assistant" and not message["content"]]
+        if empty:
+            raise SFTDataError(f"{where}: assistant message {empty[0]} has an empty \"content\", which would teach "
+                               f"the model to answer with nothing; give it the answer or leave the record out")
         return messages
     prompt, response = record.get("prompt"), record.get("response")
     if not isinstance(prompt, str) or not isinstance(response, str) or not response:
