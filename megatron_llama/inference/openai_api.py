@@ -107,7 +107,8 @@ def build_app(engine: ServingEngine, tokenizer, chat_template: ChatTemplate, mod
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        # the field's path, without pydantic's names of union members ("list[str]", "function-after[...]")
+        where = ".".join(str(part) for part in first["loc"][1:] if isinstance(part, int) or part.isidentifier())
         return error_response(400, f"{where or 'body'}: {first['msg']}", param=where or None)
 
     @app.exception_handler(APIError)
