@@ -283,4 +283,8 @@ def test_each_sampling_field_reaches_the_sampler(server, checkpoint):
     stop = greedy[0][0].strip()[2:4]
     assert served(temperature=0, stop=[stop]) == expected(stop=[stop], temperature=0.0)
     assert served(temperature=0, stop=[stop])[0][0] == greedy[0][0][:greedy[0][0].find(stop)]
+    long_stop = greedy[0][1].strip()[1:7]  # one string, longer than the 4 stop strings a list may hold
+    assert len(long_stop) == 6
+    assert served(temperature=0, stop=long_stop) == expected(stop=[long_stop], temperature=0.0)
+    assert served(temperature=0, stop=long_stop)[0][1] == greedy[0][1][:greedy[0][1].find(long_stop)]
     assert served(temperature=0, frequency_penalty=0, presence_penalty=0.0) == greedy

@@ -61,7 +61,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, le=INT32_MAX)
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
-    stop: Text | list[Text] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     stream: bool = False
