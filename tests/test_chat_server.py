@@ -22,6 +22,7 @@ from megatron_llama.data.chat_template import get_chat_template
 from megatron_llama.inference.generator import Generator, encode_prompt
 from megatron_llama.inference.loading import ModelSource, load_for_inference
 from megatron_llama.inference.openai_api import build_app
+from megatron_llama.inference.request_guards import ServerPolicy
 from megatron_llama.inference.sampling import SamplingParams
 from megatron_llama.inference.serving import Job, ServingEngine
 from megatron_llama.parallel import state
@@ -51,11 +52,11 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint(root / "run1", small_model(), sentencepiece_tokenizer(root / "tokenizer"))
 
 
-def serve(checkpoint, api_key=None):
+def serve(checkpoint, policy=ServerPolicy()):
     model, tokenizer = load_for_inference(ModelSource(load=checkpoint), device="cpu", dtype=torch.float32)
     engine = ServingEngine(Generator(model, tokenizer))
     engine.start()
-    server = RunningServer(build_app(engine, tokenizer, get_chat_template("openllama"), "run1", api_key))
+    server = RunningServer(build_app(engine, tokenizer, get_chat_template("openllama"), "run1", policy))
     return server, engine
 
 
@@ -165,7 +166,7 @@ def test_models_health_and_the_offline_chat_page(server):
 
 
 def test_api_key_is_required_when_set(checkpoint):
-    server, engine = serve(checkpoint, api_key="secret")
+    server, engine = serve(checkpoint, ServerPolicy(api_key="secret"))
     try:
         with pytest.raises(openai.AuthenticationError):
             client(server, "wrong").models.list()

@@ -103,11 +103,13 @@ class _Row:
         return delta
 
     def _held_back(self, text: str) -> int:
-        """Characters at the end of `text` not to stream yet: an unfinished character, or a stop string's start."""
-        unfinished = len(text) - len(text.rstrip(REPLACEMENT_CHARACTER))
+        """Characters at the end of `text` not to stream yet: an unfinished character, and before it the longest
+        end of the text that begins a stop string. Judged on the text, so it holds however the tokenizer splits a
+        stop string's characters (bytes of one character arrive as U+FFFD until the character is complete)."""
+        settled = text.rstrip(REPLACEMENT_CHARACTER)
         stop_start = max((size for stop in self.stop for size in range(1, len(stop))
-                          if text.endswith(stop[:size])), default=0)
-        return max(unfinished, stop_start)
+                          if settled.endswith(stop[:size])), default=0)
+        return len(text) - len(settled) + stop_start
 
 
 class Generation:

@@ -12,9 +12,14 @@ logits give the same tokens, on every tensor-parallel rank alike.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+SEED_LIMIT = 2 ** 63
+"""Seeds lie in [0, SEED_LIMIT): torch.Generator.manual_seed takes 64-bit values, and a seed it refuses would
+fail on every tensor rank at once."""
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,14 @@ class SamplingParams:
     """Seed of the sampling generator: the same seed gives the same completions."""
 
     def check(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite positive number, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (no cut) or positive, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
 
     def generator(self, device: torch.device | str) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed)

@@ -1,6 +1,8 @@
 """One generation at a time for the server, on every tensor rank: rank 0 queues requests and runs them on a worker
 thread; with tensor parallelism it broadcasts each job, and once per step whether to go on, to the other ranks,
-which follow in `follow()`. Requests are queued, never mixed: a request's prompts form one batch.
+which follow in `follow()`. Requests are queued, never mixed: a request's prompts form one batch. A job is checked
+on the leader before it is broadcast (submit raises ValueError); a job that fails all the same fails on every rank
+alike (the same job, the same step), and every rank goes on to the next one: no request can stop a rank.
 
     engine = ServingEngine(generator)
     if engine.is_leader:
@@ -13,6 +15,7 @@ which follow in `follow()`. Requests are queued, never mixed: a request's prompt
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -87,8 +90,12 @@ class ServingEngine:
             job = self._broadcast(None)
             if job is None:
                 return
-            for _ in self._start(job, lambda: self._broadcast(None)):
-                pass
+            try:
+                for _ in self._start(job, lambda: self._broadcast(None)):
+                    pass
+            except Exception as error:  # noqa: BLE001 - the leader's copy of the job failed too; the next one runs
+                print(f"chat_server: tensor rank {state.current_layout().tensor_rank}: a request failed: {error}",
+                      file=sys.stderr, flush=True)
 
     def _start(self, job: Job, keep_going: Callable[[], bool]):
         return self.generator.start(job.prompts, job.max_new_tokens, job.sampling, job.stop, keep_going)
